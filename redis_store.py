@@ -1,0 +1,47 @@
+"""Redis connections (short timeouts, bounded retries) and the one place keys are named.
+
+Every key of the service lives under `settings.key_prefix` (default `enrich`):
+
+    {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
+    {p}:cache:generation, {p}:cache:stats                          cache generation and counters
+    {p}:breaker:{source}:*                                         breaker state (circuit_breaker_manager)
+    {p}:ratelimit:{source}                                         token buckets (rate_limiter)
+    {p}:lookup:{id}, {p}:inflight:{type}:{identifier}              lookup records, single flight (lookups)
+    {p}:task:{task_id}                                             issued task ids (lookups)
+    {p}:deferred                                                   calls waiting for their time (job_queue)
+    {p}:deadlines                                                  lookup deadlines (job_queue)
+    {p}:deadletters, {p}:deadletter:{id}                           failed calls (lookups)
+    {p}:events:{lookup_id}                                         per-lookup event logs (sse_streaming)
+    {p}:health, {p}:workers:{hostname}                             health check result, worker heartbeats
+"""
+
+from __future__ import annotations
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from settings import Settings
+
+
+def connect(settings: Settings, url: str | None = None, **options) -> redis.Redis:
+    """A client whose calls fail fast when Redis is away (no 10 s of default retries).
+
+    Responses stay bytes (`decode_responses=False`): pybreaker's Redis storage needs that.
+    """
+    timeout = settings.redis_socket_timeout
+    params = dict(
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1),
+        retry_on_timeout=False,
+        health_check_interval=30,
+        max_connections=options.pop("max_connections", 64),
+    )
+    params.update(options)
+    return redis.Redis.from_url(url or settings.effective_redis_url, **params)
+
+
+def key(settings: Settings, *parts: object) -> str:
+    """Build a key under the service prefix: key(s, "lookup", id) -> "enrich:lookup:<id>"."""
+    return ":".join((settings.key_prefix, *(str(part) for part in parts)))

@@ -1,0 +1,150 @@
+"""Service settings: one frozen dataclass read from the environment (documented in README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+# Sources known to the service and their upstream quotas (requests per minute).  Each
+# source's limiter defaults to its quota with a burst of 1, so it never trips the quota.
+SOURCE_NAMES = ("brasilapi", "receitaws", "opencnpj", "viacep")
+DEFAULT_RATE_PER_MINUTE = {"brasilapi": 600, "receitaws": 3, "opencnpj": 300, "viacep": 600}
+LIVE_BASE_URLS = {
+    "brasilapi": "https://brasilapi.com.br",
+    "receitaws": "https://receitaws.com.br",
+    "opencnpj": "https://api.opencnpj.org",
+    "viacep": "https://viacep.com.br",
+}
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Per-source limits: rate, timeout and breaker thresholds."""
+
+    name: str
+    base_url: str
+    rate_per_minute: float
+    burst: int
+    timeout: float
+    breaker_fail_max: int
+    breaker_reset_timeout: float
+    breaker_success_threshold: int
+
+
+def _env(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from error
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service; `Settings.from_env()` reads them from the environment."""
+
+    # Redis: REDIS_URL unset means "start the embedded Valkey server" (make run).
+    redis_url: str = ""
+    embedded_redis_port: int = 6390
+    data_dir: str = "var"
+    redis_socket_timeout: float = 1.0
+    key_prefix: str = "enrich"
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_workers: int = 2
+    admin_token: str = ""
+    max_request_bytes: int = 16 * 1024
+
+    # Sources and the sandbox upstream
+    sources_mode: str = "sandbox"
+    sandbox_host: str = "127.0.0.1"
+    sandbox_port: int = 8090
+    source_timeout: float = 8.0
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 30.0
+    breaker_success_threshold: int = 1
+    breaker_half_open_probes: int = 1
+
+    # Cache
+    cache_ttl_cnpj: int = 7 * 86400
+    cache_ttl_cep: int = 30 * 86400
+    cache_ttl_cpf: int = 86400
+    cache_not_found_ttl: int = 3600
+    cache_stale_ttl: int = 30 * 86400
+
+    # Lookups and the job queue
+    lookup_deadline: float = 15.0
+    lookup_record_ttl: int = 86400
+    retry_max: int = 4
+    retry_backoff_base: float = 1.0
+    retry_backoff_max: float = 60.0
+    defer_horizon: float = 900.0
+    deferred_poll_interval: float = 0.2
+    visibility_timeout: int = 120
+    worker_concurrency: int = 4
+    worker_heartbeat_ttl: int = 60
+    health_check_interval: float = 300.0
+    cleanup_interval: float = 6 * 3600.0
+    dead_letter_max: int = 10000
+
+    sources: dict[str, SourceSettings] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `environ` (default os.environ); keyword overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            if item.name == "sources":
+                continue
+            kind = type(item.default)
+            values[item.name] = _env(environ, item.name.upper(), item.default, kind)
+        values.update({k: v for k, v in overrides.items() if k != "sources"})
+        if values["sources_mode"] not in ("sandbox", "live"):
+            raise ValueError("setting SOURCES_MODE must be 'sandbox' or 'live'")
+        settings = cls(**values)
+        sources = {name: settings._source(environ, name) for name in SOURCE_NAMES}
+        return replace(settings, sources=overrides.get("sources", sources))
+
+    def _source(self, environ: Mapping[str, str], name: str) -> SourceSettings:
+        upper = name.upper()
+        if self.sources_mode == "live":
+            base_url = LIVE_BASE_URLS[name]
+        else:
+            base_url = f"{self.sandbox_url}/{name}"
+        return SourceSettings(
+            name=name,
+            base_url=_env(environ, f"{upper}_BASE_URL", base_url, str),
+            rate_per_minute=_env(environ, f"RATE_LIMIT_{upper}", float(DEFAULT_RATE_PER_MINUTE[name]), float),
+            burst=_env(environ, f"RATE_BURST_{upper}", 1, int),
+            timeout=_env(environ, f"TIMEOUT_{upper}", self.source_timeout, float),
+            breaker_fail_max=_env(environ, f"BREAKER_FAIL_MAX_{upper}", self.breaker_fail_max, int),
+            breaker_reset_timeout=_env(
+                environ, f"BREAKER_RESET_TIMEOUT_{upper}", self.breaker_reset_timeout, float
+            ),
+            breaker_success_threshold=_env(
+                environ, f"BREAKER_SUCCESS_THRESHOLD_{upper}", self.breaker_success_threshold, int
+            ),
+        )
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://{self.sandbox_host}:{self.sandbox_port}"
+
+    @property
+    def effective_redis_url(self) -> str:
+        """REDIS_URL, or the embedded server's URL when it is unset."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def cache_ttl(self, identifier_type: str) -> int:
+        """Fresh TTL in seconds for a cache entry of this identifier type."""
+        return {"cnpj": self.cache_ttl_cnpj, "cep": self.cache_ttl_cep, "cpf": self.cache_ttl_cpf}[
+            identifier_type
+        ]

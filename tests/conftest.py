@@ -1,0 +1,58 @@
+"""Shared fixtures: a private Redis (embedded Valkey) on a free port, settings, clients."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis_store  # noqa: E402
+from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from settings import Settings  # noqa: E402
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    """Poll `condition()` until it returns a truthy value; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A private embedded Valkey for the session, or TEST_REDIS_URL when set."""
+    external = os.environ.get("TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = EmbeddedRedis(free_port(), tmp_path_factory.mktemp("redis"), appendonly=False)
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def settings(redis_url) -> Settings:
+    """Settings on the test Redis, with a key prefix of this test's own."""
+    return Settings.from_env({}, redis_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def redis_client(settings):
+    client = redis_store.connect(settings)
+    yield client
+    for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
+        client.delete(key)
+    client.close()

@@ -81,7 +81,8 @@ class Settings:
 
     # Lookups and the job queue
     lookup_deadline: float = 15.0
-    lookup_record_ttl: int = 86400
+    lookup_retention: float = 86400.0
+    lookup_record_ttl: int = 2 * 86400
     retry_max: int = 4
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 60.0
@@ -93,6 +94,7 @@ class Settings:
     health_check_interval: float = 300.0
     cleanup_interval: float = 6 * 3600.0
     dead_letter_max: int = 10000
+    sse_heartbeat_interval: float = 15.0
 
     sources: dict[str, SourceSettings] = field(default_factory=dict, compare=False)
 

@@ -1,0 +1,94 @@
+"""Admin API behind `Authorization: Bearer $ADMIN_TOKEN`: cache, breakers, dead letters."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+
+from flask import Blueprint, current_app, request
+
+from api_errors import ApiError, json_response
+from identifiers import InvalidIdentifier, parse
+from pipeline import FETCH_TASK, celery_priority, send_task
+
+admin = Blueprint("admin", __name__, url_prefix="/api/admin")
+
+
+def _ext(name: str):
+    return current_app.extensions[name]
+
+
+@admin.before_request
+def require_token() -> None:
+    """401 unless the bearer token matches ADMIN_TOKEN (admin is off while it is unset)."""
+    expected = _ext("settings").admin_token
+    supplied = request.headers.get("Authorization", "")
+    token = supplied[7:] if supplied.startswith("Bearer ") else ""
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, "unauthorized", "admin endpoints need Authorization: Bearer <ADMIN_TOKEN>",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    return body
+
+
+@admin.post("/cache/invalidate")
+def invalidate_cache():
+    body = _body()
+    cache = _ext("cache")
+    if body.get("all") is True:
+        return json_response({"generation": cache.bump_generation()})
+    kind = body.get("type")
+    if kind not in ("cnpj", "cep", "cpf"):
+        raise ApiError(400, "invalid_request", 'send {"all": true}, {"type"} or {"type", "identifier"}', "type")
+    if "identifier" in body:
+        try:
+            identifier = parse(body["identifier"], kind)
+        except InvalidIdentifier as error:
+            raise ApiError(400, "invalid_identifier", error.message, error.field) from error
+        return json_response({"deleted": cache.invalidate(kind, identifier.value)})
+    return json_response({"deleted": cache.invalidate(kind)})
+
+
+def _known_source(name: str) -> str:
+    if name not in _ext("settings").sources:
+        raise ApiError(404, "not_found", f"no source named {name!r}")
+    return name
+
+
+@admin.post("/breakers/<source>/reset")
+def reset_breaker(source: str):
+    breakers = _ext("breakers")
+    breakers.reset(_known_source(source))
+    return json_response(breakers.status(source).to_dict())
+
+
+@admin.post("/breakers/<source>/open")
+def open_breaker(source: str):
+    breakers = _ext("breakers")
+    breakers.force_open(_known_source(source))
+    return json_response(breakers.status(source).to_dict())
+
+
+@admin.get("/dead-letters")
+def list_dead_letters():
+    limit = request.args.get("limit", 100, type=int)
+    letters = _ext("dead_letters")
+    return json_response({"count": letters.count(), "items": letters.list(max(1, min(limit, 1000)))})
+
+
+@admin.post("/dead-letters/<entry_id>/requeue")
+def requeue_dead_letter(entry_id: str):
+    entry = _ext("dead_letters").mark_requeued(entry_id)
+    if entry is None:
+        raise ApiError(404, "not_found", "no dead letter with this id")
+    task_id = uuid.uuid4().hex
+    _ext("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    send_task(FETCH_TASK, [entry["lookup_id"], entry["source"], entry["type"], entry["identifier"],
+                           entry["priority"], 0, False, True],
+              {"task_id": task_id, "priority": celery_priority(entry["priority"])})
+    return json_response({**entry, "task_id": task_id}, 202)

@@ -1,0 +1,62 @@
+"""The API's named errors and the one handler that turns every error into JSON."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import redis
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("api")
+
+
+class ApiError(Exception):
+    """An error answered as `{"error", "message"[, "field"]}` with an HTTP status."""
+
+    def __init__(self, status: int, error: str, message: str, field: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
+    """orjson-encoded JSON response."""
+    return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def error_response(status: int, error: str, message: str, field: str | None = None,
+                   headers: dict | None = None) -> Response:
+    body = {"error": error, "message": message}
+    if field:
+        body["field"] = field
+    return json_response(body, status, headers)
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers: ApiError, HTTP errors, Redis unreachable (503), anything else (500)."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.error, error.message, error.field, error.headers)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(error: HTTPException) -> Response:
+        name = (error.name or "error").lower().replace(" ", "_")
+        return error_response(error.code or 500, name, error.description or name)
+
+    @app.errorhandler(redis.RedisError)
+    def handle_redis_down(error: redis.RedisError) -> Response:
+        log.warning("Redis unavailable: %s", error)
+        return error_response(503, "unavailable", "the service's data store is unreachable; try again shortly",
+                              headers={"Retry-After": "5"})
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred")

@@ -1,0 +1,172 @@
+"""Flask app factory, JSON API routes and the plain lookup page."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from celery.result import AsyncResult
+from flask import Blueprint, Flask, render_template, request
+
+import admin
+import api_errors
+import cache_manager
+import circuit_breaker_manager
+import dead_letters
+import job_queue
+import lookups
+import maintenance
+import pipeline
+import redis_store
+import sse_streaming
+from api_errors import ApiError, json_response
+from deferred_calls import DeferredCalls
+from identifiers import InvalidIdentifier, parse
+from rate_limiter import RateLimiter
+from settings import Settings
+from sources import build_sources
+
+api = Blueprint("api", __name__)
+pages = Blueprint("pages", __name__)
+
+
+def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery | None = None) -> Flask:
+    """Build the app; nothing connects to Redis until the first request."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.extensions["settings"] = settings
+    client = redis_store.connect(settings)
+    app.extensions["redis"] = client
+    app.extensions["sources"] = build_sources(settings)
+    app.extensions["rate_limiter"] = RateLimiter(client, settings)
+    app.extensions["deferred"] = DeferredCalls(client, settings)
+    for part in (cache_manager, circuit_breaker_manager, lookups, sse_streaming, dead_letters):
+        part.init_app(app)
+    job_queue.init_app(app, celery)
+    api_errors.init_app(app)
+    app.register_blueprint(api)
+    app.register_blueprint(admin.admin)
+    app.register_blueprint(pages)
+    return app
+
+
+def _ext(name: str):
+    from flask import current_app
+
+    return current_app.extensions[name]
+
+
+def _json_body() -> dict:
+    if not request.is_json:
+        raise ApiError(400, "invalid_request", "send a JSON object with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    return body
+
+
+def _lookup_request(body: dict) -> tuple:
+    raw_type = body.get("type")
+    if raw_type is not None and not isinstance(raw_type, str):
+        raise ApiError(400, "invalid_request", "type must be one of cnpj, cep, cpf", "type")
+    priority = body.get("priority", 5)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 10:
+        raise ApiError(400, "invalid_request", "priority must be an integer from 1 to 10 (10 most urgent)",
+                       "priority")
+    refresh = body.get("refresh", False)
+    if not isinstance(refresh, bool):
+        raise ApiError(400, "invalid_request", "refresh must be true or false", "refresh")
+    if "identifier" not in body:
+        raise ApiError(400, "invalid_request", "identifier is required", "identifier")
+    try:
+        identifier = parse(body["identifier"], raw_type)
+    except InvalidIdentifier as error:
+        raise ApiError(400, "invalid_identifier", error.message, error.field) from error
+    return identifier, priority, refresh
+
+
+@api.post("/api/lookups")
+def create_lookup():
+    identifier, priority, refresh = _lookup_request(_json_body())
+    lookup, _ = pipeline.start_lookup(identifier, priority, refresh)
+    status = 200 if lookup.status == lookups.LookupStatus.COMPLETE else 202
+    headers = {"Location": f"/api/lookups/{lookup.id}"}
+    return json_response(lookup.to_dict(), status, headers)
+
+
+def _get_lookup(lookup_id: str) -> lookups.Lookup:
+    lookup = _ext("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
+    if lookup is None:
+        raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
+    return lookup
+
+
+@api.get("/api/lookups/<lookup_id>")
+def get_lookup(lookup_id: str):
+    return json_response(_get_lookup(lookup_id).to_dict())
+
+
+@api.get("/api/lookups/<lookup_id>/events")
+def lookup_events(lookup_id: str):
+    _get_lookup(lookup_id)
+    return sse_streaming.stream_response(_ext("events"), lookup_id, lambda: _get_lookup(lookup_id).to_dict())
+
+
+@api.get("/api/tasks/<task_id>")
+def task_status(task_id: str):
+    issued = _ext("lookups").task(task_id) if len(task_id) <= 64 else None
+    if issued is None:
+        raise ApiError(404, "not_found", "no task with this id was issued by the service")
+    result = AsyncResult(task_id, app=_ext("celery"))
+    body = {"task_id": task_id, "name": issued["name"], "state": result.state,
+            "lookup_id": issued["lookup_id"], "source": issued.get("source"), "date_done": None}
+    if result.state == "FAILURE":
+        body["error"] = repr(result.result)
+    else:
+        body["result"] = result.result if result.ready() else None
+    if result.date_done:
+        body["date_done"] = result.date_done.isoformat()
+    return json_response(body)
+
+
+@api.get("/api/status")
+def status():
+    breakers = {name: s.to_dict() for name, s in _ext("breakers").status_all().items()}
+    return json_response({
+        "time": time.time(),
+        "breakers": breakers,
+        "rate_limits": _ext("rate_limiter").status_all(),
+        "queues": {"by_priority": maintenance.queue_depths(), "deferred": _ext("deferred").pending()},
+        "workers": maintenance.live_workers(),
+        "cache": _ext("cache").stats(),
+        "dead_letters": _ext("dead_letters").count(),
+        "health_check": maintenance.last_report("health"),
+        "cleanup": maintenance.last_report("cleanup"),
+    })
+
+
+@api.get("/healthz")
+def healthz():
+    return json_response({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    checks = {"redis": False, "workers": []}
+    try:
+        _ext("redis").ping()
+        checks["redis"] = True
+        checks["workers"] = maintenance.live_workers()
+    except redis.RedisError as error:
+        checks["error"] = f"Redis unreachable: {error}"
+    ready = checks["redis"] and bool(checks["workers"])
+    return json_response({"ready": ready, **checks}, 200 if ready else 503)
+
+
+@pages.get("/")
+def index():
+    return render_template("index.html")

@@ -1,0 +1,210 @@
+"""Versioned Redis cache of source answers: one entry per (type, source, identifier).
+
+Keys carry the schema version and a runtime generation counter, so bumping the generation
+invalidates everything at once without scanning; older generations are swept by beat's cleanup.
+Each entry is stored for `cache_stale_ttl` beyond its fresh TTL and carries the time it was
+fetched: young enough is a hit, older is a stale copy kept for when a source's breaker is open.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+from flask import current_app
+
+import redis_store
+from settings import Settings
+
+log = logging.getLogger("cache")
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached source answer: `found` False is a cached "not found"."""
+
+    source: str
+    found: bool
+    data: dict | None
+    fetched_at: float
+    stale: bool = False
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.time()) - self.fetched_at
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "found": self.found, "data": self.data,
+                "fetched_at": self.fetched_at, "stale": self.stale}
+
+
+class Cache:
+    """The versioned cache; a Redis error on read is a miss, never an exception."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+
+    def _key(self, *parts: object) -> str:
+        return redis_store.key(self.settings, "cache", *parts)
+
+    def _entry_key(self, generation: int, identifier_type: str, source: str, identifier: str) -> str:
+        return self._key(f"v{SCHEMA_VERSION}", f"g{generation}", identifier_type, source, identifier)
+
+    def generation(self) -> int:
+        """The current generation (0 until first bumped)."""
+        return int(self.redis.get(self._key("generation")) or 0)
+
+    def bump_generation(self) -> int:
+        """Invalidate every entry at once; returns the new generation."""
+        generation = int(self.redis.incr(self._key("generation")))
+        log.info("cache generation bumped to %d", generation)
+        return generation
+
+    def _fresh_ttl(self, identifier_type: str, found: bool) -> int:
+        return self.settings.cache_ttl(identifier_type) if found else self.settings.cache_not_found_ttl
+
+    def get_many(
+        self, identifier_type: str, sources: list[str], identifier: str, allow_stale: bool = False
+    ) -> dict[str, CacheEntry]:
+        """Fresh entries (and stale ones too with `allow_stale`) by source; missing sources are absent."""
+        try:
+            generation = self.generation()
+            keys = [self._entry_key(generation, identifier_type, s, identifier) for s in sources]
+            values = self.redis.mget(keys) if keys else []
+        except redis.RedisError as error:
+            log.warning("cache read failed, treating as a miss: %s", error)
+            return {}
+        now = time.time()
+        entries: dict[str, CacheEntry] = {}
+        for source, raw in zip(sources, values, strict=True):
+            if raw is None:
+                continue
+            stored = orjson.loads(raw)
+            fresh = now - stored["fetched_at"] < self._fresh_ttl(identifier_type, stored["found"])
+            if fresh or allow_stale:
+                entries[source] = CacheEntry(source, stored["found"], stored["data"], stored["fetched_at"],
+                                             stale=not fresh)
+        self._count(hits=sum(not e.stale for e in entries.values()),
+                    misses=len(sources) - len(entries), stale=sum(e.stale for e in entries.values()))
+        return entries
+
+    def get(self, identifier_type: str, source: str, identifier: str, allow_stale: bool = False) -> CacheEntry | None:
+        """One entry, or None."""
+        return self.get_many(identifier_type, [source], identifier, allow_stale).get(source)
+
+    def get_stale(self, identifier_type: str, source: str, identifier: str) -> CacheEntry | None:
+        """Any copy still kept, fresh or stale (the breaker fallback); marked stale if past its TTL."""
+        return self.get(identifier_type, source, identifier, allow_stale=True)
+
+    def set(self, identifier_type: str, source: str, identifier: str, data: dict | None, found: bool = True) -> None:
+        """Store a source answer; kept `cache_stale_ttl` beyond its fresh TTL as a stale copy."""
+        entry = {"found": found, "data": data, "fetched_at": time.time()}
+        ttl = self._fresh_ttl(identifier_type, found) + self.settings.cache_stale_ttl
+        key = self._entry_key(self.generation(), identifier_type, source, identifier)
+        self.redis.set(key, orjson.dumps(entry), ex=ttl)
+
+    def invalidate(self, identifier_type: str, identifier: str | None = None, source: str | None = None) -> int:
+        """Delete one identifier's entries (all its sources, or one) or a whole type; returns the count."""
+        pattern = self._entry_key(self.generation(), identifier_type, source or "*", identifier or "*")
+        return self._delete_matching(pattern)
+
+    def _delete_matching(self, pattern: str) -> int:
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += self.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += self.redis.unlink(*batch)
+        return deleted
+
+    def delete_old_generations(self) -> int:
+        """Sweep entries of generations before the current one (beat's cleanup)."""
+        current = self.generation()
+        deleted = 0
+        for generation in range(current):
+            deleted += self._delete_matching(self._key(f"v{SCHEMA_VERSION}", f"g{generation}", "*"))
+        for version in range(1, SCHEMA_VERSION):
+            deleted += self._delete_matching(self._key(f"v{version}", "*"))
+        return deleted
+
+    def _count(self, hits: int = 0, misses: int = 0, stale: int = 0) -> None:
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for field, amount in (("hits", hits), ("misses", misses), ("stale", stale)):
+                    if amount:
+                        pipe.hincrby(self._key("stats"), field, amount)
+                pipe.execute()
+        except redis.RedisError:
+            pass  # counters are best effort; a lookup must not fail for them
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, stale serves, hit rate, current-generation key count and Redis memory."""
+        raw = self.redis.hgetall(self._key("stats"))
+        counts = {k.decode(): int(v) for k, v in raw.items()}
+        hits, misses = counts.get("hits", 0), counts.get("misses", 0)
+        generation = self.generation()
+        keys = sum(1 for _ in self.redis.scan_iter(
+            match=self._key(f"v{SCHEMA_VERSION}", f"g{generation}", "*"), count=1000))
+        memory = self.redis.info("memory")
+        return {
+            "generation": generation,
+            "schema_version": SCHEMA_VERSION,
+            "hits": hits,
+            "misses": misses,
+            "stale": counts.get("stale", 0),
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "keys": keys,
+            "used_memory_bytes": memory.get("used_memory"),
+            "used_memory_human": memory.get("used_memory_human"),
+        }
+
+    def cached(self, name: str, ttl: int) -> Callable:
+        """Decorator caching a function's JSON-serializable result by its arguments for `ttl` seconds.
+
+        The key includes the generation, so a bump invalidates these too; a Redis error calls through.
+        """
+
+        def decorate(function: Callable) -> Callable:
+            @functools.wraps(function)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                digest = hashlib.sha256(orjson.dumps([args, kwargs], option=orjson.OPT_SORT_KEYS)).hexdigest()
+                try:
+                    key = self._key(f"v{SCHEMA_VERSION}", f"g{self.generation()}", "fn", name, digest[:32])
+                    raw = self.redis.get(key)
+                except redis.RedisError:
+                    return function(*args, **kwargs)
+                if raw is not None:
+                    self._count(hits=1)
+                    return orjson.loads(raw)
+                self._count(misses=1)
+                value = function(*args, **kwargs)
+                try:
+                    self.redis.set(key, orjson.dumps(value), ex=ttl)
+                except redis.RedisError as error:
+                    log.warning("cache write failed: %s", error)
+                return value
+
+            return wrapper
+
+        return decorate
+
+
+def init_app(app) -> None:
+    """Attach the cache to the app (`app.extensions["cache"]`)."""
+    app.extensions["cache"] = Cache(app.extensions["redis"], app.extensions["settings"])
+
+
+def get_cache() -> Cache:
+    return current_app.extensions["cache"]

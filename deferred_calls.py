@@ -1,0 +1,106 @@
+"""Calls waiting for their time (a rate-limit token, a retry backoff, a lookup deadline).
+
+They wait in a Redis sorted set scored by due time, not as Celery ETA/countdown tasks: with
+the Redis broker an ETA beyond the visibility timeout is redelivered again and again, and ETA
+tasks sit in a worker's memory.  A dispatcher thread in every worker moves due entries onto
+the broker.  Taking entries is a lease, not a pop: a dispatcher that dies between taking and
+sending loses nothing, since the entry becomes due again when its lease ends (tasks are
+idempotent, so a rare second send is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import orjson
+import redis
+
+import redis_store
+from settings import Settings
+
+log = logging.getLogger("deferred")
+
+# KEYS[1] the set.  ARGV: now, limit, lease seconds.  Returns the due members, now leased.
+_TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), member)
+end
+return due
+"""
+
+LEASE_SECONDS = 30.0
+
+
+class DeferredCalls:
+    """The sorted set of deferred task sends."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self.key = redis_store.key(settings, "deferred")
+        self._take = client.register_script(_TAKE_DUE)
+
+    def add(self, due_at: float, task: str, args: list, options: dict | None = None) -> None:
+        """Send task `task` with `args` (and apply_async `options`) at `due_at` (epoch seconds)."""
+        member = orjson.dumps({"id": uuid.uuid4().hex, "task": task, "args": args, "options": options or {}})
+        self.redis.zadd(self.key, {member: due_at})
+
+    def take_due(self, limit: int = 100, now: float | None = None) -> list[tuple[bytes, dict]]:
+        """Lease the entries due by `now`; call `done(member)` after sending each."""
+        members = self._take(keys=[self.key], args=[now or time.time(), limit, LEASE_SECONDS])
+        return [(member, orjson.loads(member)) for member in members]
+
+    def done(self, member: bytes) -> None:
+        self.redis.zrem(self.key, member)
+
+    def pending(self) -> int:
+        return int(self.redis.zcard(self.key))
+
+    def next_due(self) -> float | None:
+        first = self.redis.zrange(self.key, 0, 0, withscores=True)
+        return first[0][1] if first else None
+
+
+class Dispatcher(threading.Thread):
+    """Background thread that sends due deferred calls with `send(task, args, options)`."""
+
+    def __init__(self, deferred: DeferredCalls, send: Callable[[str, list, dict], None],
+                 interval: float, on_tick: Callable[[], None] | None = None) -> None:
+        super().__init__(name="deferred-dispatcher", daemon=True)
+        self.deferred = deferred
+        self.send = send
+        self.interval = interval
+        self.on_tick = on_tick
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                if self.on_tick:
+                    self.on_tick()
+                self.dispatch_due()
+            except redis.RedisError as error:
+                log.warning("deferred dispatcher cannot reach Redis: %s", error)
+            except Exception:  # noqa: BLE001 - the thread must survive a bad entry or a broker hiccup
+                log.exception("deferred dispatcher failed a round")
+            self.stopping.wait(self.interval)
+
+    def dispatch_due(self) -> int:
+        """Send every due entry once; returns how many were sent."""
+        sent = 0
+        while True:
+            batch = self.deferred.take_due()
+            for member, entry in batch:
+                self.send(entry["task"], entry["args"], entry["options"])
+                self.deferred.done(member)
+                sent += 1
+            if len(batch) < 100:
+                return sent
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,181 @@
+"""Celery app, tasks, beat schedule and worker hooks: `celery -A job_queue worker|beat`.
+
+Wired like Flask's examples/celery: tasks run inside a Flask app context and call plain
+functions in `pipeline` and `maintenance`.  The module-level `celery_app` is configured from
+the environment for the worker and beat command lines; its Flask app is built lazily, in the
+worker process, on the first task.  The web app builds its own Celery instance (`init_app`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import maintenance
+from celery import Celery, Task, shared_task
+from celery.signals import beat_init, worker_ready, worker_shutdown
+from flask import Flask
+
+import pipeline
+from deferred_calls import DeferredCalls, Dispatcher
+from settings import Settings
+
+log = logging.getLogger("job_queue")
+
+PRIORITY_LEVELS = list(range(10))
+DEFAULT_QUEUE = "celery"
+
+
+class FlaskTask(Task):
+    """A task that runs inside the app context of its Celery app's Flask app."""
+
+    def __call__(self, *args, **kwargs):
+        with self.app.flask_app.app_context():
+            return self.run(*args, **kwargs)
+
+
+class LookupCelery(Celery):
+    """Celery with a Flask app attached (given, or built lazily from the same settings)."""
+
+    def __init__(self, settings: Settings, flask_app: Flask | None = None) -> None:
+        super().__init__("job_queue", task_cls=FlaskTask)
+        self.settings = settings
+        self._flask_app = flask_app
+        self._flask_lock = threading.Lock()
+        self.conf.update(celery_config(settings))
+
+    @property
+    def flask_app(self) -> Flask:
+        with self._flask_lock:
+            if self._flask_app is None:
+                from app import create_app
+
+                self._flask_app = create_app(self.settings, celery=self)
+            return self._flask_app
+
+
+def celery_config(settings: Settings) -> dict:
+    """Broker, backend and worker settings (see the README's reliability notes)."""
+    url = settings.effective_redis_url
+    prefix = f"{settings.key_prefix}:celery:"
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "priority_steps": PRIORITY_LEVELS,
+        "sep": ":",
+        "queue_order_strategy": "priority",
+        "global_keyprefix": prefix,
+        "socket_timeout": 5,
+        "socket_connect_timeout": 2,
+        "retry_on_timeout": True,
+        "health_check_interval": 10,
+    }
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"global_keyprefix": prefix},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "redis_socket_timeout": 5,
+        "redis_socket_connect_timeout": 2,
+        "redis_retry_on_timeout": True,
+        "redis_backend_health_check_interval": 10,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_default_priority": 5,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "result_expires": settings.lookup_record_ttl,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_pool": "threads",
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "beat_schedule": {
+            "cleanup": {"task": "job_queue.cleanup", "schedule": settings.cleanup_interval},
+            "health-check": {"task": "job_queue.health_check", "schedule": settings.health_check_interval},
+        },
+        "beat_schedule_filename": f"{settings.data_dir}/celerybeat-schedule",
+        "timezone": "UTC",
+    }
+
+
+@shared_task(name="job_queue.fetch_source", ignore_result=False)
+def fetch_source(lookup_id: str, source: str, kind: str, value: str, priority: int,
+                 attempt: int = 0, reserved: bool = False, requeue: bool = False) -> dict:
+    """Call one source for one lookup (never sleeps; waits go to the deferred set)."""
+    return pipeline.run_source_call(lookup_id, source, kind, value, priority, attempt, reserved, requeue)
+
+
+@shared_task(name="job_queue.finalize_lookup")
+def finalize_lookup(lookup_id: str, at_deadline: bool = False) -> str | None:
+    """Merge and cross-check a lookup (at its deadline, or when its last source settled)."""
+    return pipeline.finalize(lookup_id, at_deadline)
+
+
+@shared_task(name="job_queue.cleanup")
+def cleanup() -> dict:
+    """Beat: expired lookups and event logs, old cache generations, stale locks."""
+    return maintenance.cleanup()
+
+
+@shared_task(name="job_queue.health_check")
+def health_check() -> dict:
+    """Beat: Redis, workers, breakers and quotas; the result shows in /api/status."""
+    return maintenance.health_check()
+
+
+# -- worker and beat hooks -------------------------------------------------------------------
+
+_dispatchers: list[Dispatcher] = []
+
+
+@worker_ready.connect
+def _start_dispatcher(sender=None, **_) -> None:
+    """Every worker moves due deferred calls onto the broker and reports a heartbeat."""
+    celery: LookupCelery = sender.app
+    flask_app = celery.flask_app
+    hostname = sender.hostname or socket.gethostname()
+    deferred = DeferredCalls(flask_app.extensions["redis"], celery.settings)
+    last_beat = [0.0]
+
+    def send(task: str, args: list, options: dict) -> None:
+        celery.send_task(task, args=args, **options)
+
+    def heartbeat() -> None:
+        if time.monotonic() - last_beat[0] >= 5:
+            maintenance.record_worker_heartbeat(flask_app, hostname)
+            last_beat[0] = time.monotonic()
+
+    dispatcher = Dispatcher(deferred, send, celery.settings.deferred_poll_interval, on_tick=heartbeat)
+    dispatcher.start()
+    _dispatchers.append(dispatcher)
+    log.info("deferred-call dispatcher started on %s", hostname)
+
+
+@worker_shutdown.connect
+def _stop_dispatcher(**_) -> None:
+    for dispatcher in _dispatchers:
+        dispatcher.stop()
+
+
+@beat_init.connect
+def _health_check_at_start(sender=None, **_) -> None:
+    """Run the health check once when beat starts, not only after the first interval."""
+    sender.app.send_task("job_queue.health_check")
+
+
+def init_app(app: Flask, celery: LookupCelery | None = None) -> LookupCelery:
+    """Give the Flask app a Celery instance configured from its settings."""
+    celery = celery or LookupCelery(app.extensions["settings"], flask_app=app)
+    app.extensions["celery"] = celery
+    return celery
+
+
+celery_app = LookupCelery(Settings.from_env())

@@ -1,0 +1,87 @@
+"""`make run`: Redis (embedded unless REDIS_URL is set), sandbox, gunicorn, Celery worker and beat.
+
+Runs every process in the foreground; Ctrl-C or SIGTERM stops them all (a child that dies
+stops the rest too, so a broken setup is never half running).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from embedded_redis import EmbeddedRedis
+from settings import Settings
+
+ROOT = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def commands(settings: Settings) -> dict[str, list[str]]:
+    """The command line of each child process."""
+    gunicorn = str(BIN / "gunicorn")
+    celery = str(BIN / "celery")
+    return {
+        "sandbox": [gunicorn, "-k", "gevent", "-w", "1", "-b", f"{settings.sandbox_host}:{settings.sandbox_port}",
+                    "--access-logfile", "-", "--log-level", "warning", "sandbox:create_app()"],
+        "web": [gunicorn, "-k", "gevent", "-w", str(settings.web_workers), "-b", f"{settings.host}:{settings.port}",
+                "--worker-connections", "2000", "--graceful-timeout", "20", "app:create_app()"],
+        "worker": [celery, "-A", "job_queue", "worker", "--loglevel", "INFO", "-P", "threads",
+                   "-c", str(settings.worker_concurrency), "-n", "worker@%h"],
+        "beat": [celery, "-A", "job_queue", "beat", "--loglevel", "INFO",
+                 "-s", str(Path(settings.data_dir) / "celerybeat-schedule")],
+    }
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    env = dict(os.environ)
+    redis_server = None
+    if not settings.redis_url:
+        redis_server = EmbeddedRedis(settings.embedded_redis_port, Path(settings.data_dir) / "redis")
+        print(f"starting embedded Valkey on 127.0.0.1:{settings.embedded_redis_port} (AOF in {redis_server.data_dir})",
+              flush=True)
+        redis_server.start()
+        env["REDIS_URL"] = redis_server.url
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+
+    children: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for name, command in commands(settings).items():
+            children[name] = subprocess.Popen(command, cwd=ROOT, env=env)
+        print(f"web on http://{settings.host}:{settings.port}  sandbox on {settings.sandbox_url}", flush=True)
+        while not stopping:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    print(f"{name} exited with {child.returncode}; stopping everything", flush=True)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        for child in reversed(list(children.values())):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 25
+        for child in children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if redis_server is not None:
+            redis_server.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

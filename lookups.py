@@ -1,0 +1,324 @@
+"""Lookup records in Redis: states, per-source results, single flight and task registry."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import redis
+from flask import current_app
+
+import redis_store
+from settings import Settings
+
+
+class LookupStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PARTIAL = "partial"
+    COMPLETE = "complete"
+
+
+class SourceState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    ERROR = "error"
+    STALE = "stale"
+    RATE_LIMITED = "rate_limited"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+FINAL_STATES = frozenset(
+    {SourceState.OK, SourceState.NOT_FOUND, SourceState.ERROR, SourceState.STALE, SourceState.CIRCUIT_OPEN}
+)
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """One source's part of a lookup.  `scheduled_at` is when a deferred call runs (epoch seconds)."""
+
+    source: str
+    state: SourceState
+    data: dict | None = None
+    cached: bool = False
+    stale: bool = False
+    elapsed_ms: float | None = None
+    error: str | None = None
+    scheduled_at: float | None = None
+    attempts: int = 0
+
+    @property
+    def settled(self) -> bool:
+        """Final answer reached; a rate-limited call with no scheduled run is settled too."""
+        return self.state in FINAL_STATES or (
+            self.state == SourceState.RATE_LIMITED and self.scheduled_at is None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "state": str(self.state)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SourceResult:
+        return cls(**{**values, "state": SourceState(values["state"])})
+
+
+@dataclass
+class Lookup:
+    """A lookup as read back from Redis."""
+
+    id: str
+    type: str
+    identifier: str
+    priority: int
+    status: LookupStatus
+    created_at: float
+    deadline_at: float
+    sources: dict[str, SourceResult]
+    tasks: dict[str, str] = field(default_factory=dict)
+    result: dict | None = None
+    completed_at: float | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(result.settled for result in self.sources.values())
+
+    @property
+    def cached(self) -> bool:
+        return all(result.cached for result in self.sources.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API representation (DESIGN.md's contract)."""
+        merged = self.result or {}
+        return {
+            "id": self.id,
+            "status": str(self.status),
+            "type": self.type,
+            "identifier": self.identifier,
+            "priority": self.priority,
+            "cached": self.cached,
+            "created_at": self.created_at,
+            "deadline_at": self.deadline_at,
+            "completed_at": self.completed_at,
+            "progress": {"done": self.done, "total": len(self.sources)},
+            "sources": {name: result.to_dict() for name, result in self.sources.items()},
+            "tasks": self.tasks,
+            "result": merged.get("data"),
+            "checks": merged.get("checks", []),
+            "links": {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"},
+        }
+
+
+# KEYS[1] lookup hash.  ARGV: field, result json, settled (1/0), replace_settled (1/0).
+# Returns {applied (1/0), newly settled (1/0), done, total}.  A settled source is never overwritten
+# (tasks may run twice after a redelivery) unless replace_settled (a dead letter requeued).
+_SET_SOURCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, -1, -1} end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local settled_field = 'settled:' .. ARGV[1]
+local was_settled = redis.call('HGET', KEYS[1], settled_field) == '1'
+if was_settled and ARGV[4] ~= '1' then
+  return {0, 0, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
+end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2])
+local newly = 0
+if ARGV[3] == '1' and not was_settled then
+  redis.call('HSET', KEYS[1], settled_field, '1')
+  redis.call('HINCRBY', KEYS[1], 'done', 1)
+  newly = 1
+end
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+end
+return {1, newly, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
+"""
+
+# KEYS[1] lookup hash.  ARGV: new status, result json, now.  Complete happens once; partial
+# only from queued/running.  Returns 1 when this call made the change.
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'complete' then return 0 end
+if ARGV[1] == 'partial' and status == 'partial' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2])
+if ARGV[1] == 'complete' then redis.call('HSET', KEYS[1], 'completed_at', ARGV[3]) end
+return 1
+"""
+
+
+def new_lookup_id() -> str:
+    """A random id with 128 bits of entropy, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+class LookupStore:
+    """Reads and writes lookup records, the single-flight index and the issued-task registry."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._set_source = client.register_script(_SET_SOURCE)
+        self._finish = client.register_script(_FINISH)
+
+    def _key(self, *parts: object) -> str:
+        return redis_store.key(self.settings, *parts)
+
+    def record_key(self, lookup_id: str) -> str:
+        return self._key("lookup", lookup_id)
+
+    def inflight_key(self, identifier_type: str, identifier: str) -> str:
+        return self._key("inflight", identifier_type, identifier)
+
+    def task_key(self, task_id: str) -> str:
+        return self._key("task", task_id)
+
+    def claim_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> str | None:
+        """Single flight: register `lookup_id` for this identifier, or return the one already running."""
+        key = self.inflight_key(identifier_type, identifier)
+        ttl = int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)
+        for _ in range(3):
+            if self.redis.set(key, lookup_id, nx=True, ex=ttl):
+                return None
+            existing = self.redis.get(key)
+            if existing is not None and self.redis.exists(self.record_key(existing.decode())):
+                return existing.decode()
+            self.redis.delete(key)  # points at an expired record; take it over
+        return None
+
+    def release_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> None:
+        """Drop the single-flight entry if it still names this lookup."""
+        key = self.inflight_key(identifier_type, identifier)
+        with self.redis.pipeline() as pipe:
+            pipe.get(key)
+            current, = pipe.execute()
+        if current is not None and current.decode() == lookup_id:
+            self.redis.delete(key)
+
+    def create(self, lookup: Lookup) -> None:
+        """Write a new record, its settled sources and its task registry entries in one round trip."""
+        ttl = self.settings.lookup_record_ttl
+        key = self.record_key(lookup.id)
+        fields: dict[str, Any] = {
+            "type": lookup.type,
+            "identifier": lookup.identifier,
+            "priority": lookup.priority,
+            "status": str(lookup.status),
+            "created_at": lookup.created_at,
+            "deadline_at": lookup.deadline_at,
+            "tasks": orjson.dumps(lookup.tasks),
+            "sources": ",".join(lookup.sources),
+            "done": lookup.done,
+            "total": len(lookup.sources),
+        }
+        if lookup.result is not None:
+            fields["result"] = orjson.dumps(lookup.result)
+        if lookup.completed_at is not None:
+            fields["completed_at"] = lookup.completed_at
+        for name, result in lookup.sources.items():
+            fields[f"s:{name}"] = orjson.dumps(result.to_dict())
+            if result.settled:
+                fields[f"settled:{name}"] = "1"
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, ttl)
+            pipe.zadd(self._key("lookups"), {lookup.id: lookup.created_at})
+            for source, task_id in lookup.tasks.items():
+                registry = {"name": "job_queue.fetch_source", "lookup_id": lookup.id, "source": source}
+                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+            pipe.execute()
+
+    def register_task(self, task_id: str, name: str, lookup_id: str | None, source: str | None = None) -> None:
+        """Remember a task id the service issued (so /api/tasks can tell it from a made-up one)."""
+        entry = {"name": name, "lookup_id": lookup_id, "source": source}
+        self.redis.set(self.task_key(task_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl)
+
+    def is_settled(self, lookup_id: str, source: str) -> bool:
+        return self.redis.hget(self.record_key(lookup_id), f"settled:{source}") == b"1"
+
+    def task(self, task_id: str) -> dict | None:
+        raw = self.redis.get(self.task_key(task_id))
+        return orjson.loads(raw) if raw else None
+
+    def get(self, lookup_id: str) -> Lookup | None:
+        """The lookup, or None if unknown or expired."""
+        raw = self.redis.hgetall(self.record_key(lookup_id))
+        if not raw:
+            return None
+        values = {k.decode(): v for k, v in raw.items()}
+        names = values["sources"].decode().split(",") if values.get("sources") else []
+        return Lookup(
+            id=lookup_id,
+            type=values["type"].decode(),
+            identifier=values["identifier"].decode(),
+            priority=int(values["priority"]),
+            status=LookupStatus(values["status"].decode()),
+            created_at=float(values["created_at"]),
+            deadline_at=float(values["deadline_at"]),
+            sources={name: SourceResult.from_dict(orjson.loads(values[f"s:{name}"])) for name in names},
+            tasks=orjson.loads(values.get("tasks", b"{}")),
+            result=orjson.loads(values["result"]) if values.get("result") else None,
+            completed_at=float(values["completed_at"]) if values.get("completed_at") else None,
+        )
+
+    def set_source(
+        self, lookup_id: str, result: SourceResult, replace_settled: bool = False
+    ) -> tuple[bool, bool, int, int]:
+        """Record a source's state; returns (applied, newly settled, settled count, source count).
+
+        Idempotent: a source that already settled keeps its answer (a redelivered task may
+        report twice), unless `replace_settled`.
+        """
+        applied, newly, done, total = self._set_source(
+            keys=[self.record_key(lookup_id)],
+            args=[result.source, orjson.dumps(result.to_dict()), "1" if result.settled else "0",
+                  "1" if replace_settled else "0"],
+        )
+        return bool(applied), bool(newly), int(done), int(total)
+
+    def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
+        """Move to `partial` or `complete` with the merged result; True if this call did it."""
+        return bool(self._finish(keys=[self.record_key(lookup_id)],
+                                 args=[str(status), orjson.dumps(result), time.time()]))
+
+    def delete_older_than(self, cutoff: float, event_key: Callable[[str], str]) -> int:
+        """Beat cleanup: delete lookups created before `cutoff` with their task entries and event logs.
+
+        Records also carry a TTL as a backstop; the index lets cleanup honour the retention
+        setting exactly and take the task registry and event log along.
+        """
+        index = self._key("lookups")
+        removed = 0
+        while True:
+            ids = [i.decode() for i in self.redis.zrangebyscore(index, "-inf", cutoff, start=0, num=500)]
+            if not ids:
+                return removed
+            for lookup_id in ids:
+                raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks")
+                task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
+                keys = [self.record_key(lookup_id), event_key(lookup_id), *map(self.task_key, task_ids)]
+                self.redis.unlink(*keys)
+                removed += 1
+            self.redis.zrem(index, *ids)
+
+    def delete_stale_inflight(self) -> int:
+        """Beat cleanup: drop single-flight entries (locks) whose lookup record is gone."""
+        removed = 0
+        for key in self.redis.scan_iter(match=self._key("inflight", "*"), count=1000):
+            lookup_id = self.redis.get(key)
+            if lookup_id is not None and not self.redis.exists(self.record_key(lookup_id.decode())):
+                removed += self.redis.delete(key)
+        return removed
+
+
+def init_app(app) -> None:
+    app.extensions["lookups"] = LookupStore(app.extensions["redis"], app.extensions["settings"])
+
+
+def get_lookups() -> LookupStore:
+    return current_app.extensions["lookups"]

@@ -1,0 +1,265 @@
+"""What happens to one lookup: start (cache, single flight, fan-out), each source call, finalize.
+
+Plain functions called by the API and by the Celery tasks in job_queue; they run inside a
+Flask app context and reach the shared parts through `app.extensions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+
+from celery import current_task
+from flask import current_app
+
+import cross_checks
+from cache_manager import CacheEntry
+from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
+from identifiers import Identifier, IdentifierType
+from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from sources import NotFound, RateLimited, SourceError, TransientError, UpstreamRejected, sources_for
+
+log = logging.getLogger("pipeline")
+
+FETCH_TASK = "job_queue.fetch_source"
+FINALIZE_TASK = "job_queue.finalize_lookup"
+
+
+def _ext(name: str):
+    return current_app.extensions[name]
+
+
+def celery_priority(priority: int) -> int:
+    """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first)."""
+    return 10 - max(1, min(10, priority))
+
+
+def send_task(name: str, args: list, options: dict) -> None:
+    """Put a task on the broker (`options` as for apply_async: task_id, priority)."""
+    _ext("celery").send_task(name, args=args, **options)
+
+
+def _from_cache(entry: CacheEntry) -> SourceResult:
+    state = SourceState.OK if entry.found else SourceState.NOT_FOUND
+    return SourceResult(entry.source, state, data=entry.data, cached=True, stale=entry.stale, elapsed_ms=0.0)
+
+
+def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = False) -> tuple[Lookup, bool]:
+    """Answer from cache, join the lookup already running for this identifier, or start one.
+
+    Returns (lookup, created_now).  A fully cached lookup is returned complete.
+    """
+    settings = _ext("settings")
+    store = _ext("lookups")
+    kind = str(identifier.type)
+    sources = [s for s in sources_for(kind, _ext("sources")) if s.supports(identifier)]
+    names = [s.name for s in sources]
+    cached = {} if refresh else _ext("cache").get_many(kind, names, identifier.value)
+    now = time.time()
+    lookup = Lookup(id=new_lookup_id(), type=kind, identifier=identifier.value, priority=priority,
+                    status=LookupStatus.QUEUED, created_at=now, deadline_at=now + settings.lookup_deadline,
+                    sources={name: SourceResult(name, SourceState.PENDING) for name in names})
+    lookup.sources.update({name: _from_cache(entry) for name, entry in cached.items()})
+
+    if len(cached) == len(names):
+        lookup.status = LookupStatus.COMPLETE
+        lookup.completed_at = now
+        lookup.result = _merged_result(lookup)
+        store.create(lookup)
+        return lookup, True
+
+    running = store.claim_inflight(kind, identifier.value, lookup.id)
+    if running is not None:
+        joined = store.get(running)
+        if joined is not None:
+            return joined, False
+
+    missing = [name for name in names if name not in cached]
+    lookup.tasks = {name: uuid.uuid4().hex for name in missing}
+    store.create(lookup)
+    _ext("deferred").add(lookup.deadline_at, FINALIZE_TASK, [lookup.id, True],
+                         {"priority": celery_priority(priority)})
+    for name in missing:
+        send_task(FETCH_TASK, [lookup.id, name, kind, identifier.value, priority, 0, False, False],
+                  {"task_id": lookup.tasks[name], "priority": celery_priority(priority)})
+    return lookup, True
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, capped."""
+    settings = _ext("settings")
+    delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
+    """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
+    applied, newly, done, total = _ext("lookups").set_source(lookup_id, result, replace_settled)
+    if not applied:
+        return False
+    events = _ext("events")
+    events.publish(lookup_id, "source", result.to_dict())
+    if newly:
+        events.publish(lookup_id, "progress", {"done": done, "total": total})
+        if done == total:
+            finalize(lookup_id)
+    return True
+
+
+def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, priority: int,
+                    attempt: int = 0, reserved: bool = False, requeue: bool = False) -> dict:
+    """One call of one source for one lookup: token, breaker, fetch, cache, settle.
+
+    Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
+    and this function returns at once.  Returns a small dict describing what happened.
+    """
+    settings = _ext("settings")
+    store = _ext("lookups")
+    identifier = Identifier(type=IdentifierType(kind), value=value)
+    args = [lookup_id, source_name, kind, value, priority]
+    options = {"priority": celery_priority(priority)}
+    task_id = _current_task_id()
+    if task_id:
+        options["task_id"] = task_id
+
+    if not requeue and store.is_settled(lookup_id, source_name):
+        return {"source": source_name, "state": "already_settled"}
+
+    def record(result: SourceResult) -> dict:
+        if not settle(lookup_id, result, replace_settled=requeue) and requeue:
+            log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, value, lookup_id)
+        return {k: v for k, v in result.to_dict().items() if k != "data"}
+
+    if not reserved:
+        reservation = _ext("rate_limiter").reserve(source_name)
+        if not reservation.granted:
+            return record(SourceResult(
+                source_name, SourceState.RATE_LIMITED, attempts=attempt,
+                error=f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
+                      f"{settings.defer_horizon:.0f}s horizon"))
+        if reservation.wait > 0:
+            due = time.time() + reservation.wait
+            _ext("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], options)
+            return record(SourceResult(source_name, SourceState.RATE_LIMITED, scheduled_at=due, attempts=attempt,
+                                       error="waiting for the source's rate limit"))
+
+    source = _ext("sources")[source_name]
+    cache = _ext("cache")
+    settle_running = SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1)
+    if not requeue:
+        settle(lookup_id, settle_running)
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return round((time.perf_counter() - started) * 1000, 1)
+
+    try:
+        data = _ext("breakers").call(source_name, source.fetch, identifier)
+    except NotFound as error:
+        cache.set(kind, source_name, value, None, found=False)
+        return record(SourceResult(source_name, SourceState.NOT_FOUND, elapsed_ms=elapsed(),
+                                   attempts=attempt + 1, error=error.message))
+    except UpstreamRejected as error:
+        return record(SourceResult(source_name, SourceState.ERROR, elapsed_ms=elapsed(),
+                                   attempts=attempt + 1, error=error.message))
+    except BreakerOpen as error:
+        stale = cache.get_stale(kind, source_name, value)
+        if stale is not None:
+            result = _from_cache(stale)
+            return record(SourceResult(source_name, SourceState.STALE if stale.found else SourceState.NOT_FOUND,
+                                       data=stale.data, cached=True, stale=True, elapsed_ms=elapsed(),
+                                       attempts=attempt, error="circuit open; serving a stale copy"
+                                       if result.state == SourceState.OK else None))
+        retry_at = f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
+        return record(SourceResult(source_name, SourceState.CIRCUIT_OPEN, elapsed_ms=elapsed(),
+                                   attempts=attempt, error=f"circuit open{retry_at}; no stale copy"))
+    except (TransientError, BreakerUnavailable) as error:
+        message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
+        if attempt + 1 > settings.retry_max:
+            _ext("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
+            return record(SourceResult(source_name, SourceState.ERROR, elapsed_ms=elapsed(),
+                                       attempts=attempt + 1, error=f"gave up after {attempt + 1} attempts: {message}"))
+        delay = _backoff(attempt)
+        if isinstance(error, RateLimited) and error.retry_after:
+            delay = max(delay, error.retry_after)
+        due = time.time() + delay
+        _ext("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
+        return record(SourceResult(source_name, SourceState.RETRYING, elapsed_ms=elapsed(), attempts=attempt + 1,
+                                   scheduled_at=due, error=message))
+    cache.set(kind, source_name, value, data, found=True)
+    return record(SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1))
+
+
+def _current_task_id() -> str | None:
+    return current_task.request.id if current_task and current_task.request else None
+
+
+def _company_cep(cep: str) -> tuple[dict | None, str | None]:
+    """The CEP data for a company's address: from cache, else one call to a CEP source now."""
+    cache = _ext("cache")
+    sources = sources_for("cep", _ext("sources"))
+    entries = cache.get_many("cep", [s.name for s in sources], cep)
+    found = [e for e in entries.values() if e.found]
+    if found:
+        return found[0].data, None
+    if entries and len(entries) == len(sources):
+        return None, "not_found"
+    identifier = Identifier(type=IdentifierType.CEP, value=cep)
+    last_error = "no CEP source available"
+    for source in sources:
+        if source.name in entries:
+            continue
+        if not _ext("rate_limiter").reserve(source.name, horizon=0).granted:
+            last_error = f"{source.name} is rate limited"
+            continue
+        try:
+            data = _ext("breakers").call(source.name, source.fetch, identifier)
+        except NotFound:
+            cache.set("cep", source.name, cep, None, found=False)
+            return None, "not_found"
+        except (SourceError, BreakerOpen, BreakerUnavailable) as error:
+            last_error = f"{source.name}: {getattr(error, 'message', error)}"
+            continue
+        cache.set("cep", source.name, cep, data, found=True)
+        return data, None
+    return None, last_error
+
+
+def _merged_result(lookup: Lookup) -> dict:
+    merged = cross_checks.merge(lookup.type, lookup.sources)
+    checks = cross_checks.agreement_checks(lookup.type, lookup.sources)
+    if lookup.type == "cnpj":
+        cep = ((merged or {}).get("endereco") or {}).get("cep")
+        cep_data, cep_error = _company_cep(cep) if cep else (None, None)
+        checks = cross_checks.company_checks(merged, cep_data, cep_error) + checks
+    return {"data": merged, "checks": checks}
+
+
+def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
+    """Merge and cross-check; `complete` once every source settled, `partial` at the deadline.
+
+    Returns the status it set, or None if there was nothing to do.
+    """
+    store = _ext("lookups")
+    lookup = store.get(lookup_id)
+    if lookup is None or lookup.status == LookupStatus.COMPLETE:
+        return None
+    all_settled = lookup.done == len(lookup.sources)
+    if not all_settled and (not at_deadline or lookup.status == LookupStatus.PARTIAL):
+        return None
+    status = LookupStatus.COMPLETE if all_settled else LookupStatus.PARTIAL
+    lookup.result = _merged_result(lookup)
+    if not store.finish(lookup_id, status, lookup.result):
+        return None
+    lookup.status = status
+    events = _ext("events")
+    if status == LookupStatus.COMPLETE:
+        lookup.completed_at = time.time()
+        store.release_inflight(lookup.type, lookup.identifier, lookup_id)
+        events.publish(lookup_id, "complete", lookup.to_dict())
+    else:
+        unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
+        events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})
+    return str(status)

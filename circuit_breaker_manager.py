@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -37,10 +37,10 @@ local function open()
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', string.format('%.3f', now), 'successes', 0)
   redis.call('DEL', KEYS[2])
 end
+local function half_open() redis.call('HSET', KEYS[1], 'state', 'half-open', 'successes', 0) end
 local function close()
   redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0, 'successes', 0)
-  redis.call('HDEL', KEYS[1], 'opened_at')
-  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'opened_at') redis.call('DEL', KEYS[2])
 end
 """
 _SCRIPTS = {
@@ -51,7 +51,7 @@ local before = state
 if state == 'open' then
   local retry_at = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0') + tonumber(ARGV[1])
   if now < retry_at then return {'reject', state, string.format('%.3f', retry_at)} end
-  redis.call('HSET', KEYS[1], 'state', 'half-open', 'successes', 0)
+  half_open()
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[2]) then
@@ -83,9 +83,7 @@ return {state, state}
     # ARGV: target state -> state before
     "force": """
 if ARGV[1] == 'open' then open()
-elseif ARGV[1] == 'half-open' then
-  redis.call('HSET', KEYS[1], 'state', 'half-open', 'successes', 0)
-  redis.call('DEL', KEYS[2])
+elseif ARGV[1] == 'half-open' then half_open() redis.call('DEL', KEYS[2])
 else close() end
 return state
 """,
@@ -127,16 +125,10 @@ class BreakerStatus:
 
 
 def is_final_answer(error: BaseException) -> bool:
-    """A 4xx-like answer (not 408/429): the upstream works, so it is no breaker failure."""
-    if isinstance(error, NotFound | UpstreamRejected):
-        return True
-    status = getattr(error, "status", None)
-    return (
-        isinstance(error, SourceError)
-        and not isinstance(error, TransientError)
-        and status is not None
-        and 400 <= status < 500
-        and status not in (408, 429)
+    """NotFound, UpstreamRejected or another 4xx-like SourceError: the upstream works."""
+    status = getattr(error, "status", None) or 0
+    return isinstance(error, NotFound | UpstreamRejected) or (
+        isinstance(error, SourceError) and not isinstance(error, TransientError) and 400 <= status < 500
     )
 
 
@@ -175,47 +167,42 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         reply = self._guard(lambda: self._scripts[script](keys=self._keys, args=args))
         return [_text(value) for value in reply] if isinstance(reply, list) else _text(reply)
 
-    def snapshot(self) -> dict[str, str]:
-        values = self._guard(self._redis.hmget, self._keys[0], FIELDS)
-        return {field: _text(value) for field, value in zip(FIELDS, values, strict=True) if value is not None}
+    def snapshot(self) -> dict[str, Any]:
+        """The stored state, failures, successes and opened_at (epoch float or None)."""
+        state, failures, successes, opened_at = map(
+            _text, self._guard(self._redis.hmget, self._keys[0], FIELDS)
+        )
+        return {
+            "state": state or pybreaker.STATE_CLOSED,
+            "failures": int(failures or 0),
+            "successes": int(successes or 0),
+            "opened_at": float(opened_at) if opened_at else None,
+        }
 
-    # pybreaker's storage interface, for code that drives the breaker the library's way.
+    # pybreaker's storage interface.  Its readers work; its writers are pybreaker's separate,
+    # racy steps (increment, then read, then open), so every change goes through the scripts.
     @property
     def state(self) -> str:
-        return self.snapshot().get("state", pybreaker.STATE_CLOSED)
-
-    @state.setter
-    def state(self, state: str) -> None:
-        self.run("force", state)
+        return self.snapshot()["state"]
 
     @property
     def counter(self) -> int:
-        return int(self.snapshot().get("failures", 0))
+        return self.snapshot()["failures"]
 
     @property
     def success_counter(self) -> int:
-        return int(self.snapshot().get("successes", 0))
+        return self.snapshot()["successes"]
 
     @property
     def opened_at(self) -> datetime | None:
-        value = self.snapshot().get("opened_at")
-        return datetime.fromtimestamp(float(value), UTC) if value else None
+        value = self.snapshot()["opened_at"]
+        return None if value is None else datetime.fromtimestamp(value, UTC)
 
-    @opened_at.setter
-    def opened_at(self, now: datetime) -> None:
-        self._guard(self._redis.hset, self._keys[0], "opened_at", f"{now.timestamp():.3f}")
+    def _use_the_scripts(self, *args: Any) -> None:
+        raise NotImplementedError("breaker state changes only through RedisBreakerStorage.run")
 
-    def increment_counter(self) -> None:
-        self._guard(self._redis.hincrby, self._keys[0], "failures", 1)
-
-    def reset_counter(self) -> None:
-        self._guard(self._redis.hset, self._keys[0], "failures", 0)
-
-    def increment_success_counter(self) -> None:
-        self._guard(self._redis.hincrby, self._keys[0], "successes", 1)
-
-    def reset_success_counter(self) -> None:
-        self._guard(self._redis.hset, self._keys[0], "successes", 0)
+    increment_counter = reset_counter = _use_the_scripts
+    increment_success_counter = reset_success_counter = _use_the_scripts
 
 
 class SharedCircuitBreaker(pybreaker.CircuitBreaker):
@@ -232,11 +219,7 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
     """
 
     def __init__(
-        self,
-        storage: RedisBreakerStorage,
-        source: SourceSettings,
-        probes: int,
-        listeners: Iterable[pybreaker.CircuitBreakerListener] = (),
+        self, storage: RedisBreakerStorage, source: SourceSettings, probes: int, listeners: list
     ) -> None:
         self.probes = probes
         self.permit_ttl = source.timeout + PERMIT_MARGIN
@@ -244,8 +227,8 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
             fail_max=source.breaker_fail_max,
             reset_timeout=source.breaker_reset_timeout,
             success_threshold=source.breaker_success_threshold,
-            exclude=[NotFound, UpstreamRejected, is_final_answer],
-            listeners=list(listeners),
+            exclude=[is_final_answer],
+            listeners=listeners,
             state_storage=storage,
             name=source.name,
             throw_new_error_on_trip=False,
@@ -262,9 +245,8 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         call may be made; the caller retries later as for any transient error.
         """
         permit = uuid.uuid4().hex
-        decision, before, retry_at = self.storage.run(
-            "admit", self.reset_timeout, self.probes, self.permit_ttl, permit
-        )
+        admit = ("admit", self.reset_timeout, self.probes, self.permit_ttl, permit)
+        decision, before, retry_at = self.storage.run(*admit)
         if decision == "reject":
             self._changed(before, before)
             raise BreakerOpen(self.name, float(retry_at) if retry_at else None)
@@ -275,18 +257,20 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         try:
             result = func(*args, **kwargs)
         except Exception as error:
-            failed = self.is_system_error(error)
-            self._record("failure" if failed else "success", permit)
+            if not self.is_system_error(error):  # a final answer: the upstream works
+                self._succeeded(permit)
+                raise
+            self._record("failure", permit)
             for listener in self.listeners:
-                if failed:
-                    listener.failure(self, error)
-                else:
-                    listener.success(self)
+                listener.failure(self, error)
             raise
+        self._succeeded(permit)
+        return result
+
+    def _succeeded(self, permit: str) -> None:
         self._record("success", permit)
         for listener in self.listeners:
             listener.success(self)
-        return result
 
     def _record(self, outcome: str, permit: str) -> None:
         # The upstream has answered by now, so its answer stands even if Redis just went away.
@@ -298,50 +282,44 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         self._changed(before, after)
 
     def _changed(self, before: str, after: str) -> None:
-        """Track the shared state; announce only transitions this process made.
+        """Track the shared state; announce only the transitions this process made.
 
-        pybreaker announces a change in every process that notices it, and its state
-        constructors (notify=True) then reset the shared counters: one process noticing
-        another's change wiped the failures (5 to 7 failures to open).  Here each transition
-        is announced once in the cluster and state objects are built without side effects.
+        pybreaker announces a change in every process that notices it; here each transition is
+        announced (and logged) once in the cluster, by the process whose script made it.
         """
+        new = self._create_new_state(after)
         with self._lock:
-            previous, self._state = self._state, self._create_new_state(after)
+            previous, self._state = self._state, new
         if before != after:
             old = previous if previous.name == before else self._create_new_state(before)
             for listener in self.listeners:
-                listener.state_change(self, old, self._state)
+                listener.state_change(self, old, new)
 
-    @property
-    def state(self) -> Any:
-        """The shared state as a pybreaker state object, refreshed without side effects."""
-        current = self.current_state
-        self._changed(current, current)
-        return self._state
-
-    @state.setter
-    def state(self, state: str) -> None:
-        self._changed(self.storage.run("force", state), state)
+    def _create_new_state(self, new_state: str, prev_state: Any = None, notify: bool = False) -> Any:
+        # pybreaker's state constructors with notify=True reset the shared counters, and its
+        # `state` getter uses them whenever another process changed the state: one process
+        # noticing another's change wiped the failures (5 to 7 failures to open).
+        return super()._create_new_state(new_state, prev_state)
 
     # pybreaker's open/half_open/close write state and opened_at in separate, racy steps.
+    def _force(self, state: str) -> None:
+        self._changed(self.storage.run("force", state), state)
+
     def open(self) -> bool:
-        self.state = pybreaker.STATE_OPEN
+        self._force(pybreaker.STATE_OPEN)
         return self._throw_new_error_on_trip
 
     def half_open(self) -> None:
-        self.state = pybreaker.STATE_HALF_OPEN
+        self._force(pybreaker.STATE_HALF_OPEN)
 
     def close(self) -> None:
-        self.state = pybreaker.STATE_CLOSED
+        self._force(pybreaker.STATE_CLOSED)
 
     def status(self) -> BreakerStatus:
-        values = self.storage.snapshot()
+        """The shared state as stored, with this breaker's thresholds."""
         return BreakerStatus(
             name=self.name or "",
-            state=values.get("state", pybreaker.STATE_CLOSED),
-            failures=int(values.get("failures", 0)),
-            successes=int(values.get("successes", 0)),
-            opened_at=float(values["opened_at"]) if "opened_at" in values else None,
+            **self.storage.snapshot(),
             fail_max=self.fail_max,
             reset_timeout=self.reset_timeout,
             success_threshold=self.success_threshold,
@@ -353,9 +331,7 @@ class LoggingListener(pybreaker.CircuitBreakerListener):
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         level = logging.WARNING if new_state.name == pybreaker.STATE_OPEN else logging.INFO
-        logger.log(
-            level, "breaker %s: %s -> %s", cb.name, old_state.name if old_state else None, new_state.name
-        )
+        logger.log(level, "breaker %s: %s -> %s", cb.name, getattr(old_state, "name", None), new_state.name)
 
 
 class BreakerManager:
@@ -376,10 +352,9 @@ class BreakerManager:
                 known = ", ".join(sorted(self._settings.sources))
                 raise KeyError(f"unknown source {source_name!r} (known sources: {known})")
             storage = RedisBreakerStorage(self._redis, self._settings, source_name)
-            built = SharedCircuitBreaker(
-                storage, source, self._settings.breaker_half_open_probes, [self._listener]
-            )
-            breaker = self._breakers.setdefault(source_name, built)
+            probes = self._settings.breaker_half_open_probes
+            breaker = SharedCircuitBreaker(storage, source, probes, [self._listener])
+            breaker = self._breakers.setdefault(source_name, breaker)
         return breaker
 
     def call(self, source_name: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

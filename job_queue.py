@@ -50,9 +50,7 @@ class LookupCelery(Celery):
     def flask_app(self) -> Flask:
         with self._flask_lock:
             if self._flask_app is None:
-                from app import create_app
-
-                self._flask_app = create_app(self.settings, celery=self)
+                self._flask_app = web_app.create_app(self.settings, celery=self)
             return self._flask_app
 
 
@@ -179,3 +177,7 @@ def init_app(app: Flask, celery: LookupCelery | None = None) -> LookupCelery:
 
 
 celery_app = LookupCelery(Settings.from_env())
+
+# Imported last: app imports this module, and `celery -A job_queue` drops the working
+# directory from sys.path once this module is loaded, so a lazy import would not find it.
+import app as web_app  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeoutError
 
 from identifiers import Identifier
 from settings import SOURCE_NAMES, Settings, SourceSettings
@@ -142,7 +143,7 @@ def _decode_json(source: str, body: bytes) -> Any:
     except orjson.JSONDecodeError as error:
         if stripped[:1] == b"<":
             raise BadResponse(f"{source}: answered HTML instead of JSON: {_snippet(stripped)}") from None
-        if error.pos >= len(body.rstrip()):
+        if str(error).startswith("unexpected end of data"):
             raise BadResponse(
                 f"{source}: JSON body is truncated (ends after {len(body)} bytes): {_snippet(stripped)}"
             ) from None
@@ -196,21 +197,23 @@ class _Reader:
 
     def _fail(self, key: str, expected: str, value: Any) -> BadResponse:
         shown = repr(value) if isinstance(value, (str, int, float)) else _json_type(value)
-        return BadResponse(f"{self.source}: field {self.where}{key!r} should be {expected}, got {shown}")
+        return BadResponse(f"{self.source}: field '{self.where}{key}' should be {expected}, got {shown}")
 
     def raw(self, key: str) -> Any:
         return self.data.get(key)
 
-    def text(self, key: str) -> str | None:
-        """A string field, stripped; numbers become their text; empty means None."""
-        value = self.data.get(key)
+    def _text(self, key: str, value: Any) -> str | None:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise self._fail(key, "text", value)
-        if isinstance(value, float):
-            value = int(value) if value.is_integer() else value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 9430800.0 is a code, not a fraction
         return str(value).strip() or None
+
+    def text(self, key: str) -> str | None:
+        """A string field, stripped; numbers become their text; empty means None."""
+        return self._text(key, self.data.get(key))
 
     def boolean(self, key: str) -> bool | None:
         value = self.data.get(key)
@@ -231,7 +234,7 @@ class _Reader:
     def money(self, key: str) -> float | None:
         """An amount given as a number, "6983568523.86" or "1.000,50"."""
         value = self.data.get(key)
-        if value is None or value == "":
+        if value is None or (isinstance(value, str) and not value.strip()):
             return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             amount = float(value)
@@ -294,10 +297,8 @@ class _Reader:
             return []
         if not isinstance(value, list):
             raise self._fail(key, "a list", value)
-        holder = _Reader(
-            self.source, {f"{key}[{index}]": item for index, item in enumerate(value)}, self.where
-        )
-        return [text for index in range(len(value)) if (text := holder.text(f"{key}[{index}]"))]
+        texts = (self._text(f"{key}[{index}]", item) for index, item in enumerate(value))
+        return [text for text in texts if text]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,9 +387,9 @@ def _company_size(value: str | None) -> str | None:
 
 
 def _street(kind: str | None, street: str | None) -> str | None:
-    """The street with its type ("AVENIDA" + "PAULISTA 37"), as upstreams that split them lose it."""
+    """The street with its type ("AVENIDA" + "PAULISTA 37"), so every source names the street alike."""
     if not street:
-        return kind.strip() if kind else None
+        return None
     if kind and not _fold(street).startswith(_fold(kind) + " "):
         return f"{kind.strip()} {street.strip()}"
     return street.strip()
@@ -501,17 +502,26 @@ class Source:
         url = self.url(identifier)
         timeout = self.settings.timeout
         http = session if session is not None else default_session()
+        deadline = time.monotonic() + timeout  # for the whole exchange, not each socket read
         try:
             with http.get(url, timeout=timeout, stream=True) as response:
-                body = self._read_body(response, time.monotonic() + timeout)
+                body = self._read_body(response, deadline)
                 status, headers = response.status_code, response.headers
         except requests.Timeout as error:
             raise TransientError(
                 f"{self.name}: no answer within {timeout:g}s for {_label(identifier)}"
             ) from error
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as error:
+        except ReadTimeoutError as error:
+            raise TransientError(
+                f"{self.name}: answer for {_label(identifier)} stalled past {timeout:g}s"
+            ) from error
+        except (ProtocolError, DecodeError) as error:
             raise BadResponse(
                 f"{self.name}: body cut off or undecodable for {_label(identifier)}: {error}"
+            ) from error
+        except HTTPError as error:
+            raise TransientError(
+                f"{self.name}: reading the answer for {_label(identifier)} failed: {error}"
             ) from error
         except requests.ConnectionError as error:
             raise TransientError(
@@ -530,14 +540,16 @@ class Source:
             )
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_content(READ_CHUNK_BYTES):
+        # read1 returns whatever has arrived, so a body that drips in slowly still meets the deadline below
+        # (iter_content would block until a whole chunk came); it also decodes gzip, counted after decoding.
+        while chunk := response.raw.read1(READ_CHUNK_BYTES, decode_content=True):
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise BadResponse(
                     f"{self.name}: body is larger than the {MAX_BODY_BYTES} byte limit "
                     f"(HTTP {response.status_code}); stopped reading"
                 )
-            # The requests timeout bounds each socket read, not the whole body: a slow drip must still end.
+            # The requests timeout bounds each socket read, not the whole body.
             if time.monotonic() > deadline:
                 raise TransientError(
                     f"{self.name}: body took longer than {self.settings.timeout:g}s to arrive"
@@ -604,10 +616,10 @@ class BrasilAPI(Source):
     """brasilapi.com.br: CNPJ (a minhareceita.org proxy), CEP v2 and CPF; errors as HTTP 400/404/500."""
 
     def _path(self, identifier: Identifier) -> str:
-        kind = identifier.type.value
-        return {"cnpj": "/api/cnpj/v1/", "cep": "/api/cep/v2/", "cpf": "/api/cpf/v1/"}[
-            kind
-        ] + identifier.value
+        prefix = {"cnpj": "/api/cnpj/v1/", "cep": "/api/cep/v2/", "cpf": "/api/cpf/v1/"}[
+            identifier.type.value
+        ]
+        return prefix + identifier.value
 
     def _normalize(self, identifier: Identifier, reader: _Reader) -> dict[str, Any]:
         kind = identifier.type.value
@@ -776,6 +788,7 @@ class OpenCNPJ(Source):
         }
         main_code = reader.text("cnae_principal")
         phones = [phone for phone in reader.objects("telefones") if not phone.boolean("is_fax")]
+        phone = f"{phones[0].text('ddd') or ''}{phones[0].text('numero') or ''}" if phones else None
         return _company(
             cnpj=self._same_identifier(identifier, reader.text("cnpj"), 14),
             razao_social=reader.text("razao_social"),
@@ -800,9 +813,7 @@ class OpenCNPJ(Source):
                 uf=reader.text("uf"),
                 cep=reader.text("cep"),
             ),
-            telefone=_phone(f"{phones[0].text('ddd') or ''}{phones[0].text('numero') or ''}")
-            if phones
-            else None,
+            telefone=_phone(phone),
             email=reader.text("email"),
             socios=[
                 {"nome": partner.text("nome_socio"), "qualificacao": partner.text("qualificacao_socio")}

@@ -12,10 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import redis_store  # noqa: E402
 from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from settings import Settings  # noqa: E402
+
+pytest_plugins = ["sandbox_fixture"]
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):

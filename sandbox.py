@@ -21,7 +21,7 @@ from flask import Flask, Response, current_app, jsonify, request
 import sandbox_data
 from identifiers import Identifier, IdentifierType, InvalidIdentifier, parse
 from sandbox_data import is_known  # noqa: F401  (re-exported: tests pick found / not-found values with it)
-from settings import DEFAULT_RATE_PER_MINUTE, SOURCE_NAMES
+from settings import UPSTREAM_QUOTA_PER_MINUTE, SOURCE_NAMES
 
 QUOTA_WINDOW_SECONDS = 60.0
 MAX_LATENCY_MS = 600_000
@@ -198,12 +198,12 @@ class SandboxState:
 
 
 def default_faults(environ: Mapping[str, str]) -> dict[str, FaultConfig]:
-    """Start-up faults: quotas from DEFAULT_RATE_PER_MINUTE or SANDBOX_QUOTA_<NAME>, SANDBOX_LATENCY_MS."""
+    """Start-up faults: quotas from UPSTREAM_QUOTA_PER_MINUTE or SANDBOX_QUOTA_<NAME>, SANDBOX_LATENCY_MS."""
     latency = _env_value(environ, "SANDBOX_LATENCY_MS", 0.0, float)
     faults = {}
     for name in SOURCE_NAMES:
         variable = f"SANDBOX_QUOTA_{name.upper()}"
-        quota = _env_value(environ, variable, int(DEFAULT_RATE_PER_MINUTE[name]), int)
+        quota = _env_value(environ, variable, int(UPSTREAM_QUOTA_PER_MINUTE[name]), int)
         try:
             faults[name] = FaultConfig().updated({"latency_ms": latency, "quota_per_minute": quota})
         except ControlError as error:

@@ -6,10 +6,13 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
-# Sources known to the service and their upstream quotas (requests per minute).  Each
-# source's limiter defaults to its quota with a burst of 1, so it never trips the quota.
+# Sources known to the service and their upstreams' quotas (requests per minute; the sandbox
+# enforces the same).  Each source's limiter defaults to just under its quota with a burst of
+# 1, so that network jitter can never push a sliding 60 s window over the quota.
 SOURCE_NAMES = ("brasilapi", "receitaws", "opencnpj", "viacep")
-DEFAULT_RATE_PER_MINUTE = {"brasilapi": 600, "receitaws": 3, "opencnpj": 300, "viacep": 600}
+UPSTREAM_QUOTA_PER_MINUTE = {"brasilapi": 600, "receitaws": 3, "opencnpj": 300, "viacep": 600}
+QUOTA_HEADROOM = 0.95
+DEFAULT_RATE_PER_MINUTE = {name: quota * QUOTA_HEADROOM for name, quota in UPSTREAM_QUOTA_PER_MINUTE.items()}
 LIVE_BASE_URLS = {
     "brasilapi": "https://brasilapi.com.br",
     "receitaws": "https://receitaws.com.br",

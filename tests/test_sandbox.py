@@ -14,7 +14,7 @@ import sandbox as sandbox_module
 import sandbox_data
 from identifiers import Identifier, IdentifierType
 from sandbox import FIELD_CHECKS, FaultConfig, SandboxState, create_app, is_known
-from settings import DEFAULT_RATE_PER_MINUTE, SOURCE_NAMES, Settings
+from settings import UPSTREAM_QUOTA_PER_MINUTE, SOURCE_NAMES, Settings
 from sources import build_sources
 
 pytest_plugins = ["sandbox_fixture"]  # the sandbox and sandbox_url fixtures
@@ -265,7 +265,7 @@ def test_outage_answers_503_at_once(sandbox):
 
 
 def test_quota_answers_429_with_retry_after_past_the_limit(sandbox):
-    assert DEFAULT_RATE_PER_MINUTE["receitaws"] == 3
+    assert UPSTREAM_QUOTA_PER_MINUTE["receitaws"] == 3
     statuses = [sandbox.get("/receitaws/v1/cnpj/11222333000181") for _ in range(4)]
     assert [response.status_code for response in statuses] == [200, 200, 200, 429]
     refused = statuses[-1]
@@ -334,7 +334,7 @@ def test_control_answers_with_the_new_faults(sandbox):
         "jitter_ms": 0.0,
         "error_rate": 0.5,
         "outage": False,
-        "quota_per_minute": DEFAULT_RATE_PER_MINUTE["viacep"],
+        "quota_per_minute": UPSTREAM_QUOTA_PER_MINUTE["viacep"],
     }
     assert set(FIELD_CHECKS) == set(FaultConfig().to_dict())  # every fault field is validated
 
@@ -382,7 +382,7 @@ def test_default_faults_come_from_the_environment():
     faults = app.test_client().get("/_control").get_json()["upstreams"]
     assert faults["receitaws"]["quota_per_minute"] == 5
     assert faults["viacep"]["quota_per_minute"] is None
-    assert faults["brasilapi"]["quota_per_minute"] == DEFAULT_RATE_PER_MINUTE["brasilapi"]
+    assert faults["brasilapi"]["quota_per_minute"] == UPSTREAM_QUOTA_PER_MINUTE["brasilapi"]
     assert {fault["latency_ms"] for fault in faults.values()} == {7.0}
     with pytest.raises(ValueError, match="SANDBOX_QUOTA_OPENCNPJ"):
         create_app({"SANDBOX_QUOTA_OPENCNPJ": "lots"})

@@ -9,6 +9,8 @@ import redis
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
+from circuit_breaker_manager import BreakerUnavailable
+
 log = logging.getLogger("api")
 
 
@@ -26,8 +28,11 @@ class ApiError(Exception):
 
 
 def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
-    """orjson-encoded JSON response."""
-    return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
+    """orjson-encoded JSON response; `<`, `>` and `&` are escaped so no echoed input is ever live markup."""
+    data = orjson.dumps(body)
+    if b"<" in data or b">" in data or b"&" in data:
+        data = data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    return Response(data, status=status, headers=headers, mimetype="application/json")
 
 
 def error_response(status: int, error: str, message: str, field: str | None = None,
@@ -51,7 +56,8 @@ def init_app(app: Flask) -> None:
         return error_response(error.code or 500, name, error.description or name)
 
     @app.errorhandler(redis.RedisError)
-    def handle_redis_down(error: redis.RedisError) -> Response:
+    @app.errorhandler(BreakerUnavailable)
+    def handle_redis_down(error: Exception) -> Response:
         log.warning("Redis unavailable: %s", error)
         return error_response(503, "unavailable", "the service's data store is unreachable; try again shortly",
                               headers={"Retry-After": "5"})

@@ -82,10 +82,13 @@ def _lookup_request(body: dict) -> tuple:
         raise ApiError(400, "invalid_request", "refresh must be true or false", "refresh")
     if "identifier" not in body:
         raise ApiError(400, "invalid_request", "identifier is required", "identifier")
+    if not isinstance(body["identifier"], str):
+        raise ApiError(400, "invalid_request", "identifier must be a string", "identifier")
     try:
         identifier = parse(body["identifier"], raw_type)
     except InvalidIdentifier as error:
-        raise ApiError(400, "invalid_identifier", error.message, error.field) from error
+        code = "invalid_request" if error.field == "type" else "invalid_identifier"
+        raise ApiError(400, code, error.message, error.field) from error
     return identifier, priority, refresh
 
 

@@ -9,18 +9,25 @@ worker process, on the first task.  The web app builds its own Celery instance (
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 
-import maintenance
-from celery import Celery, Task, shared_task
-from celery.signals import beat_init, worker_ready, worker_shutdown
-from flask import Flask
+# `celery -A job_queue` puts the working directory on sys.path only while it imports this
+# module (and removes that entry afterwards); add our own entry so the project's flat modules
+# stay importable, lazily imported ones included.
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
-import pipeline
-from deferred_calls import DeferredCalls, Dispatcher
-from settings import Settings
+from celery import Celery, Task, shared_task  # noqa: E402
+from celery.signals import beat_init, worker_ready, worker_shutdown  # noqa: E402
+from flask import Flask  # noqa: E402
+
+import maintenance  # noqa: E402
+import pipeline  # noqa: E402
+from deferred_calls import DeferredCalls, Dispatcher  # noqa: E402
+from settings import Settings  # noqa: E402
 
 log = logging.getLogger("job_queue")
 
@@ -50,7 +57,9 @@ class LookupCelery(Celery):
     def flask_app(self) -> Flask:
         with self._flask_lock:
             if self._flask_app is None:
-                self._flask_app = web_app.create_app(self.settings, celery=self)
+                from app import create_app  # the web app imports this module: import it late
+
+                self._flask_app = create_app(self.settings, celery=self)
             return self._flask_app
 
 
@@ -177,7 +186,3 @@ def init_app(app: Flask, celery: LookupCelery | None = None) -> LookupCelery:
 
 
 celery_app = LookupCelery(Settings.from_env())
-
-# Imported last: app imports this module, and `celery -A job_queue` drops the working
-# directory from sys.path once this module is loaded, so a lazy import would not find it.
-import app as web_app  # noqa: E402

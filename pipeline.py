@@ -66,7 +66,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     if len(cached) == len(names):
         lookup.status = LookupStatus.COMPLETE
         lookup.completed_at = now
-        lookup.result = _merged_result(lookup)
+        lookup.result = _merged_result(lookup, fetch_cep=False)  # a cache hit never waits on an upstream
         store.create(lookup)
         return lookup, True
 
@@ -196,8 +196,8 @@ def _current_task_id() -> str | None:
     return current_task.request.id if current_task and current_task.request else None
 
 
-def _company_cep(cep: str) -> tuple[dict | None, str | None]:
-    """The CEP data for a company's address: from cache, else one call to a CEP source now."""
+def _company_cep(cep: str, fetch: bool = True) -> tuple[dict | None, str | None]:
+    """The CEP data for a company's address: from cache, else (with `fetch`) one call to a CEP source now."""
     cache = _ext("cache")
     sources = sources_for("cep", _ext("sources"))
     entries = cache.get_many("cep", [s.name for s in sources], cep)
@@ -206,6 +206,8 @@ def _company_cep(cep: str) -> tuple[dict | None, str | None]:
         return found[0].data, None
     if entries and len(entries) == len(sources):
         return None, "not_found"
+    if not fetch:
+        return None, "the CEP is not cached yet"
     identifier = Identifier(type=IdentifierType.CEP, value=cep)
     last_error = "no CEP source available"
     for source in sources:
@@ -227,12 +229,12 @@ def _company_cep(cep: str) -> tuple[dict | None, str | None]:
     return None, last_error
 
 
-def _merged_result(lookup: Lookup) -> dict:
+def _merged_result(lookup: Lookup, fetch_cep: bool = True) -> dict:
     merged = cross_checks.merge(lookup.type, lookup.sources)
     checks = cross_checks.agreement_checks(lookup.type, lookup.sources)
     if lookup.type == "cnpj":
         cep = ((merged or {}).get("endereco") or {}).get("cep")
-        cep_data, cep_error = _company_cep(cep) if cep else (None, None)
+        cep_data, cep_error = _company_cep(cep, fetch_cep) if cep else (None, None)
         checks = cross_checks.company_checks(merged, cep_data, cep_error) + checks
     return {"data": merged, "checks": checks}
 

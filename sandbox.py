@@ -18,10 +18,11 @@ from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
 
+import sandbox_bodies
 import sandbox_data
 from identifiers import Identifier, IdentifierType, InvalidIdentifier, parse
 from sandbox_data import is_known  # noqa: F401  (re-exported: tests pick found / not-found values with it)
-from settings import UPSTREAM_QUOTA_PER_MINUTE, SOURCE_NAMES
+from settings import SOURCE_NAMES, UPSTREAM_QUOTA_PER_MINUTE
 
 QUOTA_WINDOW_SECONDS = 60.0
 MAX_LATENCY_MS = 600_000
@@ -238,7 +239,7 @@ def _html(status: int, title: str) -> Response:
 
 def _over_quota(admission: Admission) -> tuple[Response, int]:
     response, status = _json(
-        sandbox_data.quota_exceeded(admission.quota or 0, admission.retry_after or 0), 429
+        sandbox_bodies.quota_exceeded(admission.quota or 0, admission.retry_after or 0), 429
     )
     response.headers["Retry-After"] = str(admission.retry_after)
     return response, status
@@ -246,7 +247,7 @@ def _over_quota(admission: Admission) -> tuple[Response, int]:
 
 def _injected_error(upstream: str) -> Response | tuple[Response, int]:
     if upstream == "brasilapi":
-        return _json(sandbox_data.brasilapi_internal_error(), 500)
+        return _json(sandbox_bodies.brasilapi_internal_error(), 500)
     return _html(500, "500 Internal Server Error")
 
 
@@ -260,28 +261,28 @@ def _valid(value: str, kind: IdentifierType) -> Identifier | None:
 def _brasilapi_cnpj(value: str) -> Any:
     cnpj = _valid(value, IdentifierType.CNPJ)
     if cnpj is None:
-        return _json(sandbox_data.brasilapi_invalid("CNPJ", value), 400)
+        return _json(sandbox_bodies.brasilapi_invalid("CNPJ", value), 400)
     if not is_known(cnpj.value):
-        return _json(sandbox_data.brasilapi_not_found("CNPJ", cnpj.masked()), 404)
-    return _json(sandbox_data.brasilapi_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
+        return _json(sandbox_bodies.brasilapi_not_found("CNPJ", cnpj.masked()), 404)
+    return _json(sandbox_bodies.brasilapi_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
 
 
 def _brasilapi_cep(value: str) -> Any:
     cep = _valid(value, IdentifierType.CEP)
     if cep is None:
-        return _json(sandbox_data.brasilapi_cep_invalid(), 400)
+        return _json(sandbox_bodies.brasilapi_cep_invalid(), 400)
     if not is_known(cep.value):
-        return _json(sandbox_data.brasilapi_cep_not_found(), 404)
-    return _json(sandbox_data.brasilapi_cep(sandbox_data.place_for_cep(cep.value)))
+        return _json(sandbox_bodies.brasilapi_cep_not_found(), 404)
+    return _json(sandbox_bodies.brasilapi_cep(sandbox_data.place_for_cep(cep.value)))
 
 
 def _brasilapi_cpf(value: str) -> Any:
     cpf = _valid(value, IdentifierType.CPF)
     if cpf is None:
-        return _json(sandbox_data.brasilapi_invalid("CPF", value), 400)
+        return _json(sandbox_bodies.brasilapi_invalid("CPF", value), 400)
     if not is_known(cpf.value):
-        return _json(sandbox_data.brasilapi_not_found("CPF", cpf.masked()), 404)
-    return _json(sandbox_data.brasilapi_cpf(cpf.value))
+        return _json(sandbox_bodies.brasilapi_not_found("CPF", cpf.masked()), 404)
+    return _json(sandbox_bodies.brasilapi_cpf(cpf.value))
 
 
 def _receitaws_cnpj(value: str) -> Any:
@@ -291,7 +292,7 @@ def _receitaws_cnpj(value: str) -> Any:
         return _json({"status": "ERROR", "message": "CNPJ inválido"})
     if not is_known(cnpj.value):
         return _json({"status": "ERROR", "message": "CNPJ rejeitado pela Receita Federal"})
-    return _json(sandbox_data.receitaws_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
+    return _json(sandbox_bodies.receitaws_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
 
 
 def _opencnpj(value: str) -> Any:
@@ -300,7 +301,7 @@ def _opencnpj(value: str) -> Any:
         return _json({"error": "invalid cnpj"}, 400)
     if not is_known(cnpj.value):
         return _json({"error": "not found"}, 404)
-    return _json(sandbox_data.opencnpj_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
+    return _json(sandbox_bodies.opencnpj_cnpj(sandbox_data.company_for_cnpj(cnpj.value)))
 
 
 def _viacep(value: str) -> Any:
@@ -308,8 +309,8 @@ def _viacep(value: str) -> Any:
     if cep is None:  # ViaCEP answers a malformed CEP with an HTML error page
         return _html(400, "Http 400 - Verifique a sua URL (Bad Request)")
     if not is_known(cep.value):
-        return _json(sandbox_data.viacep_not_found(cep.value))
-    return _json(sandbox_data.viacep_cep(sandbox_data.place_for_cep(cep.value)))
+        return _json(sandbox_bodies.viacep_not_found(cep.value))
+    return _json(sandbox_bodies.viacep_cep(sandbox_data.place_for_cep(cep.value)))
 
 
 ROUTES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
@@ -369,7 +370,7 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
     @app.errorhandler(404)
     def not_found(error: Exception) -> Any:
         if _upstream_of_request() == "brasilapi":
-            return _json(sandbox_data.brasilapi_route_not_found(), 404)
+            return _json(sandbox_bodies.brasilapi_route_not_found(), 404)
         return _json({"error": "not_found", "message": f"no route {request.path}"}, 404)
 
     @app.get("/healthz")

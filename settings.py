@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 # Sources known to the service and their upstreams' quotas (requests per minute; the sandbox
 # enforces the same).  Each source's limiter defaults to just under its quota with a burst of
@@ -92,7 +93,7 @@ class Settings:
     defer_horizon: float = 900.0
     deferred_poll_interval: float = 0.2
     visibility_timeout: int = 120
-    worker_concurrency: int = 4
+    worker_concurrency: int = 16
     worker_heartbeat_ttl: int = 60
     health_check_interval: float = 300.0
     cleanup_interval: float = 6 * 3600.0

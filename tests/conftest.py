@@ -59,3 +59,39 @@ def redis_client(settings):
     for key in client.scan_iter(match=f"{settings.key_prefix}:*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def make_stack(redis_url, sandbox_url, tmp_path):
+    """Factory of service deployments (own key prefix, settings from keyword env values)."""
+    from stack import Stack
+
+    stacks = []
+
+    def make(**env) -> Stack:
+        stack = Stack(redis_url, sandbox_url, tmp_path / f"stack{len(stacks)}", **env)
+        stack.tmp.mkdir()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+# Source limits high enough that the limiter never gets in the way of tests about other things.
+FAST_LIMITS = {f"RATE_LIMIT_{name.upper()}": "60000" for name in ("brasilapi", "receitaws", "opencnpj", "viacep")}
+
+
+@pytest.fixture(scope="module")
+def running_stack(redis_url, sandbox_url, tmp_path_factory):
+    """One web process and one worker shared by a test module (fast limits)."""
+    from stack import Stack
+
+    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("stack"), **FAST_LIMITS)
+    try:
+        stack.start_worker()
+        stack.start_web()
+        yield stack
+    finally:
+        stack.stop()

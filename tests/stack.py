@@ -115,10 +115,10 @@ class Stack:
             process.wait(15)
 
     def stop(self) -> None:
-        for name, (process, _) in list(self.processes.items()):
+        for process, _ in list(self.processes.values()):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for name, (process, _) in list(self.processes.items()):
+        for process, _ in list(self.processes.values()):
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import sandbox as sandbox_module
-import sandbox_data
+import sandbox_bodies
 from identifiers import Identifier, IdentifierType
 from sandbox import FIELD_CHECKS, FaultConfig, SandboxState, create_app, is_known
-from settings import UPSTREAM_QUOTA_PER_MINUTE, SOURCE_NAMES, Settings
+from settings import SOURCE_NAMES, UPSTREAM_QUOTA_PER_MINUTE, Settings
 from sources import build_sources
 
 pytest_plugins = ["sandbox_fixture"]  # the sandbox and sandbox_url fixtures
@@ -124,7 +124,7 @@ def test_not_found_identifiers_get_each_upstreams_not_found_form(sandbox):
 
 
 def test_viacep_uses_both_not_found_forms(sandbox):
-    forms = {json.dumps(sandbox_data.viacep_not_found(cep)) for cep in sandbox.identifiers("cep", 50)}
+    forms = {json.dumps(sandbox_bodies.viacep_not_found(cep)) for cep in sandbox.identifiers("cep", 50)}
     assert forms == {'{"erro": true}', '{"erro": "true"}'}
 
 

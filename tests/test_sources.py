@@ -14,6 +14,7 @@ import orjson
 import pytest
 import requests
 
+import source_adapters
 import sources
 from embedded_redis import free_port
 from identifiers import Identifier, IdentifierType
@@ -485,7 +486,7 @@ def test_fetch_gives_up_at_the_timeout(sandbox):
 
 def test_fetch_unreachable_upstream_is_transient():
     settings = SourceSettings("viacep", f"http://127.0.0.1:{free_port()}/viacep", 600, 1, 2.0, 5, 30, 1)
-    source = sources.ViaCEP(name="viacep", types=("cep",), settings=settings)
+    source = source_adapters.ViaCEP(name="viacep", types=("cep",), settings=settings)
     with pytest.raises(TransientError, match="connection to http://127.0.0.1:.* failed"):
         source.fetch(cep("01310100"))
 
@@ -578,7 +579,7 @@ def misbehaving_url() -> Iterator[str]:
 
 def misbehaving_source(base_url: str, kind: str, timeout: float = 5.0) -> sources.Source:
     settings = SourceSettings("viacep", f"{base_url}/{kind}", 600, 1, timeout, 5, 30, 1)
-    return sources.ViaCEP(name="viacep", types=("cep",), settings=settings)
+    return source_adapters.ViaCEP(name="viacep", types=("cep",), settings=settings)
 
 
 @pytest.mark.parametrize(

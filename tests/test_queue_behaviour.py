@@ -1,0 +1,116 @@
+"""Job-queue behaviour on real workers: priorities, cluster-wide rate limits, retries, deadlines, beat."""
+
+from __future__ import annotations
+
+import orjson
+from conftest import FAST_LIMITS, wait_for
+
+
+def _events(stack, lookup_id: str) -> list[dict]:
+    """The lookup's logged events, decoded, oldest first."""
+    events = stack.app.extensions["events"]
+    return [{**orjson.loads(m.data), "event": m.type} for m in events.read_after(lookup_id)]
+
+
+def test_urgent_lookups_submitted_after_a_backlog_finish_first(make_stack, sandbox):
+    stack = make_stack(**FAST_LIMITS)
+    stack.start_web()
+    backlog = [stack.post_lookup(cep, priority=1).json()["id"] for cep in sandbox.identifiers("cep", 30, seed=11)]
+    urgent = [stack.post_lookup(cep, priority=10).json()["id"] for cep in sandbox.identifiers("cep", 4, seed=12)]
+    stack.start_worker(concurrency=1)
+    finished = {i: stack.wait_status(i, timeout=60)["completed_at"] for i in backlog + urgent}
+    order = sorted(finished, key=finished.get)
+    # Every urgent lookup finishes before all but the few backlog items already taken by the worker.
+    last_urgent = max(order.index(i) for i in urgent)
+    assert last_urgent < len(urgent) + 3, [("U" if i in urgent else "b") for i in order]
+
+
+def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, sandbox):
+    rate_per_minute = 240  # one call every 0.25 s, burst 1
+    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": str(rate_per_minute), "RETRY_MAX": "0"})
+    sandbox.control("receitaws", quota_per_minute=rate_per_minute + 10)
+    stack.start_worker("w1")
+    stack.start_worker("w2")
+    stack.start_web()
+    ids = [stack.post_lookup(cnpj).json()["id"] for cnpj in sandbox.identifiers("cnpj", 12, seed=21)]
+    done = [stack.wait_status(i, timeout=30) for i in ids]
+    assert all(d["sources"]["receitaws"]["state"] in ("ok", "not_found") for d in done), [d["sources"]["receitaws"] for d in done]
+    assert all(d["sources"]["receitaws"]["attempts"] == 1 for d in done)  # waiting for a token is no retry
+    starts = sorted(e["timestamp"] for i in ids for e in _events(stack, i)
+                    if e["event"] == "source" and e["source"] == "receitaws" and e["state"] == "running")
+    assert len(starts) == 12
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= 60 / rate_per_minute - 0.05, gaps  # never faster than the bucket, across both workers
+    limited = [e for i in ids for e in _events(stack, i) if e["event"] == "source" and e["state"] == "rate_limited"]
+    assert limited and all(e["scheduled_at"] for e in limited)
+    assert sandbox.stats()["upstreams"]["receitaws"]["by_status"].get("429", 0) == 0
+
+
+def test_transient_failures_retry_with_backoff_then_dead_letter_and_requeue(make_stack, sandbox):
+    stack = make_stack(**FAST_LIMITS, RETRY_MAX="3", RETRY_BACKOFF_BASE="0.2", BREAKER_FAIL_MAX="50")
+    stack.start_worker()
+    stack.start_web()
+    sandbox.control("opencnpj", error_rate=1.0)
+    cnpj = sandbox.identifiers("cnpj", 1, seed=31)[0]
+    lookup_id = stack.post_lookup(cnpj).json()["id"]
+    done = stack.wait_status(lookup_id, timeout=30)
+    opencnpj = done["sources"]["opencnpj"]
+    assert opencnpj["state"] == "error" and opencnpj["attempts"] == 4 and "gave up after 4" in opencnpj["error"]
+    assert sandbox.stats()["upstreams"]["opencnpj"]["requests"] == 4
+    retries = [e for e in _events(stack, lookup_id) if e["event"] == "source" and e["state"] == "retrying"]
+    delays = [e["scheduled_at"] - e["timestamp"] for e in retries]
+    assert len(delays) == 3
+    # equal jitter: attempt n waits between half and all of 0.2 * 2**n
+    for attempt, delay in enumerate(delays):
+        assert 0.1 * 2**attempt - 0.01 <= delay <= 0.2 * 2**attempt + 0.01, delays
+
+    headers = {"Authorization": "Bearer test-admin-token"}
+    letters = stack.get("/api/admin/dead-letters", headers=headers).json()
+    entry = next(item for item in letters["items"] if item["lookup_id"] == lookup_id)
+    assert entry["source"] == "opencnpj" and "500" in entry["error"]
+
+    sandbox.control("opencnpj", error_rate=0.0)
+    import requests
+
+    requeued = requests.post(f"{stack.web_url}/api/admin/dead-letters/{entry['id']}/requeue", headers=headers,
+                             timeout=10)
+    assert requeued.status_code == 202
+    wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").json()["sources"]["opencnpj"]["state"] == "ok",
+             timeout=15, message="requeued call to succeed")
+    assert stack.get(f"/api/tasks/{requeued.json()['task_id']}").json()["state"] == "SUCCESS"
+    assert stack.get("/api/admin/dead-letters", headers=headers).json()["count"] == 0
+
+
+def test_lookup_turns_partial_at_its_deadline_and_complete_when_the_deferred_call_runs(make_stack, sandbox):
+    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": "12", "LOOKUP_DEADLINE": "1.0"})
+    stack.start_worker()
+    stack.start_web()
+    first, second = sandbox.identifiers("cnpj", 2, seed=41)
+    stack.wait_status(stack.post_lookup(first).json()["id"])  # takes ReceitaWS's only token
+    lookup_id = stack.post_lookup(second).json()["id"]
+    partial = stack.wait_status(lookup_id, statuses=("partial",), timeout=10)
+    receitaws = partial["sources"]["receitaws"]
+    assert receitaws["state"] == "rate_limited" and receitaws["scheduled_at"] > partial["deadline_at"]
+    assert partial["sources"]["brasilapi"]["state"] in ("ok", "not_found")
+    done = stack.wait_status(lookup_id, timeout=15)
+    assert done["sources"]["receitaws"]["state"] in ("ok", "not_found")
+    assert done["completed_at"] >= receitaws["scheduled_at"] - 0.5
+    types = [e["event"] for e in _events(stack, lookup_id)]
+    assert types.index("partial") < types.index("complete") and types.count("complete") == 1
+
+
+def test_beat_cleans_up_expired_lookups_and_records_health_checks(make_stack, sandbox):
+    stack = make_stack(**FAST_LIMITS, HEALTH_CHECK_INTERVAL="1", CLEANUP_INTERVAL="1", LOOKUP_RETENTION="2")
+    stack.start_worker()
+    stack.start_web()
+    lookup_id = stack.post_lookup(sandbox.identifiers("cep", 1, seed=51)[0]).json()["id"]
+    stack.wait_status(lookup_id)
+    events_key = stack.app.extensions["events"].stream_key(lookup_id)
+    assert stack.app.extensions["redis"].exists(events_key)
+    stack.start_beat()
+    health = wait_for(lambda: stack.get("/api/status").json()["health_check"], timeout=20, message="health check")
+    assert health["redis"]["ok"] and health["workers"] and set(health["breakers"]) >= {"brasilapi", "viacep"}
+    wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").status_code == 404, timeout=20, message="cleanup")
+    assert not stack.app.extensions["redis"].exists(events_key)
+    cleanup = stack.get("/api/status").json()["cleanup"]
+    assert cleanup["removed"]["lookups"] >= 1

@@ -4,15 +4,16 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
 
     {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
     {p}:cache:generation, {p}:cache:stats                          cache generation and counters
-    {p}:breaker:{source}:*                                         breaker state (circuit_breaker_manager)
+    {p}:breaker:{source}:state, {p}:breaker:{source}:probes        breaker state (circuit_breaker_manager)
     {p}:ratelimit:{source}                                         token buckets (rate_limiter)
-    {p}:lookup:{id}, {p}:inflight:{type}:{identifier}              lookup records, single flight (lookups)
+    {p}:lookup:{id}, {p}:lookups, {p}:inflight:{type}:{identifier} lookup records, index, single flight (lookups)
     {p}:task:{task_id}                                             issued task ids (lookups)
     {p}:deferred                                                   calls waiting for their time (job_queue)
     {p}:deadlines                                                  lookup deadlines (job_queue)
     {p}:deadletters, {p}:deadletter:{id}                           failed calls (lookups)
-    {p}:events:{lookup_id}                                         per-lookup event logs (sse_streaming)
-    {p}:health, {p}:workers:{hostname}                             health check result, worker heartbeats
+    {p}:events:{lookup_id}, {p}:channel:{lookup_id}                per-lookup event logs and channels (sse_streaming)
+    {p}:health, {p}:cleanup, {p}:workers                           last beat reports, worker heartbeats (maintenance)
+    {p}:celery:*                                                   Celery broker queues and results (job_queue)
 """
 
 from __future__ import annotations

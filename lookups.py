@@ -152,6 +152,13 @@ return 1
 """
 
 
+# KEYS[1] single-flight key.  ARGV[1] lookup id.  Deletes the key only if it names that lookup.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def new_lookup_id() -> str:
     """A random id with 128 bits of entropy, URL-safe."""
     return secrets.token_urlsafe(16)
@@ -165,6 +172,7 @@ class LookupStore:
         self.settings = settings
         self._set_source = client.register_script(_SET_SOURCE)
         self._finish = client.register_script(_FINISH)
+        self._release = client.register_script(_RELEASE)
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, *parts)
@@ -192,13 +200,8 @@ class LookupStore:
         return None
 
     def release_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> None:
-        """Drop the single-flight entry if it still names this lookup."""
-        key = self.inflight_key(identifier_type, identifier)
-        with self.redis.pipeline() as pipe:
-            pipe.get(key)
-            current, = pipe.execute()
-        if current is not None and current.decode() == lookup_id:
-            self.redis.delete(key)
+        """Drop the single-flight entry if it still names this lookup (one atomic compare-and-delete)."""
+        self._release(keys=[self.inflight_key(identifier_type, identifier)], args=[lookup_id])
 
     def create(self, lookup: Lookup) -> None:
         """Write a new record, its settled sources and its task registry entries in one round trip."""

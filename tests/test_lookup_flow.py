@@ -32,6 +32,10 @@ def test_lookup_completes_then_is_served_from_cache(running_stack, sandbox, iden
     assert again.json()["result"] == done["result"]
     assert sum(sandbox.served(name) for name in sources) == calls  # no upstream call for a cache hit
 
+    # The finished lookup released its single-flight entry: a refresh starts a new lookup.
+    refreshed = running_stack.post_lookup(identifier, refresh=True)
+    assert refreshed.status_code == 202 and refreshed.json()["id"] != first.json()["id"]
+
 
 def test_company_lookup_cross_checks_its_cep(running_stack, sandbox):
     done = running_stack.wait_status(running_stack.post_lookup("11222333000181", refresh=True).json()["id"])

@@ -5,23 +5,21 @@ from __future__ import annotations
 import hmac
 import uuid
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 
 from api_errors import ApiError, json_response
+from extensions import extension
 from identifiers import InvalidIdentifier, parse
 from pipeline import FETCH_TASK, celery_priority, send_task
 
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
 
 
-def _ext(name: str):
-    return current_app.extensions[name]
-
 
 @admin.before_request
 def require_token() -> None:
     """401 unless the bearer token matches ADMIN_TOKEN (admin is off while it is unset)."""
-    expected = _ext("settings").admin_token
+    expected = extension("settings").admin_token
     supplied = request.headers.get("Authorization", "")
     token = supplied[7:] if supplied.startswith("Bearer ") else ""
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
@@ -39,7 +37,7 @@ def _body() -> dict:
 @admin.post("/cache/invalidate")
 def invalidate_cache():
     body = _body()
-    cache = _ext("cache")
+    cache = extension("cache")
     if body.get("all") is True:
         return json_response({"generation": cache.bump_generation()})
     kind = body.get("type")
@@ -55,21 +53,21 @@ def invalidate_cache():
 
 
 def _known_source(name: str) -> str:
-    if name not in _ext("settings").sources:
+    if name not in extension("settings").sources:
         raise ApiError(404, "not_found", f"no source named {name!r}")
     return name
 
 
 @admin.post("/breakers/<source>/reset")
 def reset_breaker(source: str):
-    breakers = _ext("breakers")
+    breakers = extension("breakers")
     breakers.reset(_known_source(source))
     return json_response(breakers.status(source).to_dict())
 
 
 @admin.post("/breakers/<source>/open")
 def open_breaker(source: str):
-    breakers = _ext("breakers")
+    breakers = extension("breakers")
     breakers.force_open(_known_source(source))
     return json_response(breakers.status(source).to_dict())
 
@@ -77,17 +75,17 @@ def open_breaker(source: str):
 @admin.get("/dead-letters")
 def list_dead_letters():
     limit = request.args.get("limit", 100, type=int)
-    letters = _ext("dead_letters")
+    letters = extension("dead_letters")
     return json_response({"count": letters.count(), "items": letters.list(max(1, min(limit, 1000)))})
 
 
 @admin.post("/dead-letters/<entry_id>/requeue")
 def requeue_dead_letter(entry_id: str):
-    entry = _ext("dead_letters").mark_requeued(entry_id)
+    entry = extension("dead_letters").mark_requeued(entry_id)
     if entry is None:
         raise ApiError(404, "not_found", "no dead letter with this id")
     task_id = uuid.uuid4().hex
-    _ext("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    extension("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
     send_task(FETCH_TASK, [entry["lookup_id"], entry["source"], entry["type"], entry["identifier"],
                            entry["priority"], 0, False, True],
               {"task_id": task_id, "priority": celery_priority(entry["priority"])})

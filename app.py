@@ -22,6 +22,7 @@ import redis_store
 import sse_streaming
 from api_errors import ApiError, json_response
 from deferred_calls import DeferredCalls
+from extensions import extension
 from identifiers import InvalidIdentifier, parse
 from rate_limiter import RateLimiter
 from settings import Settings
@@ -53,11 +54,6 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app.register_blueprint(pages)
     return app
 
-
-def _ext(name: str):
-    from flask import current_app
-
-    return current_app.extensions[name]
 
 
 def _json_body() -> dict:
@@ -102,7 +98,7 @@ def create_lookup():
 
 
 def _get_lookup(lookup_id: str) -> lookups.Lookup:
-    lookup = _ext("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
+    lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
     if lookup is None:
         raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
     return lookup
@@ -116,15 +112,15 @@ def get_lookup(lookup_id: str):
 @api.get("/api/lookups/<lookup_id>/events")
 def lookup_events(lookup_id: str):
     _get_lookup(lookup_id)
-    return sse_streaming.stream_response(_ext("events"), lookup_id, lambda: _get_lookup(lookup_id).to_dict())
+    return sse_streaming.stream_response(extension("events"), lookup_id, lambda: _get_lookup(lookup_id).to_dict())
 
 
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
-    issued = _ext("lookups").task(task_id) if len(task_id) <= 64 else None
+    issued = extension("lookups").task(task_id) if len(task_id) <= 64 else None
     if issued is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")
-    result = AsyncResult(task_id, app=_ext("celery"))
+    result = AsyncResult(task_id, app=extension("celery"))
     body = {"task_id": task_id, "name": issued["name"], "state": result.state,
             "lookup_id": issued["lookup_id"], "source": issued.get("source"), "date_done": None}
     if result.state == "FAILURE":
@@ -138,15 +134,15 @@ def task_status(task_id: str):
 
 @api.get("/api/status")
 def status():
-    breakers = {name: s.to_dict() for name, s in _ext("breakers").status_all().items()}
+    breakers = {name: s.to_dict() for name, s in extension("breakers").status_all().items()}
     return json_response({
         "time": time.time(),
         "breakers": breakers,
-        "rate_limits": _ext("rate_limiter").status_all(),
-        "queues": {"by_priority": maintenance.queue_depths(), "deferred": _ext("deferred").pending()},
+        "rate_limits": extension("rate_limiter").status_all(),
+        "queues": {"by_priority": maintenance.queue_depths(), "deferred": extension("deferred").pending()},
         "workers": maintenance.live_workers(),
-        "cache": _ext("cache").stats(),
-        "dead_letters": _ext("dead_letters").count(),
+        "cache": extension("cache").stats(),
+        "dead_letters": extension("dead_letters").count(),
         "health_check": maintenance.last_report("health"),
         "cleanup": maintenance.last_report("cleanup"),
     })
@@ -161,7 +157,7 @@ def healthz():
 def readyz():
     checks = {"redis": False, "workers": []}
     try:
-        _ext("redis").ping()
+        extension("redis").ping()
         checks["redis"] = True
         checks["workers"] = maintenance.live_workers()
     except redis.RedisError as error:

@@ -7,19 +7,17 @@ import time
 
 import orjson
 import redis
-from flask import Flask, current_app
+from flask import Flask
 
 import redis_store
+from extensions import extension
 
 log = logging.getLogger("maintenance")
 
 
-def _ext(name: str):
-    return current_app.extensions[name]
-
 
 def _key(*parts: object) -> str:
-    return redis_store.key(_ext("settings"), *parts)
+    return redis_store.key(extension("settings"), *parts)
 
 
 def record_worker_heartbeat(app: Flask, hostname: str) -> None:
@@ -33,15 +31,15 @@ def record_worker_heartbeat(app: Flask, hostname: str) -> None:
 
 def live_workers() -> list[str]:
     """Workers whose heartbeat is younger than WORKER_HEARTBEAT_TTL."""
-    client = _ext("redis")
-    cutoff = time.time() - _ext("settings").worker_heartbeat_ttl
+    client = extension("redis")
+    cutoff = time.time() - extension("settings").worker_heartbeat_ttl
     return sorted(m.decode() for m in client.zrangebyscore(_key("workers"), cutoff, "+inf"))
 
 
 def queue_depths() -> dict[str, int]:
     """Messages waiting on the broker per API priority (10 most urgent)."""
-    settings = _ext("settings")
-    client = _ext("redis")
+    settings = extension("settings")
+    client = extension("redis")
     prefix = f"{settings.key_prefix}:celery:"
     with client.pipeline(transaction=False) as pipe:
         for level in range(10):
@@ -54,31 +52,31 @@ def queue_depths() -> dict[str, int]:
 def cleanup() -> dict:
     """Delete lookups past retention (with their event logs and task ids), old cache generations,
     single-flight locks of vanished lookups, dead-letter ids of expired entries, stale workers."""
-    settings = _ext("settings")
+    settings = extension("settings")
     started = time.time()
     result = {
-        "lookups": _ext("lookups").delete_older_than(started - settings.lookup_retention,
-                                                     _ext("events").stream_key),
-        "cache_entries": _ext("cache").delete_old_generations(),
-        "locks": _ext("lookups").delete_stale_inflight(),
-        "dead_letters": _ext("dead_letters").prune(),
-        "workers": int(_ext("redis").zremrangebyscore(_key("workers"), "-inf",
+        "lookups": extension("lookups").delete_older_than(started - settings.lookup_retention,
+                                                     extension("events").stream_key),
+        "cache_entries": extension("cache").delete_old_generations(),
+        "locks": extension("lookups").delete_stale_inflight(),
+        "dead_letters": extension("dead_letters").prune(),
+        "workers": int(extension("redis").zremrangebyscore(_key("workers"), "-inf",
                                                        started - 10 * settings.worker_heartbeat_ttl)),
     }
     report = {"ran_at": started, "duration_ms": round((time.time() - started) * 1000, 1), "removed": result}
-    _ext("redis").set(_key("cleanup"), orjson.dumps(report))
+    extension("redis").set(_key("cleanup"), orjson.dumps(report))
     log.info("cleanup removed %s", result)
     return report
 
 
 def health_check() -> dict:
     """Redis latency, live workers, breaker states and quota tokens; stored for /api/status."""
-    client = _ext("redis")
+    client = extension("redis")
     started = time.perf_counter()
     client.ping()
     redis_ms = round((time.perf_counter() - started) * 1000, 2)
-    breakers = {name: status.to_dict() for name, status in _ext("breakers").status_all().items()}
-    quotas = _ext("rate_limiter").status_all()
+    breakers = {name: status.to_dict() for name, status in extension("breakers").status_all().items()}
+    quotas = extension("rate_limiter").status_all()
     workers = live_workers()
     problems = [f"breaker {name} is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
     if not workers:
@@ -99,5 +97,5 @@ def health_check() -> dict:
 
 def last_report(name: str) -> dict | None:
     """The last stored `health` or `cleanup` report."""
-    raw = _ext("redis").get(_key(name))
+    raw = extension("redis").get(_key(name))
     return orjson.loads(raw) if raw else None

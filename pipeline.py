@@ -12,11 +12,11 @@ import time
 import uuid
 
 from celery import current_task
-from flask import current_app
 
 import cross_checks
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
+from extensions import extension
 from identifiers import Identifier, IdentifierType
 from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
 from sources import NotFound, RateLimited, SourceError, TransientError, UpstreamRejected, sources_for
@@ -27,9 +27,6 @@ FETCH_TASK = "job_queue.fetch_source"
 FINALIZE_TASK = "job_queue.finalize_lookup"
 
 
-def _ext(name: str):
-    return current_app.extensions[name]
-
 
 def celery_priority(priority: int) -> int:
     """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first)."""
@@ -38,7 +35,7 @@ def celery_priority(priority: int) -> int:
 
 def send_task(name: str, args: list, options: dict) -> None:
     """Put a task on the broker (`options` as for apply_async: task_id, priority)."""
-    _ext("celery").send_task(name, args=args, **options)
+    extension("celery").send_task(name, args=args, **options)
 
 
 def _from_cache(entry: CacheEntry) -> SourceResult:
@@ -51,12 +48,12 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
 
     Returns (lookup, created_now).  A fully cached lookup is returned complete.
     """
-    settings = _ext("settings")
-    store = _ext("lookups")
+    settings = extension("settings")
+    store = extension("lookups")
     kind = str(identifier.type)
-    sources = [s for s in sources_for(kind, _ext("sources")) if s.supports(identifier)]
+    sources = [s for s in sources_for(kind, extension("sources")) if s.supports(identifier)]
     names = [s.name for s in sources]
-    cached = {} if refresh else _ext("cache").get_many(kind, names, identifier.value)
+    cached = {} if refresh else extension("cache").get_many(kind, names, identifier.value)
     now = time.time()
     lookup = Lookup(id=new_lookup_id(), type=kind, identifier=identifier.value, priority=priority,
                     status=LookupStatus.QUEUED, created_at=now, deadline_at=now + settings.lookup_deadline,
@@ -79,7 +76,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     missing = [name for name in names if name not in cached]
     lookup.tasks = {name: uuid.uuid4().hex for name in missing}
     store.create(lookup)
-    _ext("deferred").add(lookup.deadline_at, FINALIZE_TASK, [lookup.id, True],
+    extension("deferred").add(lookup.deadline_at, FINALIZE_TASK, [lookup.id, True],
                          {"priority": celery_priority(priority)})
     for name in missing:
         send_task(FETCH_TASK, [lookup.id, name, kind, identifier.value, priority, 0, False, False],
@@ -89,17 +86,17 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
 
 def _backoff(attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
-    settings = _ext("settings")
+    settings = extension("settings")
     delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
 
 def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
     """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
-    applied, newly, done, total = _ext("lookups").set_source(lookup_id, result, replace_settled)
+    applied, newly, done, total = extension("lookups").set_source(lookup_id, result, replace_settled)
     if not applied:
         return False
-    events = _ext("events")
+    events = extension("events")
     events.publish(lookup_id, "source", result.to_dict())
     if newly:
         events.publish(lookup_id, "progress", {"done": done, "total": total})
@@ -115,8 +112,8 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
     and this function returns at once.  Returns a small dict describing what happened.
     """
-    settings = _ext("settings")
-    store = _ext("lookups")
+    settings = extension("settings")
+    store = extension("lookups")
     identifier = Identifier(type=IdentifierType(kind), value=value)
     args = [lookup_id, source_name, kind, value, priority]
     options = {"priority": celery_priority(priority)}
@@ -133,7 +130,7 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 
     if not reserved:
-        reservation = _ext("rate_limiter").reserve(source_name)
+        reservation = extension("rate_limiter").reserve(source_name)
         if not reservation.granted:
             return record(SourceResult(
                 source_name, SourceState.RATE_LIMITED, attempts=attempt,
@@ -141,22 +138,21 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
                       f"{settings.defer_horizon:.0f}s horizon"))
         if reservation.wait > 0:
             due = time.time() + reservation.wait
-            _ext("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], options)
+            extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], options)
             return record(SourceResult(source_name, SourceState.RATE_LIMITED, scheduled_at=due, attempts=attempt,
                                        error="waiting for the source's rate limit"))
 
-    source = _ext("sources")[source_name]
-    cache = _ext("cache")
-    settle_running = SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1)
+    source = extension("sources")[source_name]
+    cache = extension("cache")
     if not requeue:
-        settle(lookup_id, settle_running)
+        settle(lookup_id, SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1))
     started = time.perf_counter()
 
     def elapsed() -> float:
         return round((time.perf_counter() - started) * 1000, 1)
 
     try:
-        data = _ext("breakers").call(source_name, source.fetch, identifier)
+        data = extension("breakers").call(source_name, source.fetch, identifier)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
         return record(SourceResult(source_name, SourceState.NOT_FOUND, elapsed_ms=elapsed(),
@@ -167,25 +163,24 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
     except BreakerOpen as error:
         stale = cache.get_stale(kind, source_name, value)
         if stale is not None:
-            result = _from_cache(stale)
-            return record(SourceResult(source_name, SourceState.STALE if stale.found else SourceState.NOT_FOUND,
-                                       data=stale.data, cached=True, stale=True, elapsed_ms=elapsed(),
-                                       attempts=attempt, error="circuit open; serving a stale copy"
-                                       if result.state == SourceState.OK else None))
+            state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
+            return record(SourceResult(source_name, state, data=stale.data, cached=True, stale=True,
+                                       elapsed_ms=elapsed(), attempts=attempt,
+                                       error="circuit open; serving a stale copy"))
         retry_at = f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
         return record(SourceResult(source_name, SourceState.CIRCUIT_OPEN, elapsed_ms=elapsed(),
                                    attempts=attempt, error=f"circuit open{retry_at}; no stale copy"))
     except (TransientError, BreakerUnavailable) as error:
         message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
         if attempt + 1 > settings.retry_max:
-            _ext("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
+            extension("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
             return record(SourceResult(source_name, SourceState.ERROR, elapsed_ms=elapsed(),
                                        attempts=attempt + 1, error=f"gave up after {attempt + 1} attempts: {message}"))
         delay = _backoff(attempt)
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
-        _ext("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
+        extension("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
         return record(SourceResult(source_name, SourceState.RETRYING, elapsed_ms=elapsed(), attempts=attempt + 1,
                                    scheduled_at=due, error=message))
     cache.set(kind, source_name, value, data, found=True)
@@ -198,8 +193,8 @@ def _current_task_id() -> str | None:
 
 def _company_cep(cep: str, fetch: bool = True) -> tuple[dict | None, str | None]:
     """The CEP data for a company's address: from cache, else (with `fetch`) one call to a CEP source now."""
-    cache = _ext("cache")
-    sources = sources_for("cep", _ext("sources"))
+    cache = extension("cache")
+    sources = sources_for("cep", extension("sources"))
     entries = cache.get_many("cep", [s.name for s in sources], cep)
     found = [e for e in entries.values() if e.found]
     if found:
@@ -213,11 +208,11 @@ def _company_cep(cep: str, fetch: bool = True) -> tuple[dict | None, str | None]
     for source in sources:
         if source.name in entries:
             continue
-        if not _ext("rate_limiter").reserve(source.name, horizon=0).granted:
+        if not extension("rate_limiter").reserve(source.name, horizon=0).granted:
             last_error = f"{source.name} is rate limited"
             continue
         try:
-            data = _ext("breakers").call(source.name, source.fetch, identifier)
+            data = extension("breakers").call(source.name, source.fetch, identifier)
         except NotFound:
             cache.set("cep", source.name, cep, None, found=False)
             return None, "not_found"
@@ -244,7 +239,7 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
 
     Returns the status it set, or None if there was nothing to do.
     """
-    store = _ext("lookups")
+    store = extension("lookups")
     lookup = store.get(lookup_id)
     if lookup is None or lookup.status == LookupStatus.COMPLETE:
         return None
@@ -256,7 +251,7 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     if not store.finish(lookup_id, status, lookup.result):
         return None
     lookup.status = status
-    events = _ext("events")
+    events = extension("events")
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)

@@ -28,7 +28,7 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         "sandbox": [gunicorn, "-k", "gevent", "--no-control-socket", "-w", "1", "-b", f"{settings.sandbox_host}:{settings.sandbox_port}",
                     "--access-logfile", "-", "--log-level", "warning", "sandbox:create_app()"],
         "web": [gunicorn, "-k", "gevent", "--no-control-socket", "-w", str(settings.web_workers), "-b", f"{settings.host}:{settings.port}",
-                "--worker-connections", "2000", "--graceful-timeout", "20", "app:create_app()"],
+                "--worker-connections", "10000", "--graceful-timeout", "20", "app:create_app()"],
         "worker": [celery, "-A", "job_queue", "worker", "--loglevel", "INFO", "-P", "threads",
                    "-c", str(settings.worker_concurrency), "-n", "worker@%h"],
         "beat": [celery, "-A", "job_queue", "beat", "--loglevel", "INFO",

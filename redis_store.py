@@ -11,7 +11,7 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
     {p}:deferred                                                   calls waiting for their time (job_queue)
     {p}:deadlines                                                  lookup deadlines (job_queue)
     {p}:deadletters, {p}:deadletter:{id}                           failed calls (lookups)
-    {p}:events:{lookup_id}, {p}:channel:{lookup_id}                per-lookup event logs and channels (sse_streaming)
+    {p}:events:{lookup_id}, {p}:events (pub/sub channel)           per-lookup event logs, their announcements (sse_streaming)
     {p}:health, {p}:cleanup, {p}:workers                           last beat reports, worker heartbeats (maintenance)
     {p}:celery:*                                                   Celery broker queues and results (job_queue)
 """
@@ -28,6 +28,8 @@ from settings import Settings
 def connect(settings: Settings, url: str | None = None, **options) -> redis.Redis:
     """A client whose calls fail fast when Redis is away (no 10 s of default retries).
 
+    The pool is bounded and blocking: a burst of greenlets (a thousand event streams opening at
+    once) queues for `redis_max_connections` connections instead of opening one each.
     Responses stay bytes (`decode_responses=False`): pybreaker's Redis storage needs that.
     """
     timeout = settings.redis_socket_timeout
@@ -39,10 +41,12 @@ def connect(settings: Settings, url: str | None = None, **options) -> redis.Redi
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1, supported_errors=(redis.ConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=30,
-        max_connections=options.pop("max_connections", 64),
+        max_connections=settings.redis_max_connections,
+        timeout=timeout,  # the longest wait for a free pooled connection
     )
     params.update(options)
-    return redis.Redis.from_url(url or settings.effective_redis_url, **params)
+    pool = redis.BlockingConnectionPool.from_url(url or settings.effective_redis_url, **params)
+    return redis.Redis(connection_pool=pool)
 
 
 def key(settings: Settings, *parts: object) -> str:

@@ -57,6 +57,7 @@ class Settings:
     embedded_redis_port: int = 6390
     data_dir: str = "var"
     redis_socket_timeout: float = 1.0
+    redis_max_connections: int = 6  # per process; callers beyond it wait (up to the socket timeout)
     key_prefix: str = "enrich"
 
     # HTTP

@@ -1,23 +1,41 @@
-"""Lookup events: publishing from any process, a per-lookup replayable log, and the SSE stream.
+"""Lookup events over Server-Sent Events: a replayable per-lookup log and streams that share one subscription.
 
-Built on flask-sse's `Message` (its wire format).  Each event is appended to a capped Redis
-Stream per lookup (with a TTL) and announced on a pub/sub channel in the same atomic step, so
-the stream's entry id is the event's SSE `id:` and a reconnecting client can resume from
-`Last-Event-ID` with no gap and no duplicate.
+Keeps flask-sse's `Message` (the wire format) and its blueprint API (`publish`, `messages`,
+`stream`), and closes what flask-sse 1.0.0 leaves open, which is why the streaming itself is
+hand-written here rather than taken from the library:
+
+- Every event is appended to a capped Redis Stream per lookup (with a TTL) and announced in the
+  same Lua call, so the stream entry id is the event's SSE `id:`.  A client that connects late or
+  reconnects with `Last-Event-ID` gets exactly the events it missed (flask-sse replays nothing
+  and drops what is published while a browser connects).
+- Each process holds ONE pub/sub connection for all its streams (`EventHub`), instead of one
+  connection per stream that outlives the stream; publishing reuses the app's connection pool.
+- Each announcement carries the id of the entry before it, so a stream delivers it directly when
+  it follows the last id it sent, and reads the gap from the log when it does not (a missed
+  announcement, a Redis reconnect): no gap and no duplicate between replay and live.
+- Headers and a `snapshot` go out at once, heartbeat comments keep idle streams alive, and a
+  stream exists only for a lookup the service created (404 otherwise).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import orjson
 import redis
-from flask import Response, current_app, request, stream_with_context
-from flask_sse import Message
+from flask import Response, current_app, request
+from flask_sse import Message, ServerSentEventsBlueprint
 
 import redis_store
+from api_errors import ApiError
+from extensions import extension
 from settings import Settings
 
 log = logging.getLogger("events")
@@ -25,95 +43,322 @@ log = logging.getLogger("events")
 EVENT_TYPES = ("snapshot", "source", "progress", "partial", "complete", "error")
 FINAL_EVENT_TYPES = ("complete", "error")
 STREAM_MAXLEN = 1000
+RECONNECT_MS = 1000  # the `retry:` a browser waits before reconnecting a dropped stream
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
-# KEYS[1] the log stream.  ARGV: channel, type, data json, ttl seconds, maxlen.
+# KEYS[1] the log stream.  ARGV: hub channel, type, data json, ttl seconds, maxlen, lookup id.
+# The announcement is "lookup id \n previous entry id \n entry id \n type \n data".
 _PUBLISH = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if last[1] then prev = last[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[2], 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], id)
+redis.call('PUBLISH', ARGV[1], ARGV[6] .. '\\n' .. prev .. '\\n' .. id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return id
 """
 
 
+def _order(event_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = event_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 class EventLog:
-    """Publishes lookup events and reads them back."""
+    """Publishes lookup events (from any process) and reads them back from the per-lookup log."""
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
         self._publish = client.register_script(_PUBLISH)
-        # Blocking reads need a socket timeout longer than their block time.
-        self.blocking_redis = redis_store.connect(settings, socket_timeout=settings.sse_heartbeat_interval + 5)
+
+    @property
+    def hub_channel(self) -> str:
+        return redis_store.key(self.settings, "events")
 
     def stream_key(self, lookup_id: str) -> str:
         return redis_store.key(self.settings, "events", lookup_id)
 
-    def channel(self, lookup_id: str) -> str:
-        return redis_store.key(self.settings, "channel", lookup_id)
-
     def publish(self, lookup_id: str, event_type: str, data: dict) -> str | None:
         """Append an event to the lookup's log and announce it; returns its log id (None on failure).
 
-        A failed publish is logged, not raised: the lookup record stays the source of truth.
+        A failed publish is logged, not raised: the lookup record stays the source of truth, and
+        a stream that missed the event still shows the state in its next snapshot.
         """
         payload = orjson.dumps({**data, "timestamp": time.time()})
         try:
             event_id = self._publish(
                 keys=[self.stream_key(lookup_id)],
-                args=[self.channel(lookup_id), event_type, payload, self.settings.lookup_record_ttl, STREAM_MAXLEN],
+                args=[self.hub_channel, event_type, payload, self.settings.lookup_record_ttl,
+                      STREAM_MAXLEN, lookup_id],
             )
         except redis.RedisError as error:
             log.warning("publish of %s for lookup %s failed: %s", event_type, lookup_id, error)
             return None
         return event_id.decode()
 
-    def read_after(self, lookup_id: str, after: str = "0-0", block_ms: int | None = None) -> list[Message]:
-        """Logged events after `after`, oldest first (waiting up to `block_ms` for one if given)."""
-        key = self.stream_key(lookup_id)
-        if block_ms is None:
-            entries = self.redis.xrange(key, min=f"({after}" if after != "0-0" else "-")
-        else:
-            reply = self.blocking_redis.xread({key: after}, block=block_ms, count=100)
-            entries = reply[0][1] if reply else []
+    def read_after(self, lookup_id: str, after: str = "0-0") -> list[Message]:
+        """Logged events after `after`, oldest first."""
+        start = "-" if after == "0-0" else f"({after}"
+        entries = self.redis.xrange(self.stream_key(lookup_id), min=start)
         return [
             Message(fields[b"data"].decode(), type=fields[b"type"].decode(), id=entry_id.decode())
             for entry_id, fields in entries
         ]
 
 
-def stream_response(events: EventLog, lookup_id: str, snapshot: Callable[[], dict]) -> Response:
-    """An SSE response: a `snapshot`, the logged events after Last-Event-ID, then live ones.
+@dataclass(frozen=True)
+class Notice:
+    """One announcement from the hub: an event and the id of the log entry before it."""
 
-    Following the log with XREAD from the last id seen gives replay and live with no gap and
-    no duplicate.  Heartbeat comments keep proxies from closing an idle stream.
+    previous_id: str
+    message: Message
+
+
+RESYNC = object()  # the hub reconnected: announcements may have been missed, read the log
+
+
+@dataclass(eq=False)
+class Listener:
+    """One open stream's inbox for its lookup's announcements."""
+
+    lookup_id: str
+    inbox: queue.Queue = field(default_factory=queue.Queue)
+
+
+class EventHub:
+    """One pub/sub subscription per process, fanned out to the streams open in it.
+
+    A thread (a greenlet under gunicorn's gevent worker) reads the hub channel and puts each
+    announcement into the inboxes of the streams following that lookup; announcements for
+    lookups nobody here follows are dropped.  On a lost connection it reconnects with backoff
+    and tells every stream to re-read its log.
     """
-    after = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
-    heartbeat = current_app.extensions["settings"].sse_heartbeat_interval
 
-    def generate() -> Iterator[str]:
-        last = after
-        yield ":" + " " * 2048 + "\n\n"  # flush headers and defeat proxy buffering at once
-        yield str(Message(orjson.dumps({**snapshot(), "timestamp": time.time()}).decode(), type="snapshot"))
-        while True:
-            messages = events.read_after(lookup_id, last, block_ms=int(heartbeat * 1000))
-            if not messages:
-                yield ": heartbeat\n\n"
-                continue
-            for message in messages:
-                last = message.id
-                yield str(message)
-                if message.type in FINAL_EVENT_TYPES:
-                    return
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.channel = redis_store.key(settings, "events")
+        self._lock = threading.Lock()
+        self._listeners: dict[str, set[Listener]] = {}
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._subscribed_once = False
+        self.reconnects = 0  # subscriptions renewed after a lost connection
+        self.delivered = 0
 
-    response = Response(stream_with_context(generate()), mimetype="text/event-stream")
+    def listen(self, lookup_id: str) -> Listener:
+        """Register a stream for a lookup; waits (briefly) until the subscription is live."""
+        self._ensure_running()
+        listener = Listener(lookup_id)
+        with self._lock:
+            self._listeners.setdefault(lookup_id, set()).add(listener)
+        self._ready.wait(self.settings.redis_socket_timeout)
+        return listener
+
+    def close(self, listener: Listener) -> None:
+        """Forget a stream (idempotent)."""
+        with self._lock:
+            followers = self._listeners.get(listener.lookup_id)
+            if followers is not None:
+                followers.discard(listener)
+                if not followers:
+                    del self._listeners[listener.lookup_id]
+
+    def stats(self) -> dict:
+        with self._lock:
+            streams = sum(len(followers) for followers in self._listeners.values())
+            return {"open_streams": streams, "lookups_followed": len(self._listeners),
+                    "subscribed": self._ready.is_set(), "reconnects": self.reconnects,
+                    "delivered": self.delivered}
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _ensure_running(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()  # a forked child starts its own subscriber
+            self._ready.clear()
+            self._thread = threading.Thread(target=self._run, name="event-hub", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            client = redis_store.connect(self.settings, max_connections=2)
+            pubsub = client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
+                        self._dispatch(message["data"])
+                    elif message["type"] == "subscribe":  # also after redis-py's own silent reconnect
+                        backoff = 0.05
+                        if self._subscribed_once:
+                            self.reconnects += 1
+                        self._subscribed_once = True
+                        self._ready.set()
+                        self._broadcast(RESYNC)
+            except (redis.RedisError, OSError) as error:
+                self._ready.clear()
+                log.warning("event hub lost Redis (%s); reconnecting in %.2f s", error, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(2.0, backoff * 2)
+            finally:
+                try:
+                    pubsub.close()
+                    client.close()
+                except (redis.RedisError, OSError):
+                    pass
+
+    def _dispatch(self, raw: bytes) -> None:
+        try:
+            lookup_id, previous_id, event_id, event_type, data = raw.decode().split("\n", 4)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("ignoring a malformed announcement on %s", self.channel)
+            return
+        with self._lock:
+            followers = list(self._listeners.get(lookup_id, ()))
+        if not followers:
+            return
+        notice = Notice(previous_id, Message(data, type=event_type, id=event_id))
+        for listener in followers:
+            listener.inbox.put(notice)
+        self.delivered += len(followers)
+
+    def _broadcast(self, item: object) -> None:
+        with self._lock:
+            followers = [listener for group in self._listeners.values() for listener in group]
+        for listener in followers:
+            listener.inbox.put(item)
+
+
+def follow(events: EventLog, listener: Listener, after: str, heartbeat: float) -> Iterator[Message | None]:
+    """Logged events after `after`, then live ones, until a final event; None means "send a heartbeat".
+
+    The listener must be registered before this starts, so nothing published meanwhile is lost.
+    Live announcements that continue from the last id sent go out directly; anything else (an
+    earlier id already replayed, a gap, a hub reconnect, a quiet heartbeat period) reads the log.
+    A Redis error while reading keeps the stream open: the next announcement or heartbeat retries.
+    """
+    last = after
+    read_log = True
+    while True:
+        if read_log:
+            try:
+                batch = events.read_after(listener.lookup_id, last)
+            except redis.RedisError as error:
+                log.warning("reading events of lookup %s failed: %s", listener.lookup_id, error)
+                batch = []
+        for message in batch:
+            last = message.id
+            yield message
+            if message.type in FINAL_EVENT_TYPES:
+                return
+        try:
+            item = listener.inbox.get(timeout=heartbeat)
+        except queue.Empty:
+            yield None
+            read_log, batch = True, []
+            continue
+        if isinstance(item, Notice) and item.previous_id == last:
+            read_log, batch = False, [item.message]
+        elif isinstance(item, Notice) and _order(item.message.id) <= _order(last):
+            read_log, batch = False, []  # already sent by the replay
+        else:
+            read_log, batch = True, []
+
+
+def _last_event_id() -> str:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
+    if not _EVENT_ID.match(raw):
+        raise ApiError(400, "invalid_request", "Last-Event-ID must be an event id such as 1700000000000-0",
+                       "last_event_id")
+    return raw
+
+
+class LookupEventsBlueprint(ServerSentEventsBlueprint):
+    """flask-sse's blueprint API over the lookup event logs; a channel is a lookup id."""
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The app's shared client (flask-sse opens a new connection on every access)."""
+        return current_app.extensions["redis"]
+
+    def publish(self, data, type=None, id=None, retry=None, channel="sse") -> str | None:  # noqa: A002
+        """Append an event to lookup `channel`'s log and announce it; the log assigns the id."""
+        return extension("events").publish(channel, type or "message", data if isinstance(data, dict)
+                                           else {"data": data})
+
+    def messages(self, channel="sse", last_event_id: str = "0-0") -> Iterator[Message]:
+        """The lookup's events after `last_event_id`, then live ones, until `complete` or `error`."""
+        hub, events = extension("event_hub"), extension("events")
+        listener = hub.listen(channel)
+        try:
+            for message in follow(events, listener, last_event_id, extension("settings").sse_heartbeat_interval):
+                if message is not None:
+                    yield message
+        finally:
+            hub.close(listener)
+
+    def stream(self, lookup_id: str) -> Response:
+        """`GET /api/lookups/<id>/events`: snapshot, replay after Last-Event-ID, then live events."""
+        after = _last_event_id()
+        lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
+        if lookup is None:
+            raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
+        hub, events = extension("event_hub"), extension("events")
+        heartbeat = extension("settings").sse_heartbeat_interval
+        snapshot = lookup.to_dict()
+        if snapshot["status"] == "complete":
+            return self._finished_response(snapshot, events.read_after(lookup_id, after))
+        listener = hub.listen(lookup_id)
+
+        def generate() -> Iterator[str]:
+            yield _snapshot_event(snapshot)
+            for message in follow(events, listener, after, heartbeat):
+                yield ": heartbeat\n\n" if message is None else str(message)
+
+        response = _event_stream(generate())
+        response.call_on_close(lambda: hub.close(listener))
+        return response
+
+    @staticmethod
+    def _finished_response(snapshot: dict, missed: list[Message]) -> Response:
+        """A complete lookup: snapshot and the missed events, ending with `complete` even when the
+        log no longer holds it (trimmed or expired)."""
+        events = [_snapshot_event(snapshot), *(str(message) for message in missed)]
+        if not any(message.type in FINAL_EVENT_TYPES for message in missed):
+            events.append(str(Message(orjson.dumps({**snapshot, "timestamp": time.time()}).decode(),
+                                      type="complete")))
+        return _event_stream(iter(events))
+
+
+def _snapshot_event(snapshot: dict) -> str:
+    data = orjson.dumps({**snapshot, "timestamp": time.time()}).decode()
+    return str(Message(data, type="snapshot", retry=RECONNECT_MS))
+
+
+def _event_stream(chunks: Iterator[str]) -> Response:
+    response = Response(chunks, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return response
+
+
+sse = LookupEventsBlueprint("sse", __name__)
+sse.add_url_rule("/api/lookups/<lookup_id>/events", endpoint="stream", view_func=sse.stream)
 
 
 def init_app(app) -> None:
     app.extensions["events"] = EventLog(app.extensions["redis"], app.extensions["settings"])
-
-
-def get_events() -> EventLog:
-    return current_app.extensions["events"]
+    app.extensions["event_hub"] = EventHub(app.extensions["settings"])
+    app.register_blueprint(sse)

@@ -87,10 +87,11 @@ class Stack:
         return self._spawn("beat", [str(BIN / "celery"), "-A", "job_queue", "beat", "--loglevel", "INFO",
                                     "-s", str(self.tmp / "celerybeat-schedule")])
 
-    def start_web(self) -> str:
+    def start_web(self, port: int | None = None) -> str:
         """gunicorn with one gevent worker serving app:create_app(); returns its base URL."""
-        port = free_port()
-        process = self._spawn("web", [str(BIN / "gunicorn"), "-k", "gevent", "--no-control-socket", "-w", "1", "-b", f"127.0.0.1:{port}",
+        port = port or free_port()
+        process = self._spawn("web", [str(BIN / "gunicorn"), "-k", "gevent", "--no-control-socket", "-w", "1",
+                                      "-b", f"127.0.0.1:{port}", "--worker-connections", "10000",
                                       "--log-level", "warning", "app:create_app()"])
         url = f"http://127.0.0.1:{port}"
 

@@ -41,6 +41,7 @@ class FaultConfig:
     error_rate: float = 0.0
     outage: bool = False
     quota_per_minute: int | None = None  # None: no quota
+    override: Mapping[str, Any] | None = None  # top-level fields replaced in every 200 JSON object answer
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -74,6 +75,16 @@ def _check_quota(value: Any) -> str | None:
     return None if ok else "must be a whole number of requests per minute (0 or more) or null for no quota"
 
 
+def _check_override(value: Any) -> str | None:
+    if value is None:
+        return None
+    scalar = (str, int, float, bool, type(None))
+    ok = (isinstance(value, dict) and len(value) <= 32
+          and all(isinstance(k, str) and 0 < len(k) <= 64 for k in value)
+          and all(isinstance(v, scalar) and (not isinstance(v, str) or len(v) <= 10_000) for v in value.values()))
+    return None if ok else "must be null or an object of up to 32 field names to text, number, true/false or null"
+
+
 # One check per FaultConfig field: a new fault is a new field plus its check here.
 FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "latency_ms": _check_milliseconds,
@@ -81,6 +92,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "error_rate": _check_share,
     "outage": _check_flag,
     "quota_per_minute": _check_quota,
+    "override": _check_override,
 }
 
 
@@ -104,6 +116,7 @@ class Admission:
     quota: int | None = None
     delay: float = 0.0
     error: bool = False
+    override: Mapping[str, Any] | None = None
 
 
 class _Upstream:
@@ -142,7 +155,7 @@ class SandboxState:
                 window.append(now)
             jitter = self._random.uniform(-fault.jitter_ms, fault.jitter_ms) if fault.jitter_ms else 0.0
             error = fault.error_rate > 0 and self._random.random() < fault.error_rate
-        return Admission(delay=max(0.0, fault.latency_ms + jitter) / 1000, error=error)
+        return Admission(delay=max(0.0, fault.latency_ms + jitter) / 1000, error=error, override=fault.override)
 
     def record(self, upstream: str, status: int) -> None:
         """Count one answered request."""
@@ -251,6 +264,16 @@ def _injected_error(upstream: str) -> Response | tuple[Response, int]:
     return _html(500, "500 Internal Server Error")
 
 
+def _overridden(answer: Any, override: Mapping[str, Any]) -> Any:
+    """A 200 JSON object answer with the override's fields put in (hostile names, odd values)."""
+    if not isinstance(answer, tuple) or answer[1] != 200:
+        return answer
+    body = answer[0].get_json(silent=True)
+    if not isinstance(body, dict):
+        return answer
+    return _json({**body, **override})
+
+
 def _valid(value: str, kind: IdentifierType) -> Identifier | None:
     try:
         return parse(value, kind.value)
@@ -334,6 +357,8 @@ def _with_faults(upstream: str, answer: Callable[[str], Any]) -> Callable[..., A
             time.sleep(admission.delay)  # gevent-patched under `gunicorn -k gevent`: other requests go on
         if admission.error:
             return _injected_error(upstream)
+        if admission.override:
+            return _overridden(answer(value), admission.override)
         return answer(value)
 
     return view

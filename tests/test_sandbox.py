@@ -335,6 +335,7 @@ def test_control_answers_with_the_new_faults(sandbox):
         "error_rate": 0.5,
         "outage": False,
         "quota_per_minute": UPSTREAM_QUOTA_PER_MINUTE["viacep"],
+        "override": None,
     }
     assert set(FIELD_CHECKS) == set(FaultConfig().to_dict())  # every fault field is validated
 
@@ -351,6 +352,9 @@ def test_control_answers_with_the_new_faults(sandbox):
         ({"upstream": "brasilapi", "quota_per_minute": 2.5}, "quota_per_minute must be a whole number"),
         ({"upstream": "brasilapi", "quota_per_minute": True}, "quota_per_minute must be a whole number"),
         ({"upstream": "brasilapi", "colour": "red"}, "unknown fault field 'colour'"),
+        ({"upstream": "brasilapi", "override": ["razao_social"]}, "override must be null or an object"),
+        ({"upstream": "brasilapi", "override": {"razao_social": {"nested": 1}}}, "override must be null"),
+        ({"upstream": "brasilapi", "override": {"": "x"}}, "override must be null"),
         ({"reset": "yes"}, "reset must be true or false"),
         ({}, "nothing to do"),
         ([1, 2], "body must be a JSON object"),
@@ -388,3 +392,17 @@ def test_default_faults_come_from_the_environment():
         create_app({"SANDBOX_QUOTA_OPENCNPJ": "lots"})
     with pytest.raises(ValueError, match="SANDBOX_LATENCY_MS"):
         create_app({"SANDBOX_LATENCY_MS": "-5"})
+
+
+def test_override_replaces_fields_of_successful_json_answers_only(sandbox):
+    hostile = "<img src=x onerror=alert(1)>"
+    cnpj, missing = sandbox.known("cnpj"), sandbox.unknown("cnpj")
+    sandbox.control("brasilapi", override={"razao_social": hostile, "capital_social": None})
+    body = sandbox.get(f"/brasilapi/api/cnpj/v1/{cnpj}").json()
+    assert body["razao_social"] == hostile and body["capital_social"] is None
+    assert body["cnpj"] == cnpj  # the other fields are the upstream's own
+    assert sandbox.get(f"/brasilapi/api/cnpj/v1/{missing}").status_code == 404  # errors untouched
+    assert "razao_social" not in sandbox.get(f"/brasilapi/api/cnpj/v1/{missing}").json()
+    assert sandbox.get(f"/opencnpj/{cnpj}").json().get("razao_social") != hostile  # one upstream only
+    sandbox.control("brasilapi", override=None)
+    assert sandbox.get(f"/brasilapi/api/cnpj/v1/{cnpj}").json()["razao_social"] != hostile

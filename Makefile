@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format clean
+.PHONY: run test screenshots browser lint format messages clean
+
+# The compiled catalog is built, never committed.
+CATALOG := translations/pt_BR/LC_MESSAGES/messages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +20,36 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
+$(CATALOG).mo: $(CATALOG).po $(VENV)/.runtime
+	$(BIN)/pybabel compile -d translations
+
+## messages: extract the pages' strings and merge them into the catalogs (then translate the new ones)
+messages: $(VENV)/.runtime
+	$(BIN)/pybabel extract -F babel.cfg --no-location --sort-output --project enrichment-lookup -o translations/messages.pot .
+	$(BIN)/pybabel update -i translations/messages.pot -d translations --width 110
+
 ## run: install into .venv and run Redis, sandbox, web, worker and beat in the foreground
-run: $(VENV)/.runtime
+run: $(VENV)/.runtime $(CATALOG).mo
 	$(BIN)/python launcher.py
 
 ## test: install into .venv and run the whole suite against private Redis servers
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(CATALOG).mo browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## screenshots: rerun the page tests and save their screenshots into docs/screenshots/
+screenshots: $(VENV)/.dev $(CATALOG).mo browser
+	UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_page_browser.py
+
+## browser: Debian's Chromium for the page tests, installed with apt when missing (as root, as in CI)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } \
+	      || echo "*** could not install chromium: the browser tests will be SKIPPED ***"; \
+	  else \
+	    echo "*** chromium not found (install Debian's chromium package): the browser tests will be SKIPPED ***"; \
+	  fi; }
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -34,4 +60,4 @@ format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(CATALOG).mo

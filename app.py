@@ -7,7 +7,7 @@ import time
 
 import redis
 from celery.result import AsyncResult
-from flask import Blueprint, Flask, render_template, request
+from flask import Blueprint, Flask, request
 
 import admin
 import api_errors
@@ -17,6 +17,7 @@ import dead_letters
 import job_queue
 import lookups
 import maintenance
+import pages
 import pipeline
 import redis_store
 import sse_streaming
@@ -29,7 +30,6 @@ from settings import Settings
 from sources import build_sources
 
 api = Blueprint("api", __name__)
-pages = Blueprint("pages", __name__)
 
 
 def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery | None = None) -> Flask:
@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     api_errors.init_app(app)
     app.register_blueprint(api)
     app.register_blueprint(admin.admin)
-    app.register_blueprint(pages)
+    app.register_blueprint(pages.pages)
+    pages.init_app(app)
     return app
 
 
@@ -109,12 +110,6 @@ def get_lookup(lookup_id: str):
     return json_response(_get_lookup(lookup_id).to_dict())
 
 
-@api.get("/api/lookups/<lookup_id>/events")
-def lookup_events(lookup_id: str):
-    _get_lookup(lookup_id)
-    return sse_streaming.stream_response(extension("events"), lookup_id, lambda: _get_lookup(lookup_id).to_dict())
-
-
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
     issued = extension("lookups").task(task_id) if len(task_id) <= 64 else None
@@ -145,6 +140,7 @@ def status():
         "dead_letters": extension("dead_letters").count(),
         "health_check": maintenance.last_report("health"),
         "cleanup": maintenance.last_report("cleanup"),
+        "event_streams": extension("event_hub").stats(),
     })
 
 
@@ -164,8 +160,3 @@ def readyz():
         checks["error"] = f"Redis unreachable: {error}"
     ready = checks["redis"] and bool(checks["workers"])
     return json_response({"ready": ready, **checks}, 200 if ready else 503)
-
-
-@pages.get("/")
-def index():
-    return render_template("index.html")

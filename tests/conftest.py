@@ -18,7 +18,7 @@ import redis_store  # noqa: E402
 from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from settings import Settings  # noqa: E402
 
-pytest_plugins = ["sandbox_fixture"]
+pytest_plugins = ["sandbox_fixture", "browser_fixture"]
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):

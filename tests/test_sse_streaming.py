@@ -207,6 +207,12 @@ def test_reconnecting_with_last_event_id_replays_exactly_the_missed_events(web, 
         stream.close()
 
 
+def _publish_burst(publisher, lookup_id, published):
+    for n in range(20):
+        published.append(publisher.publish(lookup_id, "source", {"n": n}))
+    published.append(publisher.publish(lookup_id, "complete", {"n": 20}))
+
+
 def test_events_published_while_the_browser_connects_are_all_delivered(web, sandbox):
     """flask-sse 1.0.0 loses events published before its subscription is live; the log does not."""
     for trial in range(10):
@@ -214,12 +220,7 @@ def test_events_published_while_the_browser_connects_are_all_delivered(web, sand
         publisher = _publisher(web)
         published = []
 
-        def publish_burst():
-            for n in range(20):
-                published.append(publisher.publish(lookup["id"], "source", {"n": n}))
-            published.append(publisher.publish(lookup["id"], "complete", {"n": 20}))
-
-        thread = threading.Thread(target=publish_burst)
+        thread = threading.Thread(target=_publish_burst, args=(publisher, lookup["id"], published))
         thread.start()
         records = read_all(web.web_url + lookup["links"]["events"])
         thread.join()

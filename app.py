@@ -1,4 +1,4 @@
-"""Flask app factory, JSON API routes and the plain lookup page."""
+"""Flask app factory and the JSON API routes (pages live in pages.py, event streams in sse_streaming.py)."""
 
 from __future__ import annotations
 

@@ -62,8 +62,9 @@ def merge(identifier_type: str, results: dict[str, SourceResult]) -> dict | None
     return merged
 
 
-def _check(name: str, status: str, detail: str) -> dict:
-    return {"name": name, "status": status, "detail": detail}
+def _check(name: str, status: str, detail: str, code: str, **params: Any) -> dict:
+    """A check result; `code` and `params` let a page phrase `detail` in its reader's language."""
+    return {"name": name, "status": status, "detail": detail, "code": code, "params": params}
 
 
 def agreement_checks(identifier_type: str, results: dict[str, SourceResult]) -> list[dict]:
@@ -74,33 +75,37 @@ def agreement_checks(identifier_type: str, results: dict[str, SourceResult]) -> 
         values = {name: _get(data, path) for name, data in answers if _get(data, path) not in (None, "")}
         if len(values) < 2:
             checks.append(_check(f"sources_agree:{path}", "unverified",
-                                 "fewer than two sources answered this field"))
+                                 "fewer than two sources answered this field", "too_few_answers"))
             continue
         distinct = {_fold(v) for v in values.values()}
         if len(distinct) == 1:
-            checks.append(_check(f"sources_agree:{path}", "pass", f"{len(values)} sources agree"))
+            checks.append(_check(f"sources_agree:{path}", "pass", f"{len(values)} sources agree",
+                                 "sources_agree", count=len(values)))
         else:
             detail = "; ".join(f"{name}={value!r}" for name, value in values.items())
-            checks.append(_check(f"sources_agree:{path}", "fail", f"sources disagree: {detail}"))
+            checks.append(_check(f"sources_agree:{path}", "fail", f"sources disagree: {detail}",
+                                 "sources_disagree", values=detail))
     return checks
 
 
 def company_checks(merged: dict | None, cep_data: dict | None, cep_error: str | None) -> list[dict]:
     """CNPJ checks: is the company active, and does its CEP exist in the company's city/state?"""
     if merged is None:
-        return [_check("active", "unverified", "no source returned the company")]
+        return [_check("active", "unverified", "no source returned the company", "no_company")]
     situacao = merged.get("situacao_cadastral")
     checks = [_check("active", "pass" if _fold(situacao) == "ATIVA" else "fail",
-                     f"situação cadastral is {situacao or 'unknown'}")]
+                     f"situação cadastral is {situacao or 'unknown'}", "situacao_is", situacao=situacao or "?")]
     address = merged.get("endereco") or {}
     cep = address.get("cep")
     if not cep:
-        return checks + [_check("cep_valid", "unverified", "the company has no CEP on record")]
+        return checks + [_check("cep_valid", "unverified", "the company has no CEP on record", "no_cep")]
     if cep_data is None:
         status = "fail" if cep_error == "not_found" else "unverified"
-        detail = f"CEP {cep} was not found" if status == "fail" else f"CEP {cep} could not be checked: {cep_error}"
-        return checks + [_check("cep_valid", status, detail)]
-    checks.append(_check("cep_valid", "pass", f"CEP {cep} exists"))
+        if status == "fail":
+            return checks + [_check("cep_valid", status, f"CEP {cep} was not found", "cep_not_found", cep=cep)]
+        return checks + [_check("cep_valid", status, f"CEP {cep} could not be checked: {cep_error}",
+                                "cep_unchecked", cep=cep, reason=cep_error)]
+    checks.append(_check("cep_valid", "pass", f"CEP {cep} exists", "cep_exists", cep=cep))
     company = (_fold(address.get("municipio")), _fold(address.get("uf")))
     postal = (_fold(cep_data.get("municipio")), _fold(cep_data.get("uf")))
     matches = company == postal
@@ -108,5 +113,7 @@ def company_checks(merged: dict | None, cep_data: dict | None, cep_error: str | 
         "cep_matches_city", "pass" if matches else "fail",
         f"CEP {cep} is in {cep_data.get('municipio')}/{cep_data.get('uf')}; "
         f"the company's address says {address.get('municipio')}/{address.get('uf')}",
+        "cep_city", cep=cep, cep_city=f"{cep_data.get('municipio')}/{cep_data.get('uf')}",
+        company_city=f"{address.get('municipio')}/{address.get('uf')}",
     ))
     return checks

@@ -176,6 +176,17 @@ def script_strings() -> dict[str, str]:
         "check_cep_valid": _("The company's CEP exists"),
         "check_cep_matches_city": _("The CEP is in the company's city"),
         "check_sources_agree": _("Sources agree on: {field}"),
+        # check details, by the check's `code` (the API's English `detail` is the fallback)
+        "detail_too_few_answers": _("fewer than two sources answered this field"),
+        "detail_sources_agree": _("{count} sources agree"),
+        "detail_sources_disagree": _("sources disagree: {values}"),
+        "detail_no_company": _("no source returned the company"),
+        "detail_situacao_is": _("situação cadastral is {situacao}"),
+        "detail_no_cep": _("the company has no CEP on record"),
+        "detail_cep_not_found": _("CEP {cep} was not found"),
+        "detail_cep_unchecked": _("CEP {cep} could not be checked ({reason})"),
+        "detail_cep_exists": _("CEP {cep} exists"),
+        "detail_cep_city": _("CEP {cep} is in {cep_city}; the company's address says {company_city}"),
         "no_checks": _("No cross-checks for this type of identifier."),
         "checks_pending": _("Cross-checks run when every source has answered."),
         # share link and recent lookups

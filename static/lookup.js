@@ -548,6 +548,13 @@
     return text === key ? name : text;
   }
 
+  // The detail in the page's language when its code is known, else the API's English text.
+  function checkDetail(check) {
+    const key = "detail_" + String(check.code || "");
+    const params = check.params && typeof check.params === "object" ? check.params : {};
+    return check.code && t(key) !== key ? t(key, params) : String(check.detail || check.message || "");
+  }
+
   function renderChecks(lookup) {
     const checks = lookup.checks || [];
     if (!checks.length) {
@@ -562,7 +569,7 @@
         h("span", { class: "check-status" }, t("check_" + status)),
         h("span", { class: "check-body" },
           h("strong", { class: "check-name" }, checkLabel(String(check.name || ""))),
-          h("span", { class: "check-detail" }, check.detail || check.message || "")));
+          h("span", { class: "check-detail" }, checkDetail(check))));
     }));
   }
 

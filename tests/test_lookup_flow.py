@@ -43,6 +43,10 @@ def test_company_lookup_cross_checks_its_cep(running_stack, sandbox):
     assert checks["active"] in ("pass", "fail")
     assert checks["cep_valid"] == "pass" and checks["cep_matches_city"] == "pass"
     assert checks["sources_agree:razao_social"] == "pass"
+    by_name = {check["name"]: check for check in done["checks"]}
+    cep = done["result"]["endereco"]["cep"]
+    assert by_name["cep_valid"]["code"] == "cep_exists" and by_name["cep_valid"]["params"] == {"cep": cep}
+    assert by_name["sources_agree:razao_social"]["params"] == {"count": 3}
 
 
 def test_unknown_identifier_settles_not_found_and_is_cached(running_stack, sandbox):

@@ -68,6 +68,7 @@ def test_a_cnpj_lookup_fills_the_cards_and_shows_the_result(stack, sandbox, page
     assert record["result"]["razao_social"] in page.inner_text("#result")
     assert "Razão social" in page.inner_text("#result")
     assert page.locator("#checks li").count() == len(record["checks"]) > 0
+    assert "fontes concordam" in page.inner_text("#checks")  # details in the reader's language
     assert page.get_attribute("#progress", "value") == page.get_attribute("#progress", "max") == "3"
     assert re.search(r"/lookups/[\w-]+$", page.url)
     assert cnpj[:2] in page.inner_text("#recent")

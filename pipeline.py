@@ -95,6 +95,10 @@ def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) 
     """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
     applied, newly, done, total = extension("lookups").set_source(lookup_id, result, replace_settled)
     if not applied:
+        if total > 0 and done == total:
+            # A task redelivered after its worker died between settling the last source and
+            # finalizing: finish the lookup now rather than at its deadline (finalize is idempotent).
+            finalize(lookup_id)
         return False
     events = extension("events")
     events.publish(lookup_id, "source", result.to_dict())
@@ -122,6 +126,9 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
         options["task_id"] = task_id
 
     if not requeue and store.is_settled(lookup_id, source_name):
+        # A redelivered task (its worker died after settling): the lookup may still need its
+        # finalize, which that worker never reached.  finalize does nothing unless all settled.
+        finalize(lookup_id)
         return {"source": source_name, "state": "already_settled"}
 
     def record(result: SourceResult) -> dict:

@@ -26,10 +26,12 @@ from flask import Flask  # noqa: E402
 
 import maintenance  # noqa: E402
 import pipeline  # noqa: E402
+import redis_broker  # noqa: E402
 from deferred_calls import DeferredCalls, Dispatcher  # noqa: E402
 from settings import Settings  # noqa: E402
 
 log = logging.getLogger("job_queue")
+redis_broker.install()  # kombu's Redis transport, fixed to survive a lost broker with tasks running
 
 PRIORITY_LEVELS = list(range(10))
 DEFAULT_QUEUE = "celery"
@@ -111,8 +113,11 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "beat_schedule": {
-            "cleanup": {"task": "job_queue.cleanup", "schedule": settings.cleanup_interval},
-            "health-check": {"task": "job_queue.health_check", "schedule": settings.health_check_interval},
+            # Ahead of any backlog of lookups (0 is served first), or a busy queue would hide its own health.
+            "cleanup": {"task": "job_queue.cleanup", "schedule": settings.cleanup_interval,
+                        "options": {"priority": 0}},
+            "health-check": {"task": "job_queue.health_check", "schedule": settings.health_check_interval,
+                             "options": {"priority": 0}},
         },
         "beat_schedule_filename": f"{settings.data_dir}/celerybeat-schedule",
         "timezone": "UTC",

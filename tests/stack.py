@@ -75,7 +75,7 @@ class Stack:
         """A Celery worker node; returns once it reports its heartbeat."""
         hostname = f"{name}@{self.env['KEY_PREFIX']}"
         process = self._spawn(name, [str(BIN / "celery"), "-A", "job_queue", "worker", "-P", "threads",
-                                     "-c", str(concurrency), "-n", hostname, "--loglevel", "INFO",
+                                     "-c", str(concurrency), "-n", hostname, "--loglevel", os.environ.get("TEST_WORKER_LOGLEVEL", "INFO"),
                                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
         client = self.app.extensions["redis"]
         key = f"{self.settings.key_prefix}:workers"

@@ -52,41 +52,6 @@ def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, 
     assert sandbox.stats()["upstreams"]["receitaws"]["by_status"].get("429", 0) == 0
 
 
-def test_transient_failures_retry_with_backoff_then_dead_letter_and_requeue(make_stack, sandbox):
-    stack = make_stack(**FAST_LIMITS, RETRY_MAX="3", RETRY_BACKOFF_BASE="0.2", BREAKER_FAIL_MAX="50")
-    stack.start_worker()
-    stack.start_web()
-    sandbox.control("opencnpj", error_rate=1.0)
-    cnpj = sandbox.identifiers("cnpj", 1, seed=31)[0]
-    lookup_id = stack.post_lookup(cnpj).json()["id"]
-    done = stack.wait_status(lookup_id, timeout=30)
-    opencnpj = done["sources"]["opencnpj"]
-    assert opencnpj["state"] == "error" and opencnpj["attempts"] == 4 and "gave up after 4" in opencnpj["error"]
-    assert sandbox.stats()["upstreams"]["opencnpj"]["requests"] == 4
-    retries = [e for e in _events(stack, lookup_id) if e["event"] == "source" and e["state"] == "retrying"]
-    delays = [e["scheduled_at"] - e["timestamp"] for e in retries]
-    assert len(delays) == 3
-    # equal jitter: attempt n waits between half and all of 0.2 * 2**n
-    for attempt, delay in enumerate(delays):
-        assert 0.1 * 2**attempt - 0.01 <= delay <= 0.2 * 2**attempt + 0.01, delays
-
-    headers = {"Authorization": "Bearer test-admin-token"}
-    letters = stack.get("/api/admin/dead-letters", headers=headers).json()
-    entry = next(item for item in letters["items"] if item["lookup_id"] == lookup_id)
-    assert entry["source"] == "opencnpj" and "500" in entry["error"]
-
-    sandbox.control("opencnpj", error_rate=0.0)
-    import requests
-
-    requeued = requests.post(f"{stack.web_url}/api/admin/dead-letters/{entry['id']}/requeue", headers=headers,
-                             timeout=10)
-    assert requeued.status_code == 202
-    wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").json()["sources"]["opencnpj"]["state"] == "ok",
-             timeout=15, message="requeued call to succeed")
-    assert stack.get(f"/api/tasks/{requeued.json()['task_id']}").json()["state"] == "SUCCESS"
-    assert stack.get("/api/admin/dead-letters", headers=headers).json()["count"] == 0
-
-
 def test_lookup_turns_partial_at_its_deadline_and_complete_when_the_deferred_call_runs(make_stack, sandbox):
     stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": "12", "LOOKUP_DEADLINE": "1.0"})
     stack.start_worker()

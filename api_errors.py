@@ -7,6 +7,7 @@ import logging
 import orjson
 import redis
 from flask import Flask, Response
+from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 from circuit_breaker_manager import BreakerUnavailable
@@ -49,6 +50,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(error: ApiError) -> Response:
         return error_response(error.status, error.error, error.message, error.field, error.headers)
+
+    @app.errorhandler(RateLimitExceeded)
+    def handle_rate_limited(error: RateLimitExceeded) -> Response:
+        # flask-limiter adds Retry-After and X-RateLimit-* to this response after the handler.
+        return error_response(429, "rate_limited",
+                              f"too many lookups from this address (limit {error.limit.limit}); try again later")
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:

@@ -13,6 +13,7 @@ import admin
 import api_errors
 import cache_manager
 import circuit_breaker_manager
+import client_limits
 import dead_letters
 import job_queue
 import lookups
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
         part.init_app(app)
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
+    client_limits.init_app(app)
     app.register_blueprint(api)
     app.register_blueprint(admin.admin)
     app.register_blueprint(pages.pages)
@@ -90,6 +92,7 @@ def _lookup_request(body: dict) -> tuple:
 
 
 @api.post("/api/lookups")
+@client_limits.limiter.limit(client_limits.lookup_rate_limit, exempt_when=client_limits.no_lookup_limit)
 def create_lookup():
     identifier, priority, refresh = _lookup_request(_json_body())
     lookup, _ = pipeline.start_lookup(identifier, priority, refresh)

@@ -1,0 +1,46 @@
+"""Per-client rate limit on lookup creation: flask-limiter with its counters in the service's Redis.
+
+The counters live in Redis, so the limit holds across every web process and machine.  The
+client is the connection's address; behind `TRUSTED_PROXIES` reverse proxies it is taken from
+X-Forwarded-For (werkzeug's ProxyFix), never from a header a client could set on its own.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, current_app
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from limits import parse_many
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+limiter = Limiter(key_func=get_remote_address)
+
+
+def lookup_rate_limit() -> str:
+    """LOOKUP_RATE_LIMIT, e.g. "60/minute" (flask-limiter's notation; "" turns the limit off)."""
+    return current_app.extensions["settings"].lookup_rate_limit
+
+
+def no_lookup_limit() -> bool:
+    return not current_app.extensions["settings"].lookup_rate_limit
+
+
+def init_app(app: Flask) -> None:
+    settings = app.extensions["settings"]
+    if settings.lookup_rate_limit:
+        parse_many(settings.lookup_rate_limit)  # a typo fails at start-up, not as a 500 per request
+    app.config.update(
+        RATELIMIT_STORAGE_URI=settings.effective_redis_url,
+        RATELIMIT_STORAGE_OPTIONS={"socket_timeout": settings.redis_socket_timeout,
+                                   "socket_connect_timeout": settings.redis_socket_timeout,
+                                   "max_connections": 2},
+        RATELIMIT_KEY_PREFIX=f"{settings.key_prefix}:limits",
+        RATELIMIT_STRATEGY="moving-window",
+        RATELIMIT_HEADERS_ENABLED=True,
+        # Redis down: let the request through to its own defined answer (a 503), not a 500 here.
+        RATELIMIT_SWALLOW_ERRORS=True,
+    )
+    if settings.trusted_proxies:
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+    limiter.init_app(app)

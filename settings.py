@@ -67,7 +67,7 @@ class Settings:
     admin_token: str = ""
     lookup_rate_limit: str = "60/minute"  # per client address, on POST /api/lookups; "" for none
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
-    max_request_bytes: int = 16 * 1024
+    max_request_bytes: int = 64 * 1024
 
     # Sources and the sandbox upstream
     sources_mode: str = "sandbox"

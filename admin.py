@@ -38,12 +38,19 @@ def _body() -> dict:
 def invalidate_cache():
     body = _body()
     cache = extension("cache")
+    unknown = sorted(set(body) - {"all", "type", "identifier"})
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field {unknown[0]!r}; send all, type or type and identifier")
+    if "all" in body and (body["all"] is not True or len(body) > 1):
+        raise ApiError(400, "invalid_request", 'to invalidate everything send exactly {"all": true}', "all")
     if body.get("all") is True:
         return json_response({"generation": cache.bump_generation()})
     kind = body.get("type")
     if kind not in ("cnpj", "cep", "cpf"):
         raise ApiError(400, "invalid_request", 'send {"all": true}, {"type"} or {"type", "identifier"}', "type")
     if "identifier" in body:
+        if not isinstance(body["identifier"], str):
+            raise ApiError(400, "invalid_request", "identifier must be a string", "identifier")
         try:
             identifier = parse(body["identifier"], kind)
         except InvalidIdentifier as error:
@@ -74,9 +81,14 @@ def open_breaker(source: str):
 
 @admin.get("/dead-letters")
 def list_dead_letters():
-    limit = request.args.get("limit", 100, type=int)
+    unknown = sorted(set(request.args) - {"limit"})
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown query parameter {unknown[0]!r}; only limit is accepted")
+    limits = request.args.getlist("limit")
+    if len(limits) > 1 or (limits and not (limits[0].isascii() and limits[0].isdigit() and 1 <= int(limits[0]) <= 1000)):
+        raise ApiError(400, "invalid_request", "limit must be one whole number from 1 to 1000", "limit")
     letters = extension("dead_letters")
-    return json_response({"count": letters.count(), "items": letters.list(max(1, min(limit, 1000)))})
+    return json_response({"count": letters.count(), "items": letters.list(int(limits[0]) if limits else 100)})
 
 
 @admin.post("/dead-letters/<entry_id>/requeue")

@@ -18,6 +18,7 @@ import dead_letters
 import job_queue
 import lookups
 import maintenance
+import openapi
 import pages
 import pipeline
 import redis_store
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     client_limits.init_app(app)
     app.register_blueprint(api)
     app.register_blueprint(admin.admin)
+    app.register_blueprint(openapi.docs)
     app.register_blueprint(pages.pages)
     pages.init_app(app)
     return app

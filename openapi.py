@@ -1,0 +1,255 @@
+"""The OpenAPI 3.0 document of the JSON API, served at `GET /api/openapi.json`.
+
+Kept by hand as data next to the routes it describes (the routes are plain Flask views, not
+generated from schemas); tests/test_openapi.py checks that every API route is documented and
+runs schemathesis against the document.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from api_errors import json_response
+
+docs = Blueprint("openapi", __name__)
+
+SOURCE_STATES = ["pending", "running", "retrying", "ok", "not_found", "error", "stale", "rate_limited",
+                 "circuit_open"]
+NUMBER_OR_NULL = {"type": "number", "nullable": True}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(description: str, schema: str | dict) -> dict:
+    schema = {"$ref": f"#/components/schemas/{schema}"} if isinstance(schema, str) else schema
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+UNAVAILABLE = _error("Redis unreachable")
+UNAUTHORIZED = _error("missing or wrong bearer token (always, while ADMIN_TOKEN is unset)")
+ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+
+SCHEMAS = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
+    },
+    "LookupRequest": {
+        "type": "object",
+        "required": ["identifier"],
+        "properties": {
+            "identifier": {"type": "string", "description": "CNPJ (numeric or alphanumeric), CEP or CPF; masked or bare"},
+            "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+            "priority": {"type": "integer", "minimum": 1, "maximum": 10, "default": 5},
+            "refresh": {"type": "boolean", "default": False},
+        },
+    },
+    "SourceResult": {
+        "type": "object",
+        "required": ["source", "state", "data", "cached", "stale", "elapsed_ms", "error", "scheduled_at", "attempts"],
+        "properties": {
+            "source": {"type": "string"},
+            "state": {"type": "string", "enum": SOURCE_STATES},
+            "data": {"type": "object", "nullable": True},
+            "cached": {"type": "boolean"},
+            "stale": {"type": "boolean"},
+            "elapsed_ms": NUMBER_OR_NULL,
+            "error": {"type": "string", "nullable": True},
+            "scheduled_at": NUMBER_OR_NULL,
+            "attempts": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Check": {
+        "type": "object",
+        "required": ["name", "status", "detail"],
+        "properties": {
+            "name": {"type": "string"},
+            "status": {"type": "string", "enum": ["pass", "fail", "unverified"]},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "params": {"type": "object"},
+        },
+    },
+    "Lookup": {
+        "type": "object",
+        "required": ["id", "status", "type", "identifier", "priority", "cached", "created_at", "deadline_at",
+                     "completed_at", "progress", "sources", "tasks", "result", "checks", "links"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "partial", "complete"]},
+            "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+            "identifier": {"type": "string"},
+            "priority": {"type": "integer", "minimum": 1, "maximum": 10},
+            "cached": {"type": "boolean"},
+            "created_at": {"type": "number"},
+            "deadline_at": {"type": "number"},
+            "completed_at": NUMBER_OR_NULL,
+            "progress": {
+                "type": "object",
+                "required": ["done", "total"],
+                "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}},
+            },
+            "sources": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/SourceResult"}},
+            "tasks": {"type": "object", "additionalProperties": {"type": "string"}},
+            "result": {"type": "object", "nullable": True},
+            "checks": {"type": "array", "items": {"$ref": "#/components/schemas/Check"}},
+            "links": {
+                "type": "object",
+                "required": ["self", "events"],
+                "properties": {"self": {"type": "string"}, "events": {"type": "string"}},
+            },
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": ["task_id", "name", "state", "lookup_id", "date_done"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "name": {"type": "string"},
+            "state": {"type": "string"},
+            "lookup_id": {"type": "string"},
+            "source": {"type": "string", "nullable": True},
+            "result": {"nullable": True},
+            "error": {"type": "string"},
+            "date_done": {"type": "string", "nullable": True},
+        },
+    },
+    "Breaker": {"type": "object", "required": ["state"], "properties": {"state": {"type": "string"}}},
+}
+
+PATHS = {
+    "/api/lookups": {
+        "post": {
+            "summary": "Start a lookup (or answer it from the cache)",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/LookupRequest"}}}},
+            "responses": {
+                "200": _json("complete, from the cache", "Lookup"),
+                "202": {**_json("queued or running; follow links.events", "Lookup"),
+                        "headers": {"Location": {"schema": {"type": "string"}}}},
+                "400": _error("invalid identifier or request"),
+                "413": _error("body larger than MAX_REQUEST_BYTES"),
+                "429": {**_error("over LOOKUP_RATE_LIMIT for this client"),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/lookups/{lookup_id}": {
+        "get": {
+            "summary": "A lookup: status, sources, merged result, cross-checks",
+            "parameters": [{"name": "lookup_id", **ID_PARAMETER}],
+            "responses": {"200": _json("the lookup", "Lookup"), "404": _error("unknown or expired"),
+                          "503": UNAVAILABLE},
+        }
+    },
+    "/api/lookups/{lookup_id}/events": {
+        "get": {
+            "summary": "Server-Sent Events: snapshot, the logged events after Last-Event-ID, then live ones",
+            "parameters": [
+                {"name": "lookup_id", **ID_PARAMETER},
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}},
+                {"name": "last_event_id", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}},
+            ],
+            "responses": {
+                "200": {"description": "text/event-stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "400": _error("malformed Last-Event-ID"),
+                "404": _error("unknown or expired lookup"),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/tasks/{task_id}": {
+        "get": {
+            "summary": "A Celery task the service issued",
+            "parameters": [{"name": "task_id", **ID_PARAMETER}],
+            "responses": {"200": _json("the task", "Task"), "404": _error("never issued by the service"),
+                          "503": UNAVAILABLE},
+        }
+    },
+    "/api/status": {
+        "get": {
+            "summary": "Breakers, rate limits, queues, workers, cache, last beat reports",
+            "responses": {
+                "200": _json("the service's state", {
+                    "type": "object",
+                    "required": ["time", "breakers", "rate_limits", "queues", "workers", "cache", "dead_letters"],
+                    "properties": {"breakers": {"type": "object", "additionalProperties": {
+                        "$ref": "#/components/schemas/Breaker"}}, "workers": {"type": "array"},
+                        "dead_letters": {"type": "integer"}},
+                }),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.0", {"type": "object"})}}},
+    "/healthz": {"get": {"summary": "The process is alive", "responses": {
+        "200": _json("alive", {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}})}}},
+    "/readyz": {"get": {"summary": "Redis reachable and a worker heartbeat fresh", "responses": {
+        "200": _json("ready", "Readiness"), "503": _json("not ready", "Readiness")}}},
+    "/api/admin/cache/invalidate": {
+        "post": {
+            "summary": 'Invalidate: {"all": true} (generation bump), {"type"} or {"type", "identifier"}',
+            "security": [{"bearer": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {"all": {"type": "boolean", "enum": [True]}, "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+                                                 "identifier": {"type": "string"}}}}}},
+            "responses": {"200": _json("done", {"type": "object"}), "400": _error("bad request"),
+                          "401": UNAUTHORIZED, "503": UNAVAILABLE},
+        }
+    },
+    "/api/admin/breakers/{source}/reset": {
+        "post": {"summary": "Close a breaker", "security": [{"bearer": []}],
+                 "parameters": [{"name": "source", **ID_PARAMETER}],
+                 "responses": {"200": _json("its state", "Breaker"), "401": UNAUTHORIZED,
+                               "404": _error("no such source"), "503": UNAVAILABLE}}
+    },
+    "/api/admin/breakers/{source}/open": {
+        "post": {"summary": "Force a breaker open", "security": [{"bearer": []}],
+                 "parameters": [{"name": "source", **ID_PARAMETER}],
+                 "responses": {"200": _json("its state", "Breaker"), "401": UNAUTHORIZED,
+                               "404": _error("no such source"), "503": UNAVAILABLE}}
+    },
+    "/api/admin/dead-letters": {
+        "get": {"summary": "Calls that exhausted their retries", "security": [{"bearer": []}],
+                "parameters": [{"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                "responses": {"200": _json("the list", {"type": "object", "required": ["count", "items"], "properties": {
+                    "count": {"type": "integer"}, "items": {"type": "array"}}}),
+                    "400": _error("bad limit"), "401": UNAUTHORIZED, "503": UNAVAILABLE}}
+    },
+    "/api/admin/dead-letters/{entry_id}/requeue": {
+        "post": {"summary": "Run a dead letter's call again", "security": [{"bearer": []}],
+                 "parameters": [{"name": "entry_id", **ID_PARAMETER}],
+                 "responses": {"202": _json("queued again", {"type": "object", "required": ["task_id"]}),
+                               "401": UNAUTHORIZED, "404": _error("no such dead letter"), "503": UNAVAILABLE}}
+    },
+}
+
+SCHEMAS["Readiness"] = {
+    "type": "object",
+    "required": ["ready", "redis", "workers"],
+    "properties": {"ready": {"type": "boolean"}, "redis": {"type": "boolean"}, "workers": {"type": "array"},
+                   "error": {"type": "string"}},
+}
+
+DOCUMENT = {
+    "openapi": "3.0.3",
+    "info": {"title": "Enrichment lookup", "version": "1.0",
+             "description": "Lookups of Brazilian identifiers (CNPJ, CEP, CPF) across public APIs, live."},
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+    },
+}
+
+
+@docs.get("/api/openapi.json")
+def openapi_document():
+    return json_response(DOCUMENT)

@@ -6,6 +6,7 @@ Serve it with ONE worker so its counters and quota windows are a single truth:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import orjson
 from flask import Flask, Response, current_app, jsonify, request
 
 import sandbox_bodies
@@ -42,6 +44,7 @@ class FaultConfig:
     outage: bool = False
     quota_per_minute: int | None = None  # None: no quota
     override: Mapping[str, Any] | None = None  # top-level fields replaced in every 200 JSON object answer
+    body: str | None = None  # garbage instead of every answer: one of BODY_FAULTS
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -85,6 +88,13 @@ def _check_override(value: Any) -> str | None:
     return None if ok else "must be null or an object of up to 32 field names to text, number, true/false or null"
 
 
+BODY_FAULTS = ("invalid_json", "html_error", "truncated", "wrong_types", "huge", "empty")
+
+
+def _check_body(value: Any) -> str | None:
+    return None if value is None or value in BODY_FAULTS else f"must be null or one of {', '.join(BODY_FAULTS)}"
+
+
 # One check per FaultConfig field: a new fault is a new field plus its check here.
 FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "latency_ms": _check_milliseconds,
@@ -93,6 +103,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "outage": _check_flag,
     "quota_per_minute": _check_quota,
     "override": _check_override,
+    "body": _check_body,
 }
 
 
@@ -117,6 +128,7 @@ class Admission:
     delay: float = 0.0
     error: bool = False
     override: Mapping[str, Any] | None = None
+    body: str | None = None
 
 
 class _Upstream:
@@ -155,7 +167,8 @@ class SandboxState:
                 window.append(now)
             jitter = self._random.uniform(-fault.jitter_ms, fault.jitter_ms) if fault.jitter_ms else 0.0
             error = fault.error_rate > 0 and self._random.random() < fault.error_rate
-        return Admission(delay=max(0.0, fault.latency_ms + jitter) / 1000, error=error, override=fault.override)
+        return Admission(delay=max(0.0, fault.latency_ms + jitter) / 1000, error=error, override=fault.override,
+                         body=fault.body)
 
     def record(self, upstream: str, status: int) -> None:
         """Count one answered request."""
@@ -274,6 +287,42 @@ def _overridden(answer: Any, override: Mapping[str, Any]) -> Any:
     return _json({**body, **override})
 
 
+HUGE_BODY_BYTES = 20 * 1024 * 1024
+
+
+def _garbage(kind: str, answer: Any) -> Response:
+    """A 200 whose body is not what the API documents, as broken proxies and upstreams send."""
+    real = answer[0].get_data() if isinstance(answer, tuple) else answer.get_data()
+    if kind == "invalid_json":
+        return Response(b"{'razao_social': 'ACME', cnpj: 11222333000181,}", 200, content_type="application/json")
+    if kind == "html_error":
+        return _html(200, "502 Bad Gateway - the origin did not answer")
+    if kind == "truncated":
+        # The declared length promises the whole body; the connection closes after half of it.
+        response = Response(iter([real[: max(1, len(real) // 2)]]), 200, content_type="application/json")
+        response.headers["Content-Length"] = str(len(real))
+        return response
+    if kind == "wrong_types":
+        body = orjson.loads(real) if real.strip().startswith(b"{") else {}
+        flipped = {key: _wrong_type(value) for key, value in body.items()} or {"razao_social": 12345}
+        return Response(orjson.dumps(flipped), 200, content_type="application/json")
+    if kind == "huge":
+        chunk = b"1," * 32768
+        chunks = (chunk for _ in range(HUGE_BODY_BYTES // len(chunk)))
+        return Response(itertools.chain([b"["], chunks, [b"1]"]), 200, content_type="application/json")
+    return Response(b"", 200, content_type="application/json")  # empty
+
+
+def _wrong_type(value: Any) -> Any:
+    if isinstance(value, str):
+        return 12345
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return {"items": value}
+    return "not a number"
+
+
 def _valid(value: str, kind: IdentifierType) -> Identifier | None:
     try:
         return parse(value, kind.value)
@@ -357,6 +406,8 @@ def _with_faults(upstream: str, answer: Callable[[str], Any]) -> Callable[..., A
             time.sleep(admission.delay)  # gevent-patched under `gunicorn -k gevent`: other requests go on
         if admission.error:
             return _injected_error(upstream)
+        if admission.body:
+            return _garbage(admission.body, answer(value))
         if admission.override:
             return _overridden(answer(value), admission.override)
         return answer(value)

@@ -8,7 +8,9 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import pytest
+import requests
 
 import sandbox as sandbox_module
 import sandbox_bodies
@@ -336,6 +338,7 @@ def test_control_answers_with_the_new_faults(sandbox):
         "outage": False,
         "quota_per_minute": UPSTREAM_QUOTA_PER_MINUTE["viacep"],
         "override": None,
+        "body": None,
     }
     assert set(FIELD_CHECKS) == set(FaultConfig().to_dict())  # every fault field is validated
 
@@ -355,6 +358,7 @@ def test_control_answers_with_the_new_faults(sandbox):
         ({"upstream": "brasilapi", "override": ["razao_social"]}, "override must be null or an object"),
         ({"upstream": "brasilapi", "override": {"razao_social": {"nested": 1}}}, "override must be null"),
         ({"upstream": "brasilapi", "override": {"": "x"}}, "override must be null"),
+        ({"upstream": "brasilapi", "body": "garbage"}, "body must be null or one of invalid_json"),
         ({"reset": "yes"}, "reset must be true or false"),
         ({}, "nothing to do"),
         ([1, 2], "body must be a JSON object"),
@@ -406,3 +410,30 @@ def test_override_replaces_fields_of_successful_json_answers_only(sandbox):
     assert sandbox.get(f"/opencnpj/{cnpj}").json().get("razao_social") != hostile  # one upstream only
     sandbox.control("brasilapi", override=None)
     assert sandbox.get(f"/brasilapi/api/cnpj/v1/{cnpj}").json()["razao_social"] != hostile
+
+
+@pytest.mark.parametrize("kind", ["invalid_json", "html_error", "truncated", "wrong_types", "huge", "empty"])
+def test_body_faults_answer_200_with_garbage(sandbox, kind):
+    cnpj = sandbox.known("cnpj", seed=2)
+    sandbox.control("opencnpj", body=kind)
+    with sandbox.session.get(f"{sandbox.url}/opencnpj/{cnpj}", stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        if kind == "truncated":
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                response.content  # noqa: B018 - reading it is the test
+            return
+        body = response.content
+    if kind == "invalid_json":
+        with pytest.raises(ValueError):
+            orjson.loads(body)
+    elif kind == "html_error":
+        assert body.startswith(b"<html>") and response.headers["Content-Type"].startswith("text/html")
+    elif kind == "wrong_types":
+        data = orjson.loads(body)
+        assert isinstance(data["razao_social"], int) and data
+    elif kind == "huge":
+        assert len(body) > 20 * 1024 * 1024 - 100_000
+    else:
+        assert body == b""
+    sandbox.control("opencnpj", body=None)
+    assert sandbox.get(f"/opencnpj/{cnpj}").json()["cnpj"]

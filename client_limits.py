@@ -16,24 +16,26 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 limiter = Limiter(key_func=get_remote_address)
 
 
+OFF = ("", "off", "none")
+
+
 def lookup_rate_limit() -> str:
-    """LOOKUP_RATE_LIMIT, e.g. "60/minute" (flask-limiter's notation; "" turns the limit off)."""
+    """LOOKUP_RATE_LIMIT, e.g. "60/minute" (flask-limiter's notation; "off" turns the limit off)."""
     return current_app.extensions["settings"].lookup_rate_limit
 
 
 def no_lookup_limit() -> bool:
-    return not current_app.extensions["settings"].lookup_rate_limit
+    return current_app.extensions["settings"].lookup_rate_limit.strip().lower() in OFF
 
 
 def init_app(app: Flask) -> None:
     settings = app.extensions["settings"]
-    if settings.lookup_rate_limit:
+    if settings.lookup_rate_limit.strip().lower() not in OFF:
         parse_many(settings.lookup_rate_limit)  # a typo fails at start-up, not as a 500 per request
     app.config.update(
         RATELIMIT_STORAGE_URI=settings.effective_redis_url,
-        RATELIMIT_STORAGE_OPTIONS={"socket_timeout": settings.redis_socket_timeout,
-                                   "socket_connect_timeout": settings.redis_socket_timeout,
-                                   "max_connections": 2},
+        # The app's own bounded pool: no extra connections per web process, the same timeouts.
+        RATELIMIT_STORAGE_OPTIONS={"connection_pool": app.extensions["redis"].connection_pool},
         RATELIMIT_KEY_PREFIX=f"{settings.key_prefix}:limits",
         RATELIMIT_STRATEGY="moving-window",
         RATELIMIT_HEADERS_ENABLED=True,

@@ -86,7 +86,7 @@ def celery_config(settings: Settings) -> dict:
     }
     return {
         "broker_url": url,
-        "result_backend": url,
+        "result_backend": redis_broker.result_backend_url(url),
         "broker_transport_options": transport,
         "result_backend_transport_options": {"global_keyprefix": prefix},
         "broker_connection_retry_on_startup": True,

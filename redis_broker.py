@@ -1,4 +1,6 @@
-"""kombu's Redis transport with one fix: a worker must survive losing Redis while tasks are running.
+"""kombu's Redis transport and Celery's Redis result backend, each with one fix.
+
+Transport: a worker must survive losing Redis while tasks are running.
 
 With kombu 5.7.0, when a worker loses its broker connection while it holds delivered but
 unacknowledged tasks (acks_late), Celery collects the broken connection and then closes it; the
@@ -8,12 +10,18 @@ build (its transport's client is already gone), raises AttributeError, which esc
 (tests/faults/test_redis_outage.py catches it).  Skipping that push loses nothing: each of those
 tasks is also in the unacked index in Redis, and the visibility-timeout sweep (job_queue sets it
 to a fifth of VISIBILITY_TIMEOUT) redelivers it.  job_queue installs this transport for `redis://`.
+
+Result backend: Celery's subscribes to every sent task's result channel so that a caller could
+block on `.get()`; nothing here ever does (task states are read with GET by /api/tasks), yet each
+subscription holds a pub/sub connection per thread or greenlet, so a web process under load
+opened one Redis connection per concurrent request.  `ResultBackend` never subscribes.
 """
 
 from __future__ import annotations
 
 import logging
 
+from celery.backends.redis import RedisBackend
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -36,6 +44,16 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class ResultBackend(RedisBackend):
+    def on_task_call(self, producer, task_id):
+        """Do not subscribe to the task's result: the service never blocks on one."""
+
+
+def result_backend_url(redis_url: str) -> str:
+    """The `result_backend` setting naming this backend on `redis_url` (Celery's "class+url" form)."""
+    return f"{__name__}:ResultBackend+{redis_url}"
 
 
 def install() -> None:

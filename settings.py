@@ -65,7 +65,7 @@ class Settings:
     port: int = 8000
     web_workers: int = 2
     admin_token: str = ""
-    lookup_rate_limit: str = "60/minute"  # per client address, on POST /api/lookups; "" for none
+    lookup_rate_limit: str = "60/minute"  # per client address, on POST /api/lookups; "off" for none
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
     max_request_bytes: int = 64 * 1024
 

@@ -74,8 +74,9 @@ def test_x_forwarded_for_counts_only_behind_trusted_proxies(make_app):
     assert post(proxied, **{"X-Forwarded-For": "3.3.3.3"}).status_code == 429
 
 
-def test_an_empty_limit_turns_it_off_and_a_malformed_one_fails_at_start(make_app):
-    client = make_app(lookup_rate_limit="").test_client()
+def test_off_turns_the_limit_off_and_a_malformed_one_fails_at_start(make_app):
+    assert Settings.from_env({"LOOKUP_RATE_LIMIT": "off"}).lookup_rate_limit == "off"
+    client = make_app(lookup_rate_limit="off").test_client()
     assert all(post(client).status_code == 400 for _ in range(70))
     with pytest.raises(ValueError):
         make_app(lookup_rate_limit="sixty a minute")

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test screenshots browser lint format messages clean
+.PHONY: run test bench screenshots browser lint format messages clean
 
 # The compiled catalog is built, never committed.
 CATALOG := translations/pt_BR/LC_MESSAGES/messages
@@ -35,6 +35,17 @@ run: $(VENV)/.runtime $(CATALOG).mo
 ## test: install into .venv and run the whole suite against private Redis servers
 test: $(VENV)/.dev $(CATALOG).mo browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every benchmark script; `make bench QUICK=1` runs the short versions (make test runs those once).
+BENCHMARKS := cached_lookup uncached_latency throughput streams celery_ceiling backlog rate_fidelity
+
+## bench: run every benchmark and rewrite docs/benchmarks.md (QUICK=1: short runs that rewrite nothing)
+bench: $(VENV)/.dev $(CATALOG).mo
+	@for name in $(BENCHMARKS); do \
+	  if [ -f bench/$$name.py ]; then \
+	    echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py $(if $(QUICK),--quick) || exit 1; \
+	  else echo "== bench/$$name.py is missing"; exit 1; fi; \
+	done
 
 ## screenshots: rerun the page tests and save their screenshots into docs/screenshots/
 screenshots: $(VENV)/.dev $(CATALOG).mo browser

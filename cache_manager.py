@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class Cache:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
+        self._lock = threading.Lock()
+        self._last_generation = 0
+        self._pending_counts: dict[str, int] = {}
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, "cache", *parts)
@@ -75,11 +79,15 @@ class Cache:
     def get_many(
         self, identifier_type: str, sources: list[str], identifier: str, allow_stale: bool = False
     ) -> dict[str, CacheEntry]:
-        """Fresh entries (and stale ones too with `allow_stale`) by source; missing sources are absent."""
+        """Fresh entries (and stale ones too with `allow_stale`) by source; missing sources are absent.
+
+        One round trip: the generation and the entries under the generation seen last are read
+        together (with the previous read's counters); only right after a bump is a second read needed.
+        """
+        if not sources:
+            return {}
         try:
-            generation = self.generation()
-            keys = [self._entry_key(generation, identifier_type, s, identifier) for s in sources]
-            values = self.redis.mget(keys) if keys else []
+            values = self._read(identifier_type, sources, identifier)
         except redis.RedisError as error:
             log.warning("cache read failed, treating as a miss: %s", error)
             return {}
@@ -93,9 +101,25 @@ class Cache:
             if fresh or allow_stale:
                 entries[source] = CacheEntry(source, stored["found"], stored["data"], stored["fetched_at"],
                                              stale=not fresh)
-        self._count(hits=sum(not e.stale for e in entries.values()),
-                    misses=len(sources) - len(entries), stale=sum(e.stale for e in entries.values()))
+        stale = sum(e.stale for e in entries.values())
+        self._count(hits=len(entries) - stale, misses=len(sources) - len(entries), stale=stale)
         return entries
+
+    def _read(self, identifier_type: str, sources: list[str], identifier: str) -> list[bytes | None]:
+        with self._lock:
+            assumed, pending = self._last_generation, self._pending_counts
+            self._pending_counts = {}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._key("generation"))
+            pipe.mget([self._entry_key(assumed, identifier_type, s, identifier) for s in sources])
+            for field, amount in pending.items():
+                pipe.hincrby(self._key("stats"), field, amount)
+            raw_generation, values, *_ = pipe.execute()
+        generation = int(raw_generation or 0)
+        if generation != assumed:  # bumped since this process last looked
+            self._last_generation = generation
+            values = self.redis.mget([self._entry_key(generation, identifier_type, s, identifier) for s in sources])
+        return values
 
     def get(self, identifier_type: str, source: str, identifier: str, allow_stale: bool = False) -> CacheEntry | None:
         """One entry, or None."""
@@ -140,17 +164,29 @@ class Cache:
         return deleted
 
     def _count(self, hits: int = 0, misses: int = 0, stale: int = 0) -> None:
+        """Counters ride along with this process's next cache read (no round trip of their own)."""
+        with self._lock:
+            for field, amount in (("hits", hits), ("misses", misses), ("stale", stale)):
+                if amount:
+                    self._pending_counts[field] = self._pending_counts.get(field, 0) + amount
+
+    def flush_counts(self) -> None:
+        """Write the counters still waiting for a read (stats() does it first)."""
+        with self._lock:
+            pending, self._pending_counts = self._pending_counts, {}
+        if not pending:
+            return
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                for field, amount in (("hits", hits), ("misses", misses), ("stale", stale)):
-                    if amount:
-                        pipe.hincrby(self._key("stats"), field, amount)
+                for field, amount in pending.items():
+                    pipe.hincrby(self._key("stats"), field, amount)
                 pipe.execute()
         except redis.RedisError:
             pass  # counters are best effort; a lookup must not fail for them
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, stale serves, hit rate, current-generation key count and Redis memory."""
+        self.flush_counts()
         raw = self.redis.hgetall(self._key("stats"))
         counts = {k.decode(): int(v) for k, v in raw.items()}
         hits, misses = counts.get("hits", 0), counts.get("misses", 0)

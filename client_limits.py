@@ -21,6 +21,8 @@ OFF = ("", "off", "none")
 
 def lookup_rate_limit() -> str:
     """LOOKUP_RATE_LIMIT, e.g. "60/minute" (flask-limiter's notation; "off" turns the limit off)."""
+    if no_lookup_limit():
+        return "1/second"  # never applied (exempt_when), but flask-limiter parses the value before asking
     return current_app.extensions["settings"].lookup_rate_limit
 
 

@@ -169,6 +169,7 @@ def _start_dispatcher(sender=None, **_) -> None:
     def heartbeat() -> None:
         if time.monotonic() - last_beat[0] >= 5:
             maintenance.record_worker_heartbeat(flask_app, hostname)
+            flask_app.extensions["cache"].flush_counts()  # counters waiting for this worker's next read
             last_beat[0] = time.monotonic()
 
     dispatcher = Dispatcher(deferred, send, celery.settings.deferred_poll_interval, on_tick=heartbeat)

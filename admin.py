@@ -15,7 +15,6 @@ from pipeline import FETCH_TASK, celery_priority, send_task
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
 
 
-
 @admin.before_request
 def require_token() -> None:
     """401 unless the bearer token matches ADMIN_TOKEN (admin is off while it is unset)."""
@@ -23,8 +22,12 @@ def require_token() -> None:
     supplied = request.headers.get("Authorization", "")
     token = supplied[7:] if supplied.startswith("Bearer ") else ""
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise ApiError(401, "unauthorized", "admin endpoints need Authorization: Bearer <ADMIN_TOKEN>",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "admin endpoints need Authorization: Bearer <ADMIN_TOKEN>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _body() -> dict:
@@ -40,14 +43,18 @@ def invalidate_cache():
     cache = extension("cache")
     unknown = sorted(set(body) - {"all", "type", "identifier"})
     if unknown:
-        raise ApiError(400, "invalid_request", f"unknown field {unknown[0]!r}; send all, type or type and identifier")
+        raise ApiError(
+            400, "invalid_request", f"unknown field {unknown[0]!r}; send all, type or type and identifier"
+        )
     if "all" in body and (body["all"] is not True or len(body) > 1):
         raise ApiError(400, "invalid_request", 'to invalidate everything send exactly {"all": true}', "all")
     if body.get("all") is True:
         return json_response({"generation": cache.bump_generation()})
     kind = body.get("type")
     if kind not in ("cnpj", "cep", "cpf"):
-        raise ApiError(400, "invalid_request", 'send {"all": true}, {"type"} or {"type", "identifier"}', "type")
+        raise ApiError(
+            400, "invalid_request", 'send {"all": true}, {"type"} or {"type", "identifier"}', "type"
+        )
     if "identifier" in body:
         if not isinstance(body["identifier"], str):
             raise ApiError(400, "invalid_request", "identifier must be a string", "identifier")
@@ -83,9 +90,13 @@ def open_breaker(source: str):
 def list_dead_letters():
     unknown = sorted(set(request.args) - {"limit"})
     if unknown:
-        raise ApiError(400, "invalid_request", f"unknown query parameter {unknown[0]!r}; only limit is accepted")
+        raise ApiError(
+            400, "invalid_request", f"unknown query parameter {unknown[0]!r}; only limit is accepted"
+        )
     limits = request.args.getlist("limit")
-    if len(limits) > 1 or (limits and not (limits[0].isascii() and limits[0].isdigit() and 1 <= int(limits[0]) <= 1000)):
+    if len(limits) > 1 or (
+        limits and not (limits[0].isascii() and limits[0].isdigit() and 1 <= int(limits[0]) <= 1000)
+    ):
         raise ApiError(400, "invalid_request", "limit must be one whole number from 1 to 1000", "limit")
     letters = extension("dead_letters")
     return json_response({"count": letters.count(), "items": letters.list(int(limits[0]) if limits else 100)})
@@ -98,7 +109,18 @@ def requeue_dead_letter(entry_id: str):
         raise ApiError(404, "not_found", "no dead letter with this id")
     task_id = uuid.uuid4().hex
     extension("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
-    send_task(FETCH_TASK, [entry["lookup_id"], entry["source"], entry["type"], entry["identifier"],
-                           entry["priority"], 0, False, True],
-              {"task_id": task_id, "priority": celery_priority(entry["priority"])})
+    send_task(
+        FETCH_TASK,
+        [
+            entry["lookup_id"],
+            entry["source"],
+            entry["type"],
+            entry["identifier"],
+            entry["priority"],
+            0,
+            False,
+            True,
+        ],
+        {"task_id": task_id, "priority": celery_priority(entry["priority"])},
+    )
     return json_response({**entry, "task_id": task_id}, 202)

@@ -18,8 +18,9 @@ log = logging.getLogger("api")
 class ApiError(Exception):
     """An error answered as `{"error", "message"[, "field"]}` with an HTTP status."""
 
-    def __init__(self, status: int, error: str, message: str, field: str | None = None,
-                 headers: dict | None = None) -> None:
+    def __init__(
+        self, status: int, error: str, message: str, field: str | None = None, headers: dict | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
@@ -36,8 +37,9 @@ def json_response(body: object, status: int = 200, headers: dict | None = None) 
     return Response(data, status=status, headers=headers, mimetype="application/json")
 
 
-def error_response(status: int, error: str, message: str, field: str | None = None,
-                   headers: dict | None = None) -> Response:
+def error_response(
+    status: int, error: str, message: str, field: str | None = None, headers: dict | None = None
+) -> Response:
     body = {"error": error, "message": message}
     if field:
         body["field"] = field
@@ -54,8 +56,11 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(RateLimitExceeded)
     def handle_rate_limited(error: RateLimitExceeded) -> Response:
         # flask-limiter adds Retry-After and X-RateLimit-* to this response after the handler.
-        return error_response(429, "rate_limited",
-                              f"too many lookups from this address (limit {error.limit.limit}); try again later")
+        return error_response(
+            429,
+            "rate_limited",
+            f"too many lookups from this address (limit {error.limit.limit}); try again later",
+        )
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:
@@ -66,8 +71,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(BreakerUnavailable)
     def handle_redis_down(error: Exception) -> Response:
         log.warning("Redis unavailable: %s", error)
-        return error_response(503, "unavailable", "the service's data store is unreachable; try again shortly",
-                              headers={"Retry-After": "5"})
+        return error_response(
+            503,
+            "unavailable",
+            "the service's data store is unreachable; try again shortly",
+            headers={"Retry-After": "5"},
+        )
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:

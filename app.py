@@ -60,7 +60,6 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     return app
 
 
-
 def _json_body() -> dict:
     if not request.is_json:
         raise ApiError(400, "invalid_request", "send a JSON object with Content-Type: application/json")
@@ -76,8 +75,9 @@ def _lookup_request(body: dict) -> tuple:
         raise ApiError(400, "invalid_request", "type must be one of cnpj, cep, cpf", "type")
     priority = body.get("priority", 5)
     if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 10:
-        raise ApiError(400, "invalid_request", "priority must be an integer from 1 to 10 (10 most urgent)",
-                       "priority")
+        raise ApiError(
+            400, "invalid_request", "priority must be an integer from 1 to 10 (10 most urgent)", "priority"
+        )
     refresh = body.get("refresh", False)
     if not isinstance(refresh, bool):
         raise ApiError(400, "invalid_request", "refresh must be true or false", "refresh")
@@ -121,8 +121,14 @@ def task_status(task_id: str):
     if issued is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")
     result = AsyncResult(task_id, app=extension("celery"))
-    body = {"task_id": task_id, "name": issued["name"], "state": result.state,
-            "lookup_id": issued["lookup_id"], "source": issued.get("source"), "date_done": None}
+    body = {
+        "task_id": task_id,
+        "name": issued["name"],
+        "state": result.state,
+        "lookup_id": issued["lookup_id"],
+        "source": issued.get("source"),
+        "date_done": None,
+    }
     if result.state == "FAILURE":
         body["error"] = repr(result.result)
     else:
@@ -135,18 +141,23 @@ def task_status(task_id: str):
 @api.get("/api/status")
 def status():
     breakers = {name: s.to_dict() for name, s in extension("breakers").status_all().items()}
-    return json_response({
-        "time": time.time(),
-        "breakers": breakers,
-        "rate_limits": extension("rate_limiter").status_all(),
-        "queues": {"by_priority": maintenance.queue_depths(), "deferred": extension("deferred").pending()},
-        "workers": maintenance.live_workers(),
-        "cache": extension("cache").stats(),
-        "dead_letters": extension("dead_letters").count(),
-        "health_check": maintenance.last_report("health"),
-        "cleanup": maintenance.last_report("cleanup"),
-        "event_streams": extension("event_hub").stats(),
-    })
+    return json_response(
+        {
+            "time": time.time(),
+            "breakers": breakers,
+            "rate_limits": extension("rate_limiter").status_all(),
+            "queues": {
+                "by_priority": maintenance.queue_depths(),
+                "deferred": extension("deferred").pending(),
+            },
+            "workers": maintenance.live_workers(),
+            "cache": extension("cache").stats(),
+            "dead_letters": extension("dead_letters").count(),
+            "health_check": maintenance.last_report("health"),
+            "cleanup": maintenance.last_report("cleanup"),
+            "event_streams": extension("event_hub").stats(),
+        }
+    )
 
 
 @api.get("/healthz")

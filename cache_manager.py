@@ -43,8 +43,13 @@ class CacheEntry:
         return (now or time.time()) - self.fetched_at
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "found": self.found, "data": self.data,
-                "fetched_at": self.fetched_at, "stale": self.stale}
+        return {
+            "source": self.source,
+            "found": self.found,
+            "data": self.data,
+            "fetched_at": self.fetched_at,
+            "stale": self.stale,
+        }
 
 
 class Cache:
@@ -99,8 +104,9 @@ class Cache:
             stored = orjson.loads(raw)
             fresh = now - stored["fetched_at"] < self._fresh_ttl(identifier_type, stored["found"])
             if fresh or allow_stale:
-                entries[source] = CacheEntry(source, stored["found"], stored["data"], stored["fetched_at"],
-                                             stale=not fresh)
+                entries[source] = CacheEntry(
+                    source, stored["found"], stored["data"], stored["fetched_at"], stale=not fresh
+                )
         stale = sum(e.stale for e in entries.values())
         self._count(hits=len(entries) - stale, misses=len(sources) - len(entries), stale=stale)
         return entries
@@ -118,10 +124,14 @@ class Cache:
         generation = int(raw_generation or 0)
         if generation != assumed:  # bumped since this process last looked
             self._last_generation = generation
-            values = self.redis.mget([self._entry_key(generation, identifier_type, s, identifier) for s in sources])
+            values = self.redis.mget(
+                [self._entry_key(generation, identifier_type, s, identifier) for s in sources]
+            )
         return values
 
-    def get(self, identifier_type: str, source: str, identifier: str, allow_stale: bool = False) -> CacheEntry | None:
+    def get(
+        self, identifier_type: str, source: str, identifier: str, allow_stale: bool = False
+    ) -> CacheEntry | None:
         """One entry, or None."""
         return self.get_many(identifier_type, [source], identifier, allow_stale).get(source)
 
@@ -129,14 +139,18 @@ class Cache:
         """Any copy still kept, fresh or stale (the breaker fallback); marked stale if past its TTL."""
         return self.get(identifier_type, source, identifier, allow_stale=True)
 
-    def set(self, identifier_type: str, source: str, identifier: str, data: dict | None, found: bool = True) -> None:
+    def set(
+        self, identifier_type: str, source: str, identifier: str, data: dict | None, found: bool = True
+    ) -> None:
         """Store a source answer; kept `cache_stale_ttl` beyond its fresh TTL as a stale copy."""
         entry = {"found": found, "data": data, "fetched_at": time.time()}
         ttl = self._fresh_ttl(identifier_type, found) + self.settings.cache_stale_ttl
         key = self._entry_key(self.generation(), identifier_type, source, identifier)
         self.redis.set(key, orjson.dumps(entry), ex=ttl)
 
-    def invalidate(self, identifier_type: str, identifier: str | None = None, source: str | None = None) -> int:
+    def invalidate(
+        self, identifier_type: str, identifier: str | None = None, source: str | None = None
+    ) -> int:
         """Delete one identifier's entries (all its sources, or one) or a whole type; returns the count."""
         pattern = self._entry_key(self.generation(), identifier_type, source or "*", identifier or "*")
         return self._delete_matching(pattern)
@@ -191,8 +205,12 @@ class Cache:
         counts = {k.decode(): int(v) for k, v in raw.items()}
         hits, misses = counts.get("hits", 0), counts.get("misses", 0)
         generation = self.generation()
-        keys = sum(1 for _ in self.redis.scan_iter(
-            match=self._key(f"v{SCHEMA_VERSION}", f"g{generation}", "*"), count=1000))
+        keys = sum(
+            1
+            for _ in self.redis.scan_iter(
+                match=self._key(f"v{SCHEMA_VERSION}", f"g{generation}", "*"), count=1000
+            )
+        )
         memory = self.redis.info("memory")
         return {
             "generation": generation,

@@ -33,10 +33,17 @@ def _get(data: dict, path: str) -> Any:
 
 
 def _answers(results: dict[str, SourceResult]) -> list[tuple[str, dict]]:
-    usable = [(name, r.data) for name, r in results.items()
-              if r.state in (SourceState.OK, SourceState.STALE) and r.data]
-    return sorted(usable, key=lambda item: SOURCE_PREFERENCE.index(item[0])
-                  if item[0] in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE))
+    usable = [
+        (name, r.data)
+        for name, r in results.items()
+        if r.state in (SourceState.OK, SourceState.STALE) and r.data
+    ]
+    return sorted(
+        usable,
+        key=lambda item: (
+            SOURCE_PREFERENCE.index(item[0]) if item[0] in SOURCE_PREFERENCE else len(SOURCE_PREFERENCE)
+        ),
+    )
 
 
 def _merge_dicts(preferred: dict, other: dict) -> dict:
@@ -74,17 +81,37 @@ def agreement_checks(identifier_type: str, results: dict[str, SourceResult]) -> 
     for path in AGREEMENT_FIELDS.get(identifier_type, ()):
         values = {name: _get(data, path) for name, data in answers if _get(data, path) not in (None, "")}
         if len(values) < 2:
-            checks.append(_check(f"sources_agree:{path}", "unverified",
-                                 "fewer than two sources answered this field", "too_few_answers"))
+            checks.append(
+                _check(
+                    f"sources_agree:{path}",
+                    "unverified",
+                    "fewer than two sources answered this field",
+                    "too_few_answers",
+                )
+            )
             continue
         distinct = {_fold(v) for v in values.values()}
         if len(distinct) == 1:
-            checks.append(_check(f"sources_agree:{path}", "pass", f"{len(values)} sources agree",
-                                 "sources_agree", count=len(values)))
+            checks.append(
+                _check(
+                    f"sources_agree:{path}",
+                    "pass",
+                    f"{len(values)} sources agree",
+                    "sources_agree",
+                    count=len(values),
+                )
+            )
         else:
             detail = "; ".join(f"{name}={value!r}" for name, value in values.items())
-            checks.append(_check(f"sources_agree:{path}", "fail", f"sources disagree: {detail}",
-                                 "sources_disagree", values=detail))
+            checks.append(
+                _check(
+                    f"sources_agree:{path}",
+                    "fail",
+                    f"sources disagree: {detail}",
+                    "sources_disagree",
+                    values=detail,
+                )
+            )
     return checks
 
 
@@ -93,8 +120,15 @@ def company_checks(merged: dict | None, cep_data: dict | None, cep_error: str | 
     if merged is None:
         return [_check("active", "unverified", "no source returned the company", "no_company")]
     situacao = merged.get("situacao_cadastral")
-    checks = [_check("active", "pass" if _fold(situacao) == "ATIVA" else "fail",
-                     f"situação cadastral is {situacao or 'unknown'}", "situacao_is", situacao=situacao or "?")]
+    checks = [
+        _check(
+            "active",
+            "pass" if _fold(situacao) == "ATIVA" else "fail",
+            f"situação cadastral is {situacao or 'unknown'}",
+            "situacao_is",
+            situacao=situacao or "?",
+        )
+    ]
     address = merged.get("endereco") or {}
     cep = address.get("cep")
     if not cep:
@@ -102,18 +136,33 @@ def company_checks(merged: dict | None, cep_data: dict | None, cep_error: str | 
     if cep_data is None:
         status = "fail" if cep_error == "not_found" else "unverified"
         if status == "fail":
-            return checks + [_check("cep_valid", status, f"CEP {cep} was not found", "cep_not_found", cep=cep)]
-        return checks + [_check("cep_valid", status, f"CEP {cep} could not be checked: {cep_error}",
-                                "cep_unchecked", cep=cep, reason=cep_error)]
+            return checks + [
+                _check("cep_valid", status, f"CEP {cep} was not found", "cep_not_found", cep=cep)
+            ]
+        return checks + [
+            _check(
+                "cep_valid",
+                status,
+                f"CEP {cep} could not be checked: {cep_error}",
+                "cep_unchecked",
+                cep=cep,
+                reason=cep_error,
+            )
+        ]
     checks.append(_check("cep_valid", "pass", f"CEP {cep} exists", "cep_exists", cep=cep))
     company = (_fold(address.get("municipio")), _fold(address.get("uf")))
     postal = (_fold(cep_data.get("municipio")), _fold(cep_data.get("uf")))
     matches = company == postal
-    checks.append(_check(
-        "cep_matches_city", "pass" if matches else "fail",
-        f"CEP {cep} is in {cep_data.get('municipio')}/{cep_data.get('uf')}; "
-        f"the company's address says {address.get('municipio')}/{address.get('uf')}",
-        "cep_city", cep=cep, cep_city=f"{cep_data.get('municipio')}/{cep_data.get('uf')}",
-        company_city=f"{address.get('municipio')}/{address.get('uf')}",
-    ))
+    checks.append(
+        _check(
+            "cep_matches_city",
+            "pass" if matches else "fail",
+            f"CEP {cep} is in {cep_data.get('municipio')}/{cep_data.get('uf')}; "
+            f"the company's address says {address.get('municipio')}/{address.get('uf')}",
+            "cep_city",
+            cep=cep,
+            cep_city=f"{cep_data.get('municipio')}/{cep_data.get('uf')}",
+            company_city=f"{address.get('municipio')}/{address.get('uf')}",
+        )
+    )
     return checks

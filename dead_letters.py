@@ -24,13 +24,31 @@ class DeadLetters:
     def _entry_key(self, entry_id: str) -> str:
         return redis_store.key(self.settings, "deadletter", entry_id)
 
-    def add(self, lookup_id: str, source: str, identifier_type: str, identifier: str,
-            priority: int, error: str, attempts: int) -> str:
+    def add(
+        self,
+        lookup_id: str,
+        source: str,
+        identifier_type: str,
+        identifier: str,
+        priority: int,
+        error: str,
+        attempts: int,
+    ) -> str:
         """Record a call that exhausted its retries; returns the entry id."""
         entry_id = secrets.token_hex(8)
-        entry = {"id": entry_id, "lookup_id": lookup_id, "source": source, "type": identifier_type,
-                 "identifier": identifier, "priority": priority, "error": error, "attempts": attempts,
-                 "failed_at": time.time(), "requeued_at": None, "requeue_count": 0}
+        entry = {
+            "id": entry_id,
+            "lookup_id": lookup_id,
+            "source": source,
+            "type": identifier_type,
+            "identifier": identifier,
+            "priority": priority,
+            "error": error,
+            "attempts": attempts,
+            "failed_at": time.time(),
+            "requeued_at": None,
+            "requeue_count": 0,
+        }
         with self.redis.pipeline() as pipe:
             pipe.set(self._entry_key(entry_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl * 7)
             pipe.lpush(self.list_key, entry_id)

@@ -69,8 +69,13 @@ class DeferredCalls:
 class Dispatcher(threading.Thread):
     """Background thread that sends due deferred calls with `send(task, args, options)`."""
 
-    def __init__(self, deferred: DeferredCalls, send: Callable[[str, list, dict], None],
-                 interval: float, on_tick: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        deferred: DeferredCalls,
+        send: Callable[[str, list, dict], None],
+        interval: float,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(name="deferred-dispatcher", daemon=True)
         self.deferred = deferred
         self.send = send

@@ -114,10 +114,16 @@ def celery_config(settings: Settings) -> dict:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "beat_schedule": {
             # Ahead of any backlog of lookups (0 is served first), or a busy queue would hide its own health.
-            "cleanup": {"task": "job_queue.cleanup", "schedule": settings.cleanup_interval,
-                        "options": {"priority": 0}},
-            "health-check": {"task": "job_queue.health_check", "schedule": settings.health_check_interval,
-                             "options": {"priority": 0}},
+            "cleanup": {
+                "task": "job_queue.cleanup",
+                "schedule": settings.cleanup_interval,
+                "options": {"priority": 0},
+            },
+            "health-check": {
+                "task": "job_queue.health_check",
+                "schedule": settings.health_check_interval,
+                "options": {"priority": 0},
+            },
         },
         "beat_schedule_filename": f"{settings.data_dir}/celerybeat-schedule",
         "timezone": "UTC",
@@ -125,8 +131,16 @@ def celery_config(settings: Settings) -> dict:
 
 
 @shared_task(name="job_queue.fetch_source", ignore_result=False)
-def fetch_source(lookup_id: str, source: str, kind: str, value: str, priority: int,
-                 attempt: int = 0, reserved: bool = False, requeue: bool = False) -> dict:
+def fetch_source(
+    lookup_id: str,
+    source: str,
+    kind: str,
+    value: str,
+    priority: int,
+    attempt: int = 0,
+    reserved: bool = False,
+    requeue: bool = False,
+) -> dict:
     """Call one source for one lookup (never sleeps; waits go to the deferred set)."""
     return pipeline.run_source_call(lookup_id, source, kind, value, priority, attempt, reserved, requeue)
 

@@ -25,14 +25,60 @@ def commands(settings: Settings) -> dict[str, list[str]]:
     gunicorn = str(BIN / "gunicorn")
     celery = str(BIN / "celery")
     return {
-        "sandbox": [gunicorn, "-k", "gevent", "--no-control-socket", "-w", "1", "-b", f"{settings.sandbox_host}:{settings.sandbox_port}",
-                    "--access-logfile", "-", "--log-level", "warning", "sandbox:create_app()"],
-        "web": [gunicorn, "-k", "gevent", "--no-control-socket", "-w", str(settings.web_workers), "-b", f"{settings.host}:{settings.port}",
-                "--worker-connections", "10000", "--graceful-timeout", "20", "app:create_app()"],
-        "worker": [celery, "-A", "job_queue", "worker", "--loglevel", "INFO", "-P", "threads",
-                   "-c", str(settings.worker_concurrency), "-n", "worker@%h"],
-        "beat": [celery, "-A", "job_queue", "beat", "--loglevel", "INFO",
-                 "-s", str(Path(settings.data_dir) / "celerybeat-schedule")],
+        "sandbox": [
+            gunicorn,
+            "-k",
+            "gevent",
+            "--no-control-socket",
+            "-w",
+            "1",
+            "-b",
+            f"{settings.sandbox_host}:{settings.sandbox_port}",
+            "--access-logfile",
+            "-",
+            "--log-level",
+            "warning",
+            "sandbox:create_app()",
+        ],
+        "web": [
+            gunicorn,
+            "-k",
+            "gevent",
+            "--no-control-socket",
+            "-w",
+            str(settings.web_workers),
+            "-b",
+            f"{settings.host}:{settings.port}",
+            "--worker-connections",
+            "10000",
+            "--graceful-timeout",
+            "20",
+            "app:create_app()",
+        ],
+        "worker": [
+            celery,
+            "-A",
+            "job_queue",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "-P",
+            "threads",
+            "-c",
+            str(settings.worker_concurrency),
+            "-n",
+            "worker@%h",
+        ],
+        "beat": [
+            celery,
+            "-A",
+            "job_queue",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "-s",
+            str(Path(settings.data_dir) / "celerybeat-schedule"),
+        ],
     }
 
 
@@ -42,8 +88,10 @@ def main() -> int:
     redis_server = None
     if not settings.redis_url:
         redis_server = EmbeddedRedis(settings.embedded_redis_port, Path(settings.data_dir) / "redis")
-        print(f"starting embedded Valkey on 127.0.0.1:{settings.embedded_redis_port} (AOF in {redis_server.data_dir})",
-              flush=True)
+        print(
+            f"starting embedded Valkey on 127.0.0.1:{settings.embedded_redis_port} (AOF in {redis_server.data_dir})",
+            flush=True,
+        )
         redis_server.start()
         env["REDIS_URL"] = redis_server.url
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)

@@ -64,9 +64,17 @@ class SourceResult:
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: that deep-copies `data` on every call, on the hottest path there is.
-        return {"source": self.source, "state": str(self.state), "data": self.data, "cached": self.cached,
-                "stale": self.stale, "elapsed_ms": self.elapsed_ms, "error": self.error,
-                "scheduled_at": self.scheduled_at, "attempts": self.attempts}
+        return {
+            "source": self.source,
+            "state": str(self.state),
+            "data": self.data,
+            "cached": self.cached,
+            "stale": self.stale,
+            "elapsed_ms": self.elapsed_ms,
+            "error": self.error,
+            "scheduled_at": self.scheduled_at,
+            "attempts": self.attempts,
+        }
 
     @classmethod
     def from_dict(cls, values: dict) -> SourceResult:
@@ -239,7 +247,9 @@ class LookupStore:
                 pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
             pipe.execute()
 
-    def register_task(self, task_id: str, name: str, lookup_id: str | None, source: str | None = None) -> None:
+    def register_task(
+        self, task_id: str, name: str, lookup_id: str | None, source: str | None = None
+    ) -> None:
         """Remember a task id the service issued (so /api/tasks can tell it from a made-up one)."""
         entry = {"name": name, "lookup_id": lookup_id, "source": source}
         self.redis.set(self.task_key(task_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl)
@@ -282,15 +292,22 @@ class LookupStore:
         """
         applied, newly, done, total = self._set_source(
             keys=[self.record_key(lookup_id)],
-            args=[result.source, orjson.dumps(result.to_dict()), "1" if result.settled else "0",
-                  "1" if replace_settled else "0"],
+            args=[
+                result.source,
+                orjson.dumps(result.to_dict()),
+                "1" if result.settled else "0",
+                "1" if replace_settled else "0",
+            ],
         )
         return bool(applied), bool(newly), int(done), int(total)
 
     def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
         """Move to `partial` or `complete` with the merged result; True if this call did it."""
-        return bool(self._finish(keys=[self.record_key(lookup_id)],
-                                 args=[str(status), orjson.dumps(result), time.time()]))
+        return bool(
+            self._finish(
+                keys=[self.record_key(lookup_id)], args=[str(status), orjson.dumps(result), time.time()]
+            )
+        )
 
     def delete_older_than(self, cutoff: float, event_key: Callable[[str], str]) -> int:
         """Beat cleanup: delete lookups created before `cutoff` with their task entries and event logs.

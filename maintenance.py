@@ -15,7 +15,6 @@ from extensions import extension
 log = logging.getLogger("maintenance")
 
 
-
 def _key(*parts: object) -> str:
     return redis_store.key(extension("settings"), *parts)
 
@@ -55,13 +54,17 @@ def cleanup() -> dict:
     settings = extension("settings")
     started = time.time()
     result = {
-        "lookups": extension("lookups").delete_older_than(started - settings.lookup_retention,
-                                                     extension("events").stream_key),
+        "lookups": extension("lookups").delete_older_than(
+            started - settings.lookup_retention, extension("events").stream_key
+        ),
         "cache_entries": extension("cache").delete_old_generations(),
         "locks": extension("lookups").delete_stale_inflight(),
         "dead_letters": extension("dead_letters").prune(),
-        "workers": int(extension("redis").zremrangebyscore(_key("workers"), "-inf",
-                                                       started - 10 * settings.worker_heartbeat_ttl)),
+        "workers": int(
+            extension("redis").zremrangebyscore(
+                _key("workers"), "-inf", started - 10 * settings.worker_heartbeat_ttl
+            )
+        ),
     }
     report = {"ran_at": started, "duration_ms": round((time.time() - started) * 1000, 1), "removed": result}
     extension("redis").set(_key("cleanup"), orjson.dumps(report))

@@ -13,13 +13,25 @@ from api_errors import json_response
 
 docs = Blueprint("openapi", __name__)
 
-SOURCE_STATES = ["pending", "running", "retrying", "ok", "not_found", "error", "stale", "rate_limited",
-                 "circuit_open"]
+SOURCE_STATES = [
+    "pending",
+    "running",
+    "retrying",
+    "ok",
+    "not_found",
+    "error",
+    "stale",
+    "rate_limited",
+    "circuit_open",
+]
 NUMBER_OR_NULL = {"type": "number", "nullable": True}
 
 
 def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
 
 
 def _json(description: str, schema: str | dict) -> dict:
@@ -35,13 +47,20 @@ SCHEMAS = {
     "Error": {
         "type": "object",
         "required": ["error", "message"],
-        "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
+        "properties": {
+            "error": {"type": "string"},
+            "message": {"type": "string"},
+            "field": {"type": "string"},
+        },
     },
     "LookupRequest": {
         "type": "object",
         "required": ["identifier"],
         "properties": {
-            "identifier": {"type": "string", "description": "CNPJ (numeric or alphanumeric), CEP or CPF; masked or bare"},
+            "identifier": {
+                "type": "string",
+                "description": "CNPJ (numeric or alphanumeric), CEP or CPF; masked or bare",
+            },
             "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
             "priority": {"type": "integer", "minimum": 1, "maximum": 10, "default": 5},
             "refresh": {"type": "boolean", "default": False},
@@ -49,7 +68,17 @@ SCHEMAS = {
     },
     "SourceResult": {
         "type": "object",
-        "required": ["source", "state", "data", "cached", "stale", "elapsed_ms", "error", "scheduled_at", "attempts"],
+        "required": [
+            "source",
+            "state",
+            "data",
+            "cached",
+            "stale",
+            "elapsed_ms",
+            "error",
+            "scheduled_at",
+            "attempts",
+        ],
         "properties": {
             "source": {"type": "string"},
             "state": {"type": "string", "enum": SOURCE_STATES},
@@ -75,8 +104,23 @@ SCHEMAS = {
     },
     "Lookup": {
         "type": "object",
-        "required": ["id", "status", "type", "identifier", "priority", "cached", "created_at", "deadline_at",
-                     "completed_at", "progress", "sources", "tasks", "result", "checks", "links"],
+        "required": [
+            "id",
+            "status",
+            "type",
+            "identifier",
+            "priority",
+            "cached",
+            "created_at",
+            "deadline_at",
+            "completed_at",
+            "progress",
+            "sources",
+            "tasks",
+            "result",
+            "checks",
+            "links",
+        ],
         "properties": {
             "id": {"type": "string"},
             "status": {"type": "string", "enum": ["queued", "running", "partial", "complete"]},
@@ -92,7 +136,10 @@ SCHEMAS = {
                 "required": ["done", "total"],
                 "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}},
             },
-            "sources": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/SourceResult"}},
+            "sources": {
+                "type": "object",
+                "additionalProperties": {"$ref": "#/components/schemas/SourceResult"},
+            },
             "tasks": {"type": "object", "additionalProperties": {"type": "string"}},
             "result": {"type": "object", "nullable": True},
             "checks": {"type": "array", "items": {"$ref": "#/components/schemas/Check"}},
@@ -124,16 +171,22 @@ PATHS = {
     "/api/lookups": {
         "post": {
             "summary": "Start a lookup (or answer it from the cache)",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/LookupRequest"}}}},
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LookupRequest"}}},
+            },
             "responses": {
                 "200": _json("complete, from the cache", "Lookup"),
-                "202": {**_json("queued or running; follow links.events", "Lookup"),
-                        "headers": {"Location": {"schema": {"type": "string"}}}},
+                "202": {
+                    **_json("queued or running; follow links.events", "Lookup"),
+                    "headers": {"Location": {"schema": {"type": "string"}}},
+                },
                 "400": _error("invalid identifier or request"),
                 "413": _error("body larger than MAX_REQUEST_BYTES"),
-                "429": {**_error("over LOOKUP_RATE_LIMIT for this client"),
-                        "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+                "429": {
+                    **_error("over LOOKUP_RATE_LIMIT for this client"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                },
                 "503": UNAVAILABLE,
             },
         }
@@ -142,8 +195,11 @@ PATHS = {
         "get": {
             "summary": "A lookup: status, sources, merged result, cross-checks",
             "parameters": [{"name": "lookup_id", **ID_PARAMETER}],
-            "responses": {"200": _json("the lookup", "Lookup"), "404": _error("unknown or expired"),
-                          "503": UNAVAILABLE},
+            "responses": {
+                "200": _json("the lookup", "Lookup"),
+                "404": _error("unknown or expired"),
+                "503": UNAVAILABLE,
+            },
         }
     },
     "/api/lookups/{lookup_id}/events": {
@@ -151,13 +207,24 @@ PATHS = {
             "summary": "Server-Sent Events: snapshot, the logged events after Last-Event-ID, then live ones",
             "parameters": [
                 {"name": "lookup_id", **ID_PARAMETER},
-                {"name": "Last-Event-ID", "in": "header", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}},
-                {"name": "last_event_id", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}},
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                },
+                {
+                    "name": "last_event_id",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                },
             ],
             "responses": {
-                "200": {"description": "text/event-stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "200": {
+                    "description": "text/event-stream",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
                 "400": _error("malformed Last-Event-ID"),
                 "404": _error("unknown or expired lookup"),
                 "503": UNAVAILABLE,
@@ -168,80 +235,178 @@ PATHS = {
         "get": {
             "summary": "A Celery task the service issued",
             "parameters": [{"name": "task_id", **ID_PARAMETER}],
-            "responses": {"200": _json("the task", "Task"), "404": _error("never issued by the service"),
-                          "503": UNAVAILABLE},
+            "responses": {
+                "200": _json("the task", "Task"),
+                "404": _error("never issued by the service"),
+                "503": UNAVAILABLE,
+            },
         }
     },
     "/api/status": {
         "get": {
             "summary": "Breakers, rate limits, queues, workers, cache, last beat reports",
             "responses": {
-                "200": _json("the service's state", {
-                    "type": "object",
-                    "required": ["time", "breakers", "rate_limits", "queues", "workers", "cache", "dead_letters"],
-                    "properties": {"breakers": {"type": "object", "additionalProperties": {
-                        "$ref": "#/components/schemas/Breaker"}}, "workers": {"type": "array"},
-                        "dead_letters": {"type": "integer"}},
-                }),
+                "200": _json(
+                    "the service's state",
+                    {
+                        "type": "object",
+                        "required": [
+                            "time",
+                            "breakers",
+                            "rate_limits",
+                            "queues",
+                            "workers",
+                            "cache",
+                            "dead_letters",
+                        ],
+                        "properties": {
+                            "breakers": {
+                                "type": "object",
+                                "additionalProperties": {"$ref": "#/components/schemas/Breaker"},
+                            },
+                            "workers": {"type": "array"},
+                            "dead_letters": {"type": "integer"},
+                        },
+                    },
+                ),
                 "503": UNAVAILABLE,
             },
         }
     },
-    "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.0", {"type": "object"})}}},
-    "/healthz": {"get": {"summary": "The process is alive", "responses": {
-        "200": _json("alive", {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}})}}},
-    "/readyz": {"get": {"summary": "Redis reachable and a worker heartbeat fresh", "responses": {
-        "200": _json("ready", "Readiness"), "503": _json("not ready", "Readiness")}}},
+    "/api/openapi.json": {
+        "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.0", {"type": "object"})}}
+    },
+    "/healthz": {
+        "get": {
+            "summary": "The process is alive",
+            "responses": {
+                "200": _json(
+                    "alive",
+                    {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+                )
+            },
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Redis reachable and a worker heartbeat fresh",
+            "responses": {"200": _json("ready", "Readiness"), "503": _json("not ready", "Readiness")},
+        }
+    },
     "/api/admin/cache/invalidate": {
         "post": {
             "summary": 'Invalidate: {"all": true} (generation bump), {"type"} or {"type", "identifier"}',
             "security": [{"bearer": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False, "properties": {"all": {"type": "boolean", "enum": [True]}, "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
-                                                 "identifier": {"type": "string"}}}}}},
-            "responses": {"200": _json("done", {"type": "object"}), "400": _error("bad request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE},
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "all": {"type": "boolean", "enum": [True]},
+                                "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+                                "identifier": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("done", {"type": "object"}),
+                "400": _error("bad request"),
+                "401": UNAUTHORIZED,
+                "503": UNAVAILABLE,
+            },
         }
     },
     "/api/admin/breakers/{source}/reset": {
-        "post": {"summary": "Close a breaker", "security": [{"bearer": []}],
-                 "parameters": [{"name": "source", **ID_PARAMETER}],
-                 "responses": {"200": _json("its state", "Breaker"), "401": UNAUTHORIZED,
-                               "404": _error("no such source"), "503": UNAVAILABLE}}
+        "post": {
+            "summary": "Close a breaker",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "source", **ID_PARAMETER}],
+            "responses": {
+                "200": _json("its state", "Breaker"),
+                "401": UNAUTHORIZED,
+                "404": _error("no such source"),
+                "503": UNAVAILABLE,
+            },
+        }
     },
     "/api/admin/breakers/{source}/open": {
-        "post": {"summary": "Force a breaker open", "security": [{"bearer": []}],
-                 "parameters": [{"name": "source", **ID_PARAMETER}],
-                 "responses": {"200": _json("its state", "Breaker"), "401": UNAUTHORIZED,
-                               "404": _error("no such source"), "503": UNAVAILABLE}}
+        "post": {
+            "summary": "Force a breaker open",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "source", **ID_PARAMETER}],
+            "responses": {
+                "200": _json("its state", "Breaker"),
+                "401": UNAUTHORIZED,
+                "404": _error("no such source"),
+                "503": UNAVAILABLE,
+            },
+        }
     },
     "/api/admin/dead-letters": {
-        "get": {"summary": "Calls that exhausted their retries", "security": [{"bearer": []}],
-                "parameters": [{"name": "limit", "in": "query", "required": False,
-                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
-                "responses": {"200": _json("the list", {"type": "object", "required": ["count", "items"], "properties": {
-                    "count": {"type": "integer"}, "items": {"type": "array"}}}),
-                    "400": _error("bad limit"), "401": UNAUTHORIZED, "503": UNAVAILABLE}}
+        "get": {
+            "summary": "Calls that exhausted their retries",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                }
+            ],
+            "responses": {
+                "200": _json(
+                    "the list",
+                    {
+                        "type": "object",
+                        "required": ["count", "items"],
+                        "properties": {"count": {"type": "integer"}, "items": {"type": "array"}},
+                    },
+                ),
+                "400": _error("bad limit"),
+                "401": UNAUTHORIZED,
+                "503": UNAVAILABLE,
+            },
+        }
     },
     "/api/admin/dead-letters/{entry_id}/requeue": {
-        "post": {"summary": "Run a dead letter's call again", "security": [{"bearer": []}],
-                 "parameters": [{"name": "entry_id", **ID_PARAMETER}],
-                 "responses": {"202": _json("queued again", {"type": "object", "required": ["task_id"]}),
-                               "401": UNAUTHORIZED, "404": _error("no such dead letter"), "503": UNAVAILABLE}}
+        "post": {
+            "summary": "Run a dead letter's call again",
+            "security": [{"bearer": []}],
+            "parameters": [{"name": "entry_id", **ID_PARAMETER}],
+            "responses": {
+                "202": _json("queued again", {"type": "object", "required": ["task_id"]}),
+                "401": UNAUTHORIZED,
+                "404": _error("no such dead letter"),
+                "503": UNAVAILABLE,
+            },
+        }
     },
 }
 
 SCHEMAS["Readiness"] = {
     "type": "object",
     "required": ["ready", "redis", "workers"],
-    "properties": {"ready": {"type": "boolean"}, "redis": {"type": "boolean"}, "workers": {"type": "array"},
-                   "error": {"type": "string"}},
+    "properties": {
+        "ready": {"type": "boolean"},
+        "redis": {"type": "boolean"},
+        "workers": {"type": "array"},
+        "error": {"type": "string"},
+    },
 }
 
 DOCUMENT = {
     "openapi": "3.0.3",
-    "info": {"title": "Enrichment lookup", "version": "1.0",
-             "description": "Lookups of Brazilian identifiers (CNPJ, CEP, CPF) across public APIs, live."},
+    "info": {
+        "title": "Enrichment lookup",
+        "version": "1.0",
+        "description": "Lookups of Brazilian identifiers (CNPJ, CEP, CPF) across public APIs, live.",
+    },
     "paths": PATHS,
     "components": {
         "schemas": SCHEMAS,

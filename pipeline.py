@@ -27,7 +27,6 @@ FETCH_TASK = "job_queue.fetch_source"
 FINALIZE_TASK = "job_queue.finalize_lookup"
 
 
-
 def celery_priority(priority: int) -> int:
     """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first)."""
     return 10 - max(1, min(10, priority))
@@ -55,9 +54,16 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     names = [s.name for s in sources]
     cached = {} if refresh else extension("cache").get_many(kind, names, identifier.value)
     now = time.time()
-    lookup = Lookup(id=new_lookup_id(), type=kind, identifier=identifier.value, priority=priority,
-                    status=LookupStatus.QUEUED, created_at=now, deadline_at=now + settings.lookup_deadline,
-                    sources={name: SourceResult(name, SourceState.PENDING) for name in names})
+    lookup = Lookup(
+        id=new_lookup_id(),
+        type=kind,
+        identifier=identifier.value,
+        priority=priority,
+        status=LookupStatus.QUEUED,
+        created_at=now,
+        deadline_at=now + settings.lookup_deadline,
+        sources={name: SourceResult(name, SourceState.PENDING) for name in names},
+    )
     lookup.sources.update({name: _from_cache(entry) for name, entry in cached.items()})
 
     if len(cached) == len(names):
@@ -76,11 +82,15 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     missing = [name for name in names if name not in cached]
     lookup.tasks = {name: uuid.uuid4().hex for name in missing}
     store.create(lookup)
-    extension("deferred").add(lookup.deadline_at, FINALIZE_TASK, [lookup.id, True],
-                         {"priority": celery_priority(priority)})
+    extension("deferred").add(
+        lookup.deadline_at, FINALIZE_TASK, [lookup.id, True], {"priority": celery_priority(priority)}
+    )
     for name in missing:
-        send_task(FETCH_TASK, [lookup.id, name, kind, identifier.value, priority, 0, False, False],
-                  {"task_id": lookup.tasks[name], "priority": celery_priority(priority)})
+        send_task(
+            FETCH_TASK,
+            [lookup.id, name, kind, identifier.value, priority, 0, False, False],
+            {"task_id": lookup.tasks[name], "priority": celery_priority(priority)},
+        )
     return lookup, True
 
 
@@ -109,8 +119,16 @@ def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) 
     return True
 
 
-def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, priority: int,
-                    attempt: int = 0, reserved: bool = False, requeue: bool = False) -> dict:
+def run_source_call(
+    lookup_id: str,
+    source_name: str,
+    kind: str,
+    value: str,
+    priority: int,
+    attempt: int = 0,
+    reserved: bool = False,
+    requeue: bool = False,
+) -> dict:
     """One call of one source for one lookup: token, breaker, fetch, cache, settle.
 
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
@@ -139,15 +157,27 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
     if not reserved:
         reservation = extension("rate_limiter").reserve(source_name)
         if not reservation.granted:
-            return record(SourceResult(
-                source_name, SourceState.RATE_LIMITED, attempts=attempt,
-                error=f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
-                      f"{settings.defer_horizon:.0f}s horizon"))
+            return record(
+                SourceResult(
+                    source_name,
+                    SourceState.RATE_LIMITED,
+                    attempts=attempt,
+                    error=f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
+                    f"{settings.defer_horizon:.0f}s horizon",
+                )
+            )
         if reservation.wait > 0:
             due = time.time() + reservation.wait
             extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], options)
-            return record(SourceResult(source_name, SourceState.RATE_LIMITED, scheduled_at=due, attempts=attempt,
-                                       error="waiting for the source's rate limit"))
+            return record(
+                SourceResult(
+                    source_name,
+                    SourceState.RATE_LIMITED,
+                    scheduled_at=due,
+                    attempts=attempt,
+                    error="waiting for the source's rate limit",
+                )
+            )
 
     source = extension("sources")[source_name]
     cache = extension("cache")
@@ -162,36 +192,85 @@ def run_source_call(lookup_id: str, source_name: str, kind: str, value: str, pri
         data = extension("breakers").call(source_name, source.fetch, identifier)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
-        return record(SourceResult(source_name, SourceState.NOT_FOUND, elapsed_ms=elapsed(),
-                                   attempts=attempt + 1, error=error.message))
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.NOT_FOUND,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                error=error.message,
+            )
+        )
     except UpstreamRejected as error:
-        return record(SourceResult(source_name, SourceState.ERROR, elapsed_ms=elapsed(),
-                                   attempts=attempt + 1, error=error.message))
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.ERROR,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                error=error.message,
+            )
+        )
     except BreakerOpen as error:
         stale = cache.get_stale(kind, source_name, value)
         if stale is not None:
             state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
-            return record(SourceResult(source_name, state, data=stale.data, cached=True, stale=True,
-                                       elapsed_ms=elapsed(), attempts=attempt,
-                                       error="circuit open; serving a stale copy"))
-        retry_at = f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
-        return record(SourceResult(source_name, SourceState.CIRCUIT_OPEN, elapsed_ms=elapsed(),
-                                   attempts=attempt, error=f"circuit open{retry_at}; no stale copy"))
+            return record(
+                SourceResult(
+                    source_name,
+                    state,
+                    data=stale.data,
+                    cached=True,
+                    stale=True,
+                    elapsed_ms=elapsed(),
+                    attempts=attempt,
+                    error="circuit open; serving a stale copy",
+                )
+            )
+        retry_at = (
+            f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
+        )
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.CIRCUIT_OPEN,
+                elapsed_ms=elapsed(),
+                attempts=attempt,
+                error=f"circuit open{retry_at}; no stale copy",
+            )
+        )
     except (TransientError, BreakerUnavailable) as error:
         message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
         if attempt + 1 > settings.retry_max:
             extension("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
-            return record(SourceResult(source_name, SourceState.ERROR, elapsed_ms=elapsed(),
-                                       attempts=attempt + 1, error=f"gave up after {attempt + 1} attempts: {message}"))
+            return record(
+                SourceResult(
+                    source_name,
+                    SourceState.ERROR,
+                    elapsed_ms=elapsed(),
+                    attempts=attempt + 1,
+                    error=f"gave up after {attempt + 1} attempts: {message}",
+                )
+            )
         delay = _backoff(attempt)
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
         extension("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
-        return record(SourceResult(source_name, SourceState.RETRYING, elapsed_ms=elapsed(), attempts=attempt + 1,
-                                   scheduled_at=due, error=message))
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.RETRYING,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                scheduled_at=due,
+                error=message,
+            )
+        )
     cache.set(kind, source_name, value, data, found=True)
-    return record(SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1))
+    return record(
+        SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1)
+    )
 
 
 def _current_task_id() -> str | None:

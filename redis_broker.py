@@ -31,8 +31,10 @@ log = logging.getLogger("broker")
 class QoS(kombu_redis.QoS):
     def restore_unacked(self, client=None):
         if client is None and self.channel.connection.client is None:
-            log.warning("broker connection lost with %d task(s) delivered; they return after the visibility "
-                        "timeout", len(self._delivered))
+            log.warning(
+                "broker connection lost with %d task(s) delivered; they return after the visibility timeout",
+                len(self._delivered),
+            )
             self._delivered.clear()
             return None
         return super().restore_unacked(client)

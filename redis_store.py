@@ -38,7 +38,9 @@ def connect(settings: Settings, url: str | None = None, **options) -> redis.Redi
         socket_connect_timeout=timeout,
         # Only connection errors are retried: an explicit Retry would otherwise retry timeouts
         # too (whatever retry_on_timeout says), doubling the wait on a hung server.
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1, supported_errors=(redis.ConnectionError,)),
+        retry=Retry(
+            ExponentialBackoff(cap=0.2, base=0.02), retries=1, supported_errors=(redis.ConnectionError,)
+        ),
         retry_on_timeout=False,
         health_check_interval=30,
         max_connections=settings.redis_max_connections,

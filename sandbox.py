@@ -82,17 +82,28 @@ def _check_override(value: Any) -> str | None:
     if value is None:
         return None
     scalar = (str, int, float, bool, type(None))
-    ok = (isinstance(value, dict) and len(value) <= 32
-          and all(isinstance(k, str) and 0 < len(k) <= 64 for k in value)
-          and all(isinstance(v, scalar) and (not isinstance(v, str) or len(v) <= 10_000) for v in value.values()))
-    return None if ok else "must be null or an object of up to 32 field names to text, number, true/false or null"
+    ok = (
+        isinstance(value, dict)
+        and len(value) <= 32
+        and all(isinstance(k, str) and 0 < len(k) <= 64 for k in value)
+        and all(
+            isinstance(v, scalar) and (not isinstance(v, str) or len(v) <= 10_000) for v in value.values()
+        )
+    )
+    return (
+        None
+        if ok
+        else "must be null or an object of up to 32 field names to text, number, true/false or null"
+    )
 
 
 BODY_FAULTS = ("invalid_json", "html_error", "truncated", "wrong_types", "huge", "empty")
 
 
 def _check_body(value: Any) -> str | None:
-    return None if value is None or value in BODY_FAULTS else f"must be null or one of {', '.join(BODY_FAULTS)}"
+    return (
+        None if value is None or value in BODY_FAULTS else f"must be null or one of {', '.join(BODY_FAULTS)}"
+    )
 
 
 # One check per FaultConfig field: a new fault is a new field plus its check here.
@@ -167,8 +178,12 @@ class SandboxState:
                 window.append(now)
             jitter = self._random.uniform(-fault.jitter_ms, fault.jitter_ms) if fault.jitter_ms else 0.0
             error = fault.error_rate > 0 and self._random.random() < fault.error_rate
-        return Admission(delay=max(0.0, fault.latency_ms + jitter) / 1000, error=error, override=fault.override,
-                         body=fault.body)
+        return Admission(
+            delay=max(0.0, fault.latency_ms + jitter) / 1000,
+            error=error,
+            override=fault.override,
+            body=fault.body,
+        )
 
     def record(self, upstream: str, status: int) -> None:
         """Count one answered request."""
@@ -294,7 +309,9 @@ def _garbage(kind: str, answer: Any) -> Response:
     """A 200 whose body is not what the API documents, as broken proxies and upstreams send."""
     real = answer[0].get_data() if isinstance(answer, tuple) else answer.get_data()
     if kind == "invalid_json":
-        return Response(b"{'razao_social': 'ACME', cnpj: 11222333000181,}", 200, content_type="application/json")
+        return Response(
+            b"{'razao_social': 'ACME', cnpj: 11222333000181,}", 200, content_type="application/json"
+        )
     if kind == "html_error":
         return _html(200, "502 Bad Gateway - the origin did not answer")
     if kind == "truncated":

@@ -89,8 +89,14 @@ class EventLog:
         try:
             event_id = self._publish(
                 keys=[self.stream_key(lookup_id)],
-                args=[self.hub_channel, event_type, payload, self.settings.lookup_record_ttl,
-                      STREAM_MAXLEN, lookup_id],
+                args=[
+                    self.hub_channel,
+                    event_type,
+                    payload,
+                    self.settings.lookup_record_ttl,
+                    STREAM_MAXLEN,
+                    lookup_id,
+                ],
             )
         except redis.RedisError as error:
             log.warning("publish of %s for lookup %s failed: %s", event_type, lookup_id, error)
@@ -169,9 +175,13 @@ class EventHub:
     def stats(self) -> dict:
         with self._lock:
             streams = sum(len(followers) for followers in self._listeners.values())
-            return {"open_streams": streams, "lookups_followed": len(self._listeners),
-                    "subscribed": self._ready.is_set(), "reconnects": self.reconnects,
-                    "delivered": self.delivered}
+            return {
+                "open_streams": streams,
+                "lookups_followed": len(self._listeners),
+                "subscribed": self._ready.is_set(),
+                "reconnects": self.reconnects,
+                "delivered": self.delivered,
+            }
 
     def stop(self) -> None:
         self._stopping.set()
@@ -280,8 +290,12 @@ def follow(events: EventLog, listener: Listener, after: str, heartbeat: float) -
 def _last_event_id() -> str:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
     if not _EVENT_ID.match(raw):
-        raise ApiError(400, "invalid_request", "Last-Event-ID must be an event id such as 1700000000000-0",
-                       "last_event_id")
+        raise ApiError(
+            400,
+            "invalid_request",
+            "Last-Event-ID must be an event id such as 1700000000000-0",
+            "last_event_id",
+        )
     return raw
 
 
@@ -295,15 +309,18 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
 
     def publish(self, data, type=None, id=None, retry=None, channel="sse") -> str | None:  # noqa: A002
         """Append an event to lookup `channel`'s log and announce it; the log assigns the id."""
-        return extension("events").publish(channel, type or "message", data if isinstance(data, dict)
-                                           else {"data": data})
+        return extension("events").publish(
+            channel, type or "message", data if isinstance(data, dict) else {"data": data}
+        )
 
     def messages(self, channel="sse", last_event_id: str = "0-0") -> Iterator[Message]:
         """The lookup's events after `last_event_id`, then live ones, until `complete` or `error`."""
         hub, events = extension("event_hub"), extension("events")
         listener = hub.listen(channel)
         try:
-            for message in follow(events, listener, last_event_id, extension("settings").sse_heartbeat_interval):
+            for message in follow(
+                events, listener, last_event_id, extension("settings").sse_heartbeat_interval
+            ):
                 if message is not None:
                     yield message
         finally:
@@ -337,8 +354,9 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         log no longer holds it (trimmed or expired)."""
         events = [_snapshot_event(snapshot), *(str(message) for message in missed)]
         if not any(message.type in FINAL_EVENT_TYPES for message in missed):
-            events.append(str(Message(orjson.dumps({**snapshot, "timestamp": time.time()}).decode(),
-                                      type="complete")))
+            events.append(
+                str(Message(orjson.dumps({**snapshot, "timestamp": time.time()}).decode(), type="complete"))
+            )
         return _event_stream(iter(events))
 
 

@@ -39,8 +39,17 @@ NO_LIMITS = {f"RATE_LIMIT_{name}": "60000" for name in ("BRASILAPI", "RECEITAWS"
 
 
 def load(url: str, seconds: float, method: str = "GET", body: str = "", rate: float | None = None) -> dict:
-    command = [sys.executable, str(ROOT / "bench" / "http_load.py"), url, "--method", method,
-               "--seconds", str(seconds), "--connections", "32"]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "http_load.py"),
+        url,
+        "--method",
+        method,
+        "--seconds",
+        str(seconds),
+        "--connections",
+        "32",
+    ]
     if body:
         command += ["--body", body]
     if rate:
@@ -57,10 +66,25 @@ def deployment(tmp: Path):
     sandbox_port = free_port()
     sandbox_log = (tmp / "sandbox.log").open("wb")
     sandbox = subprocess.Popen(
-        [str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{sandbox_port}",
-         "--log-level", "warning", "sandbox:create_app()"],
-        cwd=ROOT, env={**os.environ, "SANDBOX_QUOTA_RECEITAWS": "none"}, stdout=sandbox_log,
-        stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "gunicorn"),
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "--no-control-socket",
+            "-b",
+            f"127.0.0.1:{sandbox_port}",
+            "--log-level",
+            "warning",
+            "sandbox:create_app()",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "SANDBOX_QUOTA_RECEITAWS": "none"},
+        stdout=sandbox_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     (tmp / "stack").mkdir()
     stack = Stack(redis.url, f"http://127.0.0.1:{sandbox_port}", tmp / "stack", **NO_LIMITS)
     try:
@@ -80,32 +104,46 @@ def measure(stack: Stack, seconds: float) -> dict:
     cached = load(f"{stack.web_url}/api/lookups", seconds, "POST", body)
     assert set(cached["statuses"]) == {"200"}, f"not every lookup came from the cache: {cached['statuses']}"
     half = load(f"{stack.web_url}/api/lookups", seconds, "POST", body, rate=cached["rps"] / 2)
-    return {"healthz": healthz, "cached": cached, "cached_half_load": half,
-            "ratio": round(cached["rps"] / healthz["rps"], 3)}
+    return {
+        "healthz": healthz,
+        "cached": cached,
+        "cached_half_load": half,
+        "ratio": round(cached["rps"] / healthz["rps"], 3),
+    }
 
 
 def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def section(report: dict) -> str:
     s = report["summary"]
-    cell = lambda d, unit="": (f"{d['median']:g}{unit}" + (f" ({d['min']:g}–{d['max']:g})" if d["min"] != d["max"] else ""))  # noqa: E731
-    ratio_met = "yes" if s["ratio"]["median"] >= 0.6 else f"**no** ({s['ratio']['median'] / 0.6:.0%} of the goal)"
+
+    def cell(d: dict, unit: str = "") -> str:
+        low_high = f" ({d['min']:g}–{d['max']:g})" if d["min"] != d["max"] else ""
+        return f"{d['median']:g}{unit}{low_high}"
+
+    ratio_met = (
+        "yes" if s["ratio"]["median"] >= 0.6 else f"**no** ({s['ratio']['median'] / 0.6:.0%} of the goal)"
+    )
     p99_met = "yes" if s["p99_half_ms"]["median"] < 10 else "**no**"
     return f"""{BEGIN}
 ## Cached lookup against healthz (`bench/cached_lookup.py`)
 
-Last run {report['date']} on {report['cpu_count']} CPUs (1-min load average {report['load_average_1m']}), `{report['command']}`.
+Last run {report["date"]} on {report["cpu_count"]} CPUs (1-min load average {report["load_average_1m"]}), `{report["command"]}`.
 One gunicorn gevent worker; `POST /api/lookups` for one cached company (three sources and its CEP in the cache) and
 `GET /healthz` on the same server, 32 keep-alive connections from `bench/http_load.py` in its own process on the same
-2 cores; median of {report['repeats']} repeat(s) of {report['seconds']:g} s, (min–max). Raw figures: `{report['results_file']}`.
+2 cores; median of {report["repeats"]} repeat(s) of {report["seconds"]:g} s, (min–max). Raw figures: `{report["results_file"]}`.
 
 | figure | ours | baseline (healthz) | ratio | goal | met |
 |---|---|---|---|---|---|
-| requests/s at full speed | {cell(s['cached_rps'])} | {cell(s['healthz_rps'])} | {cell(s['ratio'])} | ≥ 0.6 of healthz | {ratio_met} |
-| p50 / p99 ms at full speed | {cell(s['p50_full_ms'])} / {cell(s['p99_full_ms'])} | {cell(s['healthz_p99_ms'])} (p99) | | | |
-| p99 ms at half of peak | {cell(s['p99_half_ms'])} | | | < 10 ms | {p99_met} |
+| requests/s at full speed | {cell(s["cached_rps"])} | {cell(s["healthz_rps"])} | {cell(s["ratio"])} | ≥ 0.6 of healthz | {ratio_met} |
+| p50 / p99 ms at full speed | {cell(s["p50_full_ms"])} / {cell(s["p99_full_ms"])} | {cell(s["healthz_p99_ms"])} (p99) | | | |
+| p99 ms at half of peak | {cell(s["p99_half_ms"])} | | | < 10 ms | {p99_met} |
 
 A cached lookup costs three Redis round trips (the cache read with its generation, the company's CEP for the
 cross-check, and writing the lookup record that `GET /api/lookups/<id>` and the stream serve) plus the merge;
@@ -140,10 +178,14 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.UTC)
     name = f"cached_lookup-{'quick-' if arguments.quick else ''}{stamp:%Y%m%dT%H%M%SZ}.json"
     report = {
-        "date": stamp.isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2), "repeats": repeats, "seconds": seconds,
+        "date": stamp.isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "repeats": repeats,
+        "seconds": seconds,
         "command": "bench/cached_lookup.py" + (" --quick" if arguments.quick else ""),
-        "results_file": f"bench/results/{name}", "runs": runs,
+        "results_file": f"bench/results/{name}",
+        "runs": runs,
         "summary": {
             "cached_rps": spread([r["cached"]["rps"] for r in runs]),
             "healthz_rps": spread([r["healthz"]["rps"] for r in runs]),

@@ -38,8 +38,16 @@ async def _answer(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _connection(host: str, port: int, request: bytes, deadline: float, interval: float | None,
-                      start: float, latencies: list[float], statuses: dict[int, int]) -> None:
+async def _connection(
+    host: str,
+    port: int,
+    request: bytes,
+    deadline: float,
+    interval: float | None,
+    start: float,
+    latencies: list[float],
+    statuses: dict[int, int],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     next_at = start
     try:
@@ -64,26 +72,43 @@ def _percentile(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
 
 
-async def run(url: str, method: str, body: bytes, connections: int, seconds: float, rate: float | None) -> dict:
+async def run(
+    url: str, method: str, body: bytes, connections: int, seconds: float, rate: float | None
+) -> dict:
     parts = urlsplit(url)
     request = _request(method, parts.path or "/", parts.netloc, body)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     start = time.perf_counter()
     interval = connections / rate if rate else None
-    await asyncio.gather(*(
-        _connection(parts.hostname, parts.port or 80, request, start + seconds, interval,
-                    start + (interval or 0) * n / connections, latencies, statuses)
-        for n in range(connections)
-    ))
+    await asyncio.gather(
+        *(
+            _connection(
+                parts.hostname,
+                parts.port or 80,
+                request,
+                start + seconds,
+                interval,
+                start + (interval or 0) * n / connections,
+                latencies,
+                statuses,
+            )
+            for n in range(connections)
+        )
+    )
     elapsed = time.perf_counter() - start
     ordered = sorted(latencies)
     return {
-        "requests": len(ordered), "seconds": round(elapsed, 3), "rps": round(len(ordered) / elapsed, 1),
-        "p50_ms": round(_percentile(ordered, 0.50), 2), "p95_ms": round(_percentile(ordered, 0.95), 2),
-        "p99_ms": round(_percentile(ordered, 0.99), 2), "max_ms": round(_percentile(ordered, 1.0), 2),
+        "requests": len(ordered),
+        "seconds": round(elapsed, 3),
+        "rps": round(len(ordered) / elapsed, 1),
+        "p50_ms": round(_percentile(ordered, 0.50), 2),
+        "p95_ms": round(_percentile(ordered, 0.95), 2),
+        "p99_ms": round(_percentile(ordered, 0.99), 2),
+        "max_ms": round(_percentile(ordered, 1.0), 2),
         "statuses": {str(code): count for code, count in sorted(statuses.items())},
-        "connections": connections, "rate": rate,
+        "connections": connections,
+        "rate": rate,
     }
 
 
@@ -94,10 +119,20 @@ def main() -> None:
     parser.add_argument("--body", default="", help="JSON body sent with every request")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, help="requests per second in all (open loop); default: closed loop")
+    parser.add_argument(
+        "--rate", type=float, help="requests per second in all (open loop); default: closed loop"
+    )
     arguments = parser.parse_args()
-    summary = asyncio.run(run(arguments.url, arguments.method, arguments.body.encode(), arguments.connections,
-                              arguments.seconds, arguments.rate))
+    summary = asyncio.run(
+        run(
+            arguments.url,
+            arguments.method,
+            arguments.body.encode(),
+            arguments.connections,
+            arguments.seconds,
+            arguments.rate,
+        )
+    )
     print(json.dumps(summary))
 
 

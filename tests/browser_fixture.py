@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 # As root (CI) Chromium needs --no-sandbox; the network flags keep it off this closed network.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-    "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-dev-shm-usage",
 ]
 _skipped: list[str] = []
 
@@ -52,8 +58,12 @@ def page(browser):
     page = context.new_page()
     problems = PageProblems()
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}")
-            if message.type == "error" else None)
+    page.on(
+        "console",
+        lambda message: (
+            problems.append(f"console {message.type}: {message.text}") if message.type == "error" else None
+        ),
+    )
     page.problems = problems
     yield page
     context.close()
@@ -75,4 +85,6 @@ def screenshot(tmp_path):
 
 def pytest_terminal_summary(terminalreporter):
     if _skipped:
-        terminalreporter.write_sep("!", "BROWSER TESTS SKIPPED: " + "; ".join(sorted(set(_skipped))), red=True)
+        terminalreporter.write_sep(
+            "!", "BROWSER TESTS SKIPPED: " + "; ".join(sorted(set(_skipped))), red=True
+        )

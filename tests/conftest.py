@@ -50,7 +50,9 @@ def redis_url(tmp_path_factory) -> str:
 def settings(redis_url) -> Settings:
     """Settings on the test Redis, with a key prefix of this test's own."""
     # Tests post lookups far faster than a person: the per-client limit has its own tests.
-    return Settings.from_env({}, redis_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:10]}", lookup_rate_limit="off")
+    return Settings.from_env(
+        {}, redis_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:10]}", lookup_rate_limit="off"
+    )
 
 
 @pytest.fixture
@@ -81,7 +83,9 @@ def make_stack(redis_url, sandbox_url, tmp_path):
 
 
 # Source limits high enough that the limiter never gets in the way of tests about other things.
-FAST_LIMITS = {f"RATE_LIMIT_{name.upper()}": "60000" for name in ("brasilapi", "receitaws", "opencnpj", "viacep")}
+FAST_LIMITS = {
+    f"RATE_LIMIT_{name.upper()}": "60000" for name in ("brasilapi", "receitaws", "opencnpj", "viacep")
+}
 
 
 @pytest.fixture(scope="module")

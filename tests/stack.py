@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _wait(condition, timeout: float, message: str, process: subprocess.Popen | None = None, log: Path | None = None):
+def _wait(
+    condition, timeout: float, message: str, process: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -67,33 +69,87 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = self.tmp / f"{name}.log"
-        process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log.open("wb"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes[name] = (process, log)
         return process
 
     def start_worker(self, name: str = "w1", concurrency: int = 8) -> subprocess.Popen:
         """A Celery worker node; returns once it reports its heartbeat."""
         hostname = f"{name}@{self.env['KEY_PREFIX']}"
-        process = self._spawn(name, [str(BIN / "celery"), "-A", "job_queue", "worker", "-P", "threads",
-                                     "-c", str(concurrency), "-n", hostname, "--loglevel", os.environ.get("TEST_WORKER_LOGLEVEL", "INFO"),
-                                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
+        process = self._spawn(
+            name,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "job_queue",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                str(concurrency),
+                "-n",
+                hostname,
+                "--loglevel",
+                os.environ.get("TEST_WORKER_LOGLEVEL", "INFO"),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+        )
         client = self.app.extensions["redis"]
         key = f"{self.settings.key_prefix}:workers"
-        _wait(lambda: client.zscore(key, hostname) is not None, 30, f"worker {name}", process,
-              self.processes[name][1])
+        _wait(
+            lambda: client.zscore(key, hostname) is not None,
+            30,
+            f"worker {name}",
+            process,
+            self.processes[name][1],
+        )
         return process
 
     def start_beat(self) -> subprocess.Popen:
-        return self._spawn("beat", [str(BIN / "celery"), "-A", "job_queue", "beat", "--loglevel", "INFO",
-                                    "-s", str(self.tmp / "celerybeat-schedule")])
+        return self._spawn(
+            "beat",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "job_queue",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(self.tmp / "celerybeat-schedule"),
+            ],
+        )
 
     def start_web(self, port: int | None = None) -> str:
         """gunicorn with one gevent worker serving app:create_app(); returns its base URL."""
         port = port or free_port()
-        process = self._spawn("web", [str(BIN / "gunicorn"), "-k", "gevent", "--no-control-socket", "-w", "1",
-                                      "-b", f"127.0.0.1:{port}", "--worker-connections", "10000",
-                                      "--log-level", "warning", "app:create_app()"])
+        process = self._spawn(
+            "web",
+            [
+                str(BIN / "gunicorn"),
+                "-k",
+                "gevent",
+                "--no-control-socket",
+                "-w",
+                "1",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--worker-connections",
+                "10000",
+                "--log-level",
+                "warning",
+                "app:create_app()",
+            ],
+        )
         url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
@@ -132,13 +188,16 @@ class Stack:
     # -- HTTP helpers --------------------------------------------------------------------
 
     def post_lookup(self, identifier: str, **fields) -> requests.Response:
-        return requests.post(f"{self.web_url}/api/lookups", json={"identifier": identifier, **fields}, timeout=10)
+        return requests.post(
+            f"{self.web_url}/api/lookups", json={"identifier": identifier, **fields}, timeout=10
+        )
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(f"{self.web_url}{path}", timeout=10, **kwargs)
 
     def wait_status(self, lookup_id: str, statuses=("complete",), timeout: float = 20.0) -> dict:
         """Poll the lookup until its status is one of `statuses`; returns it."""
+
         def done():
             body = self.get(f"/api/lookups/{lookup_id}").json()
             return body if body["status"] in statuses else None

@@ -23,12 +23,15 @@ def test_the_benchmark_runs_in_quick_mode(name):
     results = ROOT / "bench" / "results"
     before = set(results.glob("*-quick-*.json"))
     docs_before = (ROOT / "docs" / "benchmarks.md").read_text()
-    finished = subprocess.run([sys.executable, str(script), "--quick"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=230)
+    finished = subprocess.run(
+        [sys.executable, str(script), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=230
+    )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     written = set(results.glob("*-quick-*.json")) - before
     assert written, "the quick run wrote no results file"
     for path in written:
         json.loads(path.read_text())
         path.unlink()
-    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs_before, "a quick run must not rewrite the docs"
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs_before, (
+        "a quick run must not rewrite the docs"
+    )

@@ -44,7 +44,9 @@ def test_over_the_limit_is_a_json_429_with_retry_after(make_app):
     assert [post(client).status_code for _ in range(3)] == [400] * 3
     response = post(client)
     assert response.status_code == 429
-    assert response.get_json()["error"] == "rate_limited" and "3 per 1 minute" in response.get_json()["message"]
+    assert (
+        response.get_json()["error"] == "rate_limited" and "3 per 1 minute" in response.get_json()["message"]
+    )
     assert 0 < int(response.headers["Retry-After"]) <= 60
     assert post(client, address="10.0.0.2").status_code == 400  # another client is not limited
     assert client.get("/api/lookups/some-id", environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code == 404
@@ -67,7 +69,9 @@ def test_the_limit_is_shared_by_every_web_process(make_app):
 def test_x_forwarded_for_counts_only_behind_trusted_proxies(make_app):
     direct = make_app(lookup_rate_limit="1/minute").test_client()
     assert post(direct, **{"X-Forwarded-For": "1.1.1.1"}).status_code == 400
-    assert post(direct, **{"X-Forwarded-For": "2.2.2.2"}).status_code == 429  # a forged header changes nothing
+    assert (
+        post(direct, **{"X-Forwarded-For": "2.2.2.2"}).status_code == 429
+    )  # a forged header changes nothing
 
     proxied = make_app(lookup_rate_limit="1/minute", trusted_proxies=1).test_client()
     assert post(proxied, **{"X-Forwarded-For": "3.3.3.3"}).status_code == 400

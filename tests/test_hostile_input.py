@@ -54,7 +54,9 @@ def test_hostile_identifiers_get_a_clear_400(client, value):
 
 
 def test_full_width_digits_are_refused_with_the_character_named(client):
-    body = assert_clear_error(client.post("/api/lookups", json={"identifier": HOSTILE_IDENTIFIERS["full-width digits"]}))
+    body = assert_clear_error(
+        client.post("/api/lookups", json={"identifier": HOSTILE_IDENTIFIERS["full-width digits"]})
+    )
     assert "U+FF11" in body["message"]
 
 
@@ -79,7 +81,9 @@ def test_full_width_digits_are_refused_with_the_character_named(client):
     ids=lambda payload: orjson.dumps(payload).decode()[:40],
 )
 def test_wrong_json_types_get_a_clear_400(client, payload):
-    assert_clear_error(client.post("/api/lookups", data=orjson.dumps(payload), content_type="application/json"))
+    assert_clear_error(
+        client.post("/api/lookups", data=orjson.dumps(payload), content_type="application/json")
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,9 +110,17 @@ def test_a_body_over_max_request_bytes_gets_413(client):
 
 @pytest.mark.parametrize(
     "path",
-    ["/api/lookups/..%2F..%2Fetc%2Fpasswd", "/api/lookups/%00", "/api/lookups/" + "a" * 5000,
-     "/api/lookups/<script>", "/api/lookups/..%2F..%2Fetc%2Fpasswd/events", "/api/lookups/%00/events",
-     "/api/lookups/" + "a" * 5000 + "/events", "/api/tasks/%00", "/api/tasks/" + "b" * 5000],
+    [
+        "/api/lookups/..%2F..%2Fetc%2Fpasswd",
+        "/api/lookups/%00",
+        "/api/lookups/" + "a" * 5000,
+        "/api/lookups/<script>",
+        "/api/lookups/..%2F..%2Fetc%2Fpasswd/events",
+        "/api/lookups/%00/events",
+        "/api/lookups/" + "a" * 5000 + "/events",
+        "/api/tasks/%00",
+        "/api/tasks/" + "b" * 5000,
+    ],
     ids=lambda path: path[:40],
 )
 def test_weird_ids_in_paths_get_a_json_404(client, path):
@@ -116,7 +128,9 @@ def test_weird_ids_in_paths_get_a_json_404(client, path):
 
 
 @given(st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b: b.decode("latin-1"))))
-@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hypothesis_settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_any_text_as_identifier_is_answered_without_a_500_or_raw_markup(client, text):
     response = client.post("/api/lookups", json={"identifier": text, "refresh": False})
     assert response.status_code in (200, 202, 400), response.get_data(as_text=True)[:300]

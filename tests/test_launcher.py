@@ -17,12 +17,19 @@ from embedded_redis import free_port
 def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
     port, sandbox_port, redis_port = free_port(), free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
-    env.update(PORT=str(port), SANDBOX_PORT=str(sandbox_port), EMBEDDED_REDIS_PORT=str(redis_port),
-               DATA_DIR=str(tmp_path / "var"), KEY_PREFIX="launcher")
+    env.update(
+        PORT=str(port),
+        SANDBOX_PORT=str(sandbox_port),
+        EMBEDDED_REDIS_PORT=str(redis_port),
+        DATA_DIR=str(tmp_path / "var"),
+        KEY_PREFIX="launcher",
+    )
     log = (tmp_path / "launcher.log").open("wb")
-    launcher = subprocess.Popen([sys.executable, "launcher.py"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        [sys.executable, "launcher.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
+
         def ready():
             try:
                 return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).json().get("ready")
@@ -30,10 +37,17 @@ def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
                 return False
 
         wait_for(ready, timeout=60, interval=0.2, message="the launched service to be ready")
-        created = requests.post(f"http://127.0.0.1:{port}/api/lookups", json={"identifier": "01310-100"},
-                                timeout=5).json()
-        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}{created['links']['self']}", timeout=5)
-                 .json()["status"] == "complete", timeout=20, message="a lookup through the launched stack")
+        created = requests.post(
+            f"http://127.0.0.1:{port}/api/lookups", json={"identifier": "01310-100"}, timeout=5
+        ).json()
+        wait_for(
+            lambda: (
+                requests.get(f"http://127.0.0.1:{port}{created['links']['self']}", timeout=5).json()["status"]
+                == "complete"
+            ),
+            timeout=20,
+            message="a lookup through the launched stack",
+        )
         assert (tmp_path / "var" / "redis" / "appendonlydir").exists()  # AOF under DATA_DIR
         children = psutil.Process(launcher.pid).children(recursive=True)
         assert len(children) >= 5  # valkey, sandbox, web, worker, beat (and their workers)

@@ -64,8 +64,9 @@ def test_the_api_conforms_to_its_document(app, path, method, mode):
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"} if path.startswith("/api/admin") else None
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @hypothesis_settings(max_examples=40, deadline=None, database=None,
-                         suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(
+        max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def conforms(case):
         # A schema-valid identifier is not a valid one (check digits), so a 400 for it is right.
         excluded = [positive_data_acceptance]

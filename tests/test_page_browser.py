@@ -33,7 +33,8 @@ def submit(page, identifier: str) -> None:
 def cards(page) -> dict[str, str]:
     """Source name -> state, for every card on the page."""
     return page.eval_on_selector_all(
-        ".source-card", "cards => Object.fromEntries(cards.map(c => [c.dataset.source, c.dataset.state]))")
+        ".source-card", "cards => Object.fromEntries(cards.map(c => [c.dataset.source, c.dataset.state]))"
+    )
 
 
 def wait_complete(page, timeout: float = 20_000) -> None:
@@ -106,8 +107,10 @@ def test_an_invalid_identifier_gets_an_inline_message_and_no_request(stack, page
     screenshot(page, "invalid-identifier")
     page.fill("#identifier", "01310-100")
     assert page.get_attribute("#detected-type", "data-type") == "cep"
-    page.wait_for_function("document.querySelector('#identifier-message').textContent.length === 0"
-                           " || document.querySelector('#identifier-message').dataset.state === 'ok'")
+    page.wait_for_function(
+        "document.querySelector('#identifier-message').textContent.length === 0"
+        " || document.querySelector('#identifier-message').dataset.state === 'ok'"
+    )
 
 
 def test_upstream_html_in_a_name_renders_as_text(stack, sandbox, page):
@@ -141,7 +144,9 @@ def test_a_stream_cut_mid_lookup_recovers_and_ends_like_an_uninterrupted_one(sta
     worker = _web_worker(stack)
     worker.kill()  # the stream drops; gunicorn starts a new worker and the browser reconnects
     wait_for(lambda: _web_worker(stack).pid != worker.pid, message="a new gunicorn worker")
-    page.wait_for_selector('#stream-status[data-state="reconnecting"], #lookup-status[data-status="complete"]')
+    page.wait_for_selector(
+        '#stream-status[data-state="reconnecting"], #lookup-status[data-status="complete"]'
+    )
     wait_complete(page, timeout=30_000)
     interrupted = settled_view(page)
     assert interrupted["card_count"] == 3 and set(interrupted["cards"].values()) == {"ok"}
@@ -191,8 +196,13 @@ def test_the_pages_speak_english_when_asked(stack, browser, screenshot):
 
 
 def test_the_status_page_shows_an_open_breaker_after_an_outage(make_stack, sandbox, page, screenshot):
-    stack = make_stack(**FAST_LIMITS, BREAKER_FAIL_MAX_OPENCNPJ="2", RETRY_MAX="1",
-                       RETRY_BACKOFF_BASE="0.05", HEALTH_CHECK_INTERVAL="3600")
+    stack = make_stack(
+        **FAST_LIMITS,
+        BREAKER_FAIL_MAX_OPENCNPJ="2",
+        RETRY_MAX="1",
+        RETRY_BACKOFF_BASE="0.05",
+        HEALTH_CHECK_INTERVAL="3600",
+    )
     stack.start_worker()
     stack.start_web()
     page.goto(stack.web_url + "/status")

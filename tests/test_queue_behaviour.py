@@ -15,8 +15,12 @@ def _events(stack, lookup_id: str) -> list[dict]:
 def test_urgent_lookups_submitted_after_a_backlog_finish_first(make_stack, sandbox):
     stack = make_stack(**FAST_LIMITS)
     stack.start_web()
-    backlog = [stack.post_lookup(cep, priority=1).json()["id"] for cep in sandbox.identifiers("cep", 30, seed=11)]
-    urgent = [stack.post_lookup(cep, priority=10).json()["id"] for cep in sandbox.identifiers("cep", 4, seed=12)]
+    backlog = [
+        stack.post_lookup(cep, priority=1).json()["id"] for cep in sandbox.identifiers("cep", 30, seed=11)
+    ]
+    urgent = [
+        stack.post_lookup(cep, priority=10).json()["id"] for cep in sandbox.identifiers("cep", 4, seed=12)
+    ]
     stack.start_worker(concurrency=1)
     finished = {i: stack.wait_status(i, timeout=60)["completed_at"] for i in backlog + urgent}
     order = sorted(finished, key=finished.get)
@@ -34,10 +38,16 @@ def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, 
     stack.start_web()
     ids = [stack.post_lookup(cnpj).json()["id"] for cnpj in sandbox.identifiers("cnpj", 12, seed=21)]
     done = [stack.wait_status(i, timeout=30) for i in ids]
-    assert all(d["sources"]["receitaws"]["state"] in ("ok", "not_found") for d in done), [d["sources"]["receitaws"] for d in done]
+    assert all(d["sources"]["receitaws"]["state"] in ("ok", "not_found") for d in done), [
+        d["sources"]["receitaws"] for d in done
+    ]
     assert all(d["sources"]["receitaws"]["attempts"] == 1 for d in done)  # waiting for a token is no retry
-    starts = sorted(e["timestamp"] for i in ids for e in _events(stack, i)
-                    if e["event"] == "source" and e["source"] == "receitaws" and e["state"] == "running")
+    starts = sorted(
+        e["timestamp"]
+        for i in ids
+        for e in _events(stack, i)
+        if e["event"] == "source" and e["source"] == "receitaws" and e["state"] == "running"
+    )
     assert len(starts) == 12
     rate = rate_per_minute / 60
     # Calls start when their reserved token exists, never before, so over the run the two
@@ -47,7 +57,9 @@ def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, 
     assert (len(starts) - 1) / (starts[-1] - starts[0]) <= rate * 1.02, starts
     for i, first in enumerate(starts):
         assert sum(1 for t in starts[i:] if t < first + 1.0) <= 1 + rate + 1, starts
-    limited = [e for i in ids for e in _events(stack, i) if e["event"] == "source" and e["state"] == "rate_limited"]
+    limited = [
+        e for i in ids for e in _events(stack, i) if e["event"] == "source" and e["state"] == "rate_limited"
+    ]
     assert limited and all(e["scheduled_at"] for e in limited)
     assert sandbox.stats()["upstreams"]["receitaws"]["by_status"].get("429", 0) == 0
 
@@ -79,7 +91,9 @@ def test_beat_cleans_up_expired_lookups_and_records_health_checks(make_stack, sa
     events_key = stack.app.extensions["events"].stream_key(lookup_id)
     assert stack.app.extensions["redis"].exists(events_key)
     stack.start_beat()
-    health = wait_for(lambda: stack.get("/api/status").json()["health_check"], timeout=20, message="health check")
+    health = wait_for(
+        lambda: stack.get("/api/status").json()["health_check"], timeout=20, message="health check"
+    )
     assert health["redis"]["ok"] and health["workers"] and set(health["breakers"]) >= {"brasilapi", "viacep"}
     wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").status_code == 404, timeout=20, message="cleanup")
     assert not stack.app.extensions["redis"].exists(events_key)

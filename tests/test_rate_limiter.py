@@ -13,8 +13,11 @@ from settings import Settings
 
 
 def _limiter(redis_url: str, prefix: str, rate: float, burst: int = 1) -> RateLimiter:
-    settings = Settings.from_env({"RATE_LIMIT_RECEITAWS": str(rate), "RATE_BURST_RECEITAWS": str(burst)},
-                                 redis_url=redis_url, key_prefix=prefix)
+    settings = Settings.from_env(
+        {"RATE_LIMIT_RECEITAWS": str(rate), "RATE_BURST_RECEITAWS": str(burst)},
+        redis_url=redis_url,
+        key_prefix=prefix,
+    )
     return RateLimiter(redis_store.connect(settings), settings)
 
 
@@ -72,8 +75,10 @@ def test_processes_sharing_a_bucket_never_exceed_it(settings, redis_client):
     times, merged, never put more than burst + rate * window calls in any window."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_grab, args=(settings.redis_url, settings.key_prefix, 30, queue))
-               for _ in range(3)]
+    workers = [
+        context.Process(target=_grab, args=(settings.redis_url, settings.key_prefix, 30, queue))
+        for _ in range(3)
+    ]
     for worker in workers:
         worker.start()
     times = sorted(t for _ in workers for t in queue.get(timeout=60))

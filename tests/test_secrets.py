@@ -19,8 +19,9 @@ def _calls(client):
     yield client.get("/api/admin/dead-letters", headers={"Authorization": "Bearer wrong-token"})
     yield client.get("/api/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}x"})
     yield client.get("/api/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    yield client.post("/api/admin/cache/invalidate", json={"all": "yes"},
-                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    yield client.post(
+        "/api/admin/cache/invalidate", json={"all": "yes"}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     yield client.post("/api/lookups", json={"identifier": "11222333000181"})
     yield client.get("/api/status")
     yield client.get("/readyz")
@@ -31,8 +32,12 @@ def test_secrets_stay_out_of_logs_and_bodies(settings, redis_client, caplog, red
     if redis_reachable:
         app_settings = dataclasses.replace(settings, admin_token=ADMIN_TOKEN)
     else:
-        app_settings = Settings.from_env({}, admin_token=ADMIN_TOKEN, key_prefix="tsecret",
-                                         redis_url=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0")
+        app_settings = Settings.from_env(
+            {},
+            admin_token=ADMIN_TOKEN,
+            key_prefix="tsecret",
+            redis_url=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0",
+        )
     app = create_app(app_settings)
     caplog.set_level(logging.DEBUG)
     try:

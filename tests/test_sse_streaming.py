@@ -56,7 +56,9 @@ def test_the_hub_announces_each_event_with_the_id_before_it(events, hub):
     events.publish("someone-else", "source", {"n": 0})  # not followed here: not delivered
     notices = _notices(listener, 2)
     assert [(n.previous_id, n.message.id, n.message.type) for n in notices] == [
-        ("0-0", first, "source"), (first, second, "progress")]
+        ("0-0", first, "source"),
+        (first, second, "progress"),
+    ]
     assert listener.inbox.empty()
     hub.close(listener)
     hub.close(listener)  # idempotent
@@ -244,8 +246,11 @@ def _web_worker(stack) -> psutil.Process:
 
 
 def _redis_connections(process: psutil.Process, redis_port: int) -> int:
-    return sum(1 for c in process.net_connections(kind="tcp")
-               if c.raddr and c.raddr.port == redis_port and c.status == psutil.CONN_ESTABLISHED)
+    return sum(
+        1
+        for c in process.net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == redis_port and c.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def test_200_streams_on_one_worker_all_get_their_events_over_a_few_redis_connections(web, sandbox, redis_url):
@@ -256,8 +261,7 @@ def test_200_streams_on_one_worker_all_get_their_events_over_a_few_redis_connect
     try:
         for stream in streams:
             assert stream.next_event().type == "snapshot"
-        status = wait_for(lambda: web.get("/api/status").json()["event_streams"],
-                          message="200 open streams")
+        status = wait_for(lambda: web.get("/api/status").json()["event_streams"], message="200 open streams")
         assert status["open_streams"] == 200 and status["subscribed"]
         worker = _web_worker(web)
         assert _redis_connections(worker, redis_port) <= 10
@@ -272,18 +276,24 @@ def test_200_streams_on_one_worker_all_get_their_events_over_a_few_redis_connect
     finally:
         for stream in streams:
             stream.close()
-    wait_for(lambda: web.get("/api/status").json()["event_streams"]["open_streams"] == 0,
-             message="closed streams to be released")
+    wait_for(
+        lambda: web.get("/api/status").json()["event_streams"]["open_streams"] == 0,
+        message="closed streams to be released",
+    )
 
 
 def test_a_closed_stream_is_released_by_the_next_heartbeat(web, sandbox):
     lookup = _queued_lookup(web, sandbox, seed=105)
     stream = Stream(web.web_url + lookup["links"]["events"])
     assert stream.next_event().type == "snapshot"
-    wait_for(lambda: web.get("/api/status").json()["event_streams"]["open_streams"] >= 1, message="stream open")
+    wait_for(
+        lambda: web.get("/api/status").json()["event_streams"]["open_streams"] >= 1, message="stream open"
+    )
     stream.close()
-    wait_for(lambda: web.get("/api/status").json()["event_streams"]["open_streams"] == 0,
-             message="the abandoned stream to be released")
+    wait_for(
+        lambda: web.get("/api/status").json()["event_streams"]["open_streams"] == 0,
+        message="the abandoned stream to be released",
+    )
 
 
 # -- over real HTTP with a Celery worker: real lookups -------------------------------------------
@@ -326,8 +336,11 @@ def test_a_subscriber_after_the_end_gets_snapshot_and_complete(stack, sandbox):
     assert records[0].type == "snapshot" and records[0].json["status"] == "complete"
     assert records[-1].type == "complete"
     # Reconnecting after the last event still ends the stream with `complete`.
-    again = [r for r in read_all(stack.web_url + created["links"]["events"], last_event_id=records[-1].id)
-             if isinstance(r, Event)]
+    again = [
+        r
+        for r in read_all(stack.web_url + created["links"]["events"], last_event_id=records[-1].id)
+        if isinstance(r, Event)
+    ]
     assert [e.type for e in again] == ["snapshot", "complete"]
 
 
@@ -341,4 +354,3 @@ def test_a_cached_lookup_streams_snapshot_and_complete(stack, sandbox):
     assert [e.type for e in records] == ["snapshot", "complete"]
     assert records[1].json["cached"] is True
     assert time.monotonic() - started < 5
-

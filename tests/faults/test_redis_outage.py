@@ -31,8 +31,9 @@ class Load(threading.Thread):
                 return
             started = time.monotonic()
             try:
-                response = requests.post(f"{self.url}/api/lookups", json={"identifier": identifier, "refresh": True},
-                                         timeout=5)
+                response = requests.post(
+                    f"{self.url}/api/lookups", json={"identifier": identifier, "refresh": True}, timeout=5
+                )
                 status, body = response.status_code, response.json()
             except (requests.RequestException, ValueError) as error:
                 status, body = 0, {"exception": repr(error)}
@@ -53,15 +54,24 @@ def test_redis_stopped_for_ten_seconds_under_load(redis_server, sandbox_url, san
 
     for name in ("brasilapi", "opencnpj", "receitaws"):
         sandbox.control(name, latency_ms=300, quota_per_minute=None)  # work queues up behind a slow upstream
-    stack = Stack(redis_server.url, sandbox_url, tmp_path / "stack", **FAST_LIMITS,
-                  HEALTH_CHECK_INTERVAL="2", WORKER_HEARTBEAT_TTL="5", LOOKUP_DEADLINE="60",
-                  VISIBILITY_TIMEOUT="10")  # tasks running at the outage come back after it
+    stack = Stack(
+        redis_server.url,
+        sandbox_url,
+        tmp_path / "stack",
+        **FAST_LIMITS,
+        HEALTH_CHECK_INTERVAL="2",
+        WORKER_HEARTBEAT_TTL="5",
+        LOOKUP_DEADLINE="60",
+        VISIBILITY_TIMEOUT="10",
+    )  # tasks running at the outage come back after it
     (tmp_path / "stack").mkdir()
     try:
         stack.start_worker("w1", concurrency=16)
         stack.start_beat()
         stack.start_web()
-        wait_for(lambda: stack.get("/readyz").status_code == 200, timeout=30, message="ready before the outage")
+        wait_for(
+            lambda: stack.get("/readyz").status_code == 200, timeout=30, message="ready before the outage"
+        )
         load = Load(stack.web_url, sandbox.identifiers("cnpj", 2000, seed=7000))
         load.start()
         wait_for(lambda: len(load.answers) >= 40, timeout=30, message="load before the outage")
@@ -93,9 +103,14 @@ def test_redis_stopped_for_ten_seconds_under_load(redis_server, sandbox_url, san
         # Every process reconnects by itself: a fresh worker heartbeat, a fresh health check by beat.
         wait_for(lambda: stack.get("/readyz").status_code == 200, timeout=30, message="ready again")
         restarted_wall = time.time() - (time.monotonic() - restarted_at)
-        wait_for(lambda: (stack.get("/api/status").json().get("health_check") or {}).get("checked_at", 0)
-                 > restarted_wall + 0.5,
-                 timeout=30, message="beat's health check to run after the restart")
+        wait_for(
+            lambda: (
+                (stack.get("/api/status").json().get("health_check") or {}).get("checked_at", 0)
+                > restarted_wall + 0.5
+            ),
+            timeout=30,
+            message="beat's health check to run after the restart",
+        )
         load.stopping.set()
         load.join(10)
 
@@ -106,15 +121,21 @@ def test_redis_stopped_for_ten_seconds_under_load(redis_server, sandbox_url, san
         def unfinished() -> list[str]:
             return [i for i in accepted if (lookup := store.get(i)) is None or lookup.status != "complete"]
 
-        wait_for(lambda: not unfinished(), timeout=90, interval=0.5,
-                 message="every accepted lookup to complete after the restart")
+        wait_for(
+            lambda: not unfinished(),
+            timeout=90,
+            interval=0.5,
+            message="every accepted lookup to complete after the restart",
+        )
         # A worker that stalled after the restart (celery/celery#9054) would not run new work.
         fresh = stack.post_lookup(sandbox.known("cnpj", seed=7999), refresh=True).json()
         stack.wait_status(fresh["id"], timeout=20)
         for name in ("w1", "beat", "web"):
             assert stack.processes[name][0].poll() is None, f"{name} died:\n{stack.log(name)[-2000:]}"
         slowest = max(seconds for _, seconds, _, _ in outage_posts)
-        print(f"\nRedis down {OUTAGE_SECONDS} s: {len(outage_posts)} POSTs answered 503 (slowest {slowest * 1000:.0f} ms); "
-              f"{len(accepted)} accepted lookups all complete {time.monotonic() - restarted_at:.1f} s after the restart")
+        print(
+            f"\nRedis down {OUTAGE_SECONDS} s: {len(outage_posts)} POSTs answered 503 (slowest {slowest * 1000:.0f} ms); "
+            f"{len(accepted)} accepted lookups all complete {time.monotonic() - restarted_at:.1f} s after the restart"
+        )
     finally:
         stack.stop()

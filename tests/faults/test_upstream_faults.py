@@ -58,9 +58,16 @@ def test_outage_opens_the_breaker_across_workers_and_lookups_fall_back(make_stac
     assert stack.get("/api/status").json()["breakers"]["receitaws"]["state"] == "closed"
 
 
-def test_after_the_reset_timeout_one_probe_runs_cluster_wide_and_successes_close_the_breaker(make_stack, sandbox):
-    stack = make_stack(**FAST_LIMITS, BREAKER_FAIL_MAX="2", BREAKER_RESET_TIMEOUT="1",
-                       BREAKER_SUCCESS_THRESHOLD="2", RETRY_MAX="0")
+def test_after_the_reset_timeout_one_probe_runs_cluster_wide_and_successes_close_the_breaker(
+    make_stack, sandbox
+):
+    stack = make_stack(
+        **FAST_LIMITS,
+        BREAKER_FAIL_MAX="2",
+        BREAKER_RESET_TIMEOUT="1",
+        BREAKER_SUCCESS_THRESHOLD="2",
+        RETRY_MAX="0",
+    )
     stack.start_worker("w1")
     stack.start_worker("w2")
     stack.start_web()
@@ -71,7 +78,9 @@ def test_after_the_reset_timeout_one_probe_runs_cluster_wide_and_successes_close
     assert breaker["state"] == "open"
 
     sandbox.reset()
-    sandbox.control("receitaws", latency_ms=1500, quota_per_minute=None)  # back, but slow: the probe stays in flight
+    sandbox.control(
+        "receitaws", latency_ms=1500, quota_per_minute=None
+    )  # back, but slow: the probe stays in flight
     wait_for(lambda: time.time() > breaker["opened_at"] + 1.1, timeout=5, message="the reset timeout to pass")
     ids = [stack.post_lookup(cnpj).json()["id"] for cnpj in sandbox.identifiers("cnpj", 12, seed=72)]
     done = [stack.wait_status(i, timeout=30) for i in ids]
@@ -79,7 +88,9 @@ def test_after_the_reset_timeout_one_probe_runs_cluster_wide_and_successes_close
     # 16 worker threads in two processes saw the breaker half-open at once: one probe went through.
     assert sandbox.stats()["upstreams"]["receitaws"]["requests"] == 1, states
     assert states.count("circuit_open") == 11 and all(d["status"] == "complete" for d in done)
-    assert stack.get("/api/status").json()["breakers"]["receitaws"]["state"] == "half-open"  # 1 of 2 successes
+    assert (
+        stack.get("/api/status").json()["breakers"]["receitaws"]["state"] == "half-open"
+    )  # 1 of 2 successes
 
     closing = stack.wait_status(stack.post_lookup(sandbox.identifiers("cnpj", 1, seed=73)[0]).json()["id"])
     assert closing["sources"]["receitaws"]["state"] in ("ok", "not_found")
@@ -91,8 +102,9 @@ def test_after_the_reset_timeout_one_probe_runs_cluster_wide_and_successes_close
 
 
 def test_a_slow_upstream_times_out_and_retries_without_holding_a_worker_past_the_timeout(make_stack, sandbox):
-    stack = make_stack(**FAST_LIMITS, TIMEOUT_OPENCNPJ="0.5", RETRY_MAX="2", RETRY_BACKOFF_BASE="0.2",
-                       BREAKER_FAIL_MAX="50")
+    stack = make_stack(
+        **FAST_LIMITS, TIMEOUT_OPENCNPJ="0.5", RETRY_MAX="2", RETRY_BACKOFF_BASE="0.2", BREAKER_FAIL_MAX="50"
+    )
     sandbox.control("opencnpj", latency_ms=3000, quota_per_minute=None)
     stack.start_worker("w1", concurrency=2)
     stack.start_web()
@@ -118,8 +130,9 @@ def test_a_slow_upstream_times_out_and_retries_without_holding_a_worker_past_the
 
 def test_a_burst_over_three_workers_never_trips_the_upstream_quota(make_stack, sandbox, page):
     quota = 300  # ReceitaWS' 3 per minute scaled up 100 times, as the limiter is (95% of it, burst 1)
-    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": str(quota * 0.95), "RETRY_MAX": "0",
-                          "LOOKUP_DEADLINE": "3"})
+    stack = make_stack(
+        **{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": str(quota * 0.95), "RETRY_MAX": "0", "LOOKUP_DEADLINE": "3"}
+    )
     sandbox.control("receitaws", quota_per_minute=quota)
     for name in ("w1", "w2", "w3"):
         stack.start_worker(name, concurrency=4)
@@ -135,8 +148,11 @@ def test_a_burst_over_three_workers_never_trips_the_upstream_quota(make_stack, s
     assert all(d["deadline_at"] <= started + 3 + 5 for d in first)  # each answered by its deadline
     partial = [d for d in first if d["status"] == "partial"]
     assert partial, "the burst fitted in the deadline: the test proves nothing about deferred calls"
-    assert all(d["sources"]["receitaws"]["scheduled_at"] for d in partial
-               if d["sources"]["receitaws"]["state"] == "rate_limited")
+    assert all(
+        d["sources"]["receitaws"]["scheduled_at"]
+        for d in partial
+        if d["sources"]["receitaws"]["state"] == "rate_limited"
+    )
     done = [stack.wait_status(i, timeout=30) for i in ids]  # the deferred calls all run later
     assert all(d["sources"]["receitaws"]["state"] in ("ok", "not_found") for d in done)
     assert sandbox.stats()["upstreams"]["receitaws"]["by_status"].get("429", 0) == 0
@@ -155,7 +171,9 @@ def test_transient_failures_retry_with_backoff_then_dead_letter_and_requeue(make
     lookup_id = stack.post_lookup(cnpj).json()["id"]
     done = stack.wait_status(lookup_id, timeout=30)
     opencnpj = done["sources"]["opencnpj"]
-    assert opencnpj["state"] == "error" and opencnpj["attempts"] == 4 and "gave up after 4" in opencnpj["error"]
+    assert (
+        opencnpj["state"] == "error" and opencnpj["attempts"] == 4 and "gave up after 4" in opencnpj["error"]
+    )
     assert sandbox.stats()["upstreams"]["opencnpj"]["requests"] == 4
     retries = [e for e in _events(stack, lookup_id) if e["event"] == "source" and e["state"] == "retrying"]
     delays = [e["scheduled_at"] - e["timestamp"] for e in retries]
@@ -170,10 +188,14 @@ def test_transient_failures_retry_with_backoff_then_dead_letter_and_requeue(make
     assert entry["source"] == "opencnpj" and "500" in entry["error"]
 
     sandbox.control("opencnpj", error_rate=0.0)
-    requeued = requests.post(f"{stack.web_url}/api/admin/dead-letters/{entry['id']}/requeue", headers=headers,
-                             timeout=10)
+    requeued = requests.post(
+        f"{stack.web_url}/api/admin/dead-letters/{entry['id']}/requeue", headers=headers, timeout=10
+    )
     assert requeued.status_code == 202
-    wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").json()["sources"]["opencnpj"]["state"] == "ok",
-             timeout=15, message="requeued call to succeed")
+    wait_for(
+        lambda: stack.get(f"/api/lookups/{lookup_id}").json()["sources"]["opencnpj"]["state"] == "ok",
+        timeout=15,
+        message="requeued call to succeed",
+    )
     assert stack.get(f"/api/tasks/{requeued.json()['task_id']}").json()["state"] == "SUCCESS"
     assert stack.get("/api/admin/dead-letters", headers=headers).json()["count"] == 0

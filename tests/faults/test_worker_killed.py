@@ -45,12 +45,18 @@ def test_killing_a_worker_node_loses_no_lookup(make_stack, sandbox):
     assert done_at_kill < LOOKUPS, "every lookup finished before the kill: the test proves nothing"
 
     try:
-        wait_for(lambda: completed() == LOOKUPS, timeout=90, interval=0.5,
-                 message=f"all {LOOKUPS} lookups to complete after the kill ({done_at_kill} done at the kill)")
+        wait_for(
+            lambda: completed() == LOOKUPS,
+            timeout=90,
+            interval=0.5,
+            message=f"all {LOOKUPS} lookups to complete after the kill ({done_at_kill} done at the kill)",
+        )
     except AssertionError:
         stuck = [store.get(i) for i in created if store.get(i).status != "complete"]
-        report = [(lookup.id, lookup.status, {n: str(r.state) for n, r in lookup.sources.items()})
-                  for lookup in stuck[:10]]
+        report = [
+            (lookup.id, lookup.status, {n: str(r.state) for n, r in lookup.sources.items()})
+            for lookup in stuck[:10]
+        ]
         raise AssertionError(f"{len(stuck)} lookups never completed, e.g. {report}") from None
     recovery = time.monotonic() - killed_at
 
@@ -58,7 +64,9 @@ def test_killing_a_worker_node_loses_no_lookup(make_stack, sandbox):
     wrong = []
     for lookup_id, identifier in created.items():
         lookup = store.get(lookup_id)
-        assert _complete_events(app, lookup_id) == 1, f"lookup {lookup_id}: complete published not exactly once"
+        assert _complete_events(app, lookup_id) == 1, (
+            f"lookup {lookup_id}: complete published not exactly once"
+        )
         for name, result in lookup.sources.items():
             assert result.state in ("ok", "not_found"), f"{lookup_id} {name}: {result.state} {result.error}"
             entry = cache.get("cnpj", name, identifier)

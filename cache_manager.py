@@ -84,49 +84,59 @@ class Cache:
     def get_many(
         self, identifier_type: str, sources: list[str], identifier: str, allow_stale: bool = False
     ) -> dict[str, CacheEntry]:
-        """Fresh entries (and stale ones too with `allow_stale`) by source; missing sources are absent.
+        """Fresh entries (and stale ones too with `allow_stale`) by source; missing sources are absent."""
+        return self.read([(identifier_type, sources, identifier)], allow_stale)[0]
 
-        One round trip: the generation and the entries under the generation seen last are read
-        together (with the previous read's counters); only right after a bump is a second read needed.
+    def read(
+        self, requests: list[tuple[str, list[str], str]], allow_stale: bool = False
+    ) -> list[dict[str, CacheEntry]]:
+        """Several `get_many`s, each a (type, sources, identifier), in one round trip.
+
+        The generation and the entries under the generation seen last are read together (with the
+        previous read's counters); only right after a bump is a second read needed.
         """
-        if not sources:
-            return {}
+        keys = [(kind, source, identifier) for kind, sources, identifier in requests for source in sources]
+        if not keys:
+            return [{} for _ in requests]
         try:
-            values = self._read(identifier_type, sources, identifier)
+            values = iter(self._read(keys))
         except redis.RedisError as error:
             log.warning("cache read failed, treating as a miss: %s", error)
-            return {}
+            return [{} for _ in requests]
         now = time.time()
-        entries: dict[str, CacheEntry] = {}
-        for source, raw in zip(sources, values, strict=True):
-            if raw is None:
-                continue
-            stored = orjson.loads(raw)
-            fresh = now - stored["fetched_at"] < self._fresh_ttl(identifier_type, stored["found"])
-            if fresh or allow_stale:
-                entries[source] = CacheEntry(
-                    source, stored["found"], stored["data"], stored["fetched_at"], stale=not fresh
-                )
-        stale = sum(e.stale for e in entries.values())
-        self._count(hits=len(entries) - stale, misses=len(sources) - len(entries), stale=stale)
-        return entries
+        answers = []
+        for identifier_type, sources, _ in requests:
+            entries: dict[str, CacheEntry] = {}
+            for source in sources:
+                raw = next(values)
+                if raw is None:
+                    continue
+                stored = orjson.loads(raw)
+                fresh = now - stored["fetched_at"] < self._fresh_ttl(identifier_type, stored["found"])
+                if fresh or allow_stale:
+                    entries[source] = CacheEntry(
+                        source, stored["found"], stored["data"], stored["fetched_at"], stale=not fresh
+                    )
+            stale = sum(e.stale for e in entries.values())
+            self._count(hits=len(entries) - stale, misses=len(sources) - len(entries), stale=stale)
+            answers.append(entries)
+        return answers
 
-    def _read(self, identifier_type: str, sources: list[str], identifier: str) -> list[bytes | None]:
+    def _read(self, keys: list[tuple[str, str, str]]) -> list[bytes | None]:
+        """MGET of (type, source, identifier) entries under the current generation."""
         with self._lock:
             assumed, pending = self._last_generation, self._pending_counts
             self._pending_counts = {}
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self._key("generation"))
-            pipe.mget([self._entry_key(assumed, identifier_type, s, identifier) for s in sources])
+            pipe.mget([self._entry_key(assumed, *key) for key in keys])
             for field, amount in pending.items():
                 pipe.hincrby(self._key("stats"), field, amount)
             raw_generation, values, *_ = pipe.execute()
         generation = int(raw_generation or 0)
         if generation != assumed:  # bumped since this process last looked
             self._last_generation = generation
-            values = self.redis.mget(
-                [self._entry_key(generation, identifier_type, s, identifier) for s in sources]
-            )
+            values = self.redis.mget([self._entry_key(generation, *key) for key in keys])
         return values
 
     def get(

@@ -145,10 +145,10 @@ One gunicorn gevent worker; `POST /api/lookups` for one cached company (three so
 | p50 / p99 ms at full speed | {cell(s["p50_full_ms"])} / {cell(s["p99_full_ms"])} | {cell(s["healthz_p99_ms"])} (p99) | | | |
 | p99 ms at half of peak | {cell(s["p99_half_ms"])} | | | < 10 ms | {p99_met} |
 
-A cached lookup costs three Redis round trips (the cache read with its generation, the company's CEP for the
-cross-check, and writing the lookup record that `GET /api/lookups/<id>` and the stream serve) plus the merge;
-healthz costs none. The next step the issue names is an in-process near cache kept honest by invalidation
-messages, which would leave only the record write.
+A cached lookup costs two Redis round trips (one read: the generation, the company's entries and its CEP's for
+the cross-check; one write: the lookup record that `GET /api/lookups/<id>` and the stream serve) plus the merge
+and its JSON; healthz costs none. The next step the issue names is an in-process near cache kept honest by
+invalidation messages, which would leave only the record write.
 {END}"""
 
 

@@ -13,7 +13,6 @@ least 0.6 of healthz's; p99 under 10 ms at half of peak.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -23,19 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import Stack, _wait  # noqa: E402
+from deployment import ROOT, Stack, _wait, deployment  # noqa: E402
 
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-
-BIN = Path(sys.executable).parent
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- cached_lookup:begin -->", "<!-- cached_lookup:end -->"
 IDENTIFIER = "11222333000181"  # one hot company: every request reads the same cached entries
-NO_LIMITS = {f"RATE_LIMIT_{name}": "60000" for name in ("BRASILAPI", "RECEITAWS", "OPENCNPJ", "VIACEP")}
 
 
 def load(url: str, seconds: float, method: str = "GET", body: str = "", rate: float | None = None) -> dict:
@@ -56,46 +50,6 @@ def load(url: str, seconds: float, method: str = "GET", body: str = "", rate: fl
         command += ["--rate", str(rate)]
     finished = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(finished.stdout)
-
-
-@contextlib.contextmanager
-def deployment(tmp: Path):
-    """Valkey, the sandbox, one Celery worker (to warm the cache) and the web server."""
-    redis = EmbeddedRedis(free_port(), tmp / "redis", appendonly=False)
-    redis.start()
-    sandbox_port = free_port()
-    sandbox_log = (tmp / "sandbox.log").open("wb")
-    sandbox = subprocess.Popen(
-        [
-            str(BIN / "gunicorn"),
-            "-k",
-            "gevent",
-            "-w",
-            "1",
-            "--no-control-socket",
-            "-b",
-            f"127.0.0.1:{sandbox_port}",
-            "--log-level",
-            "warning",
-            "sandbox:create_app()",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "SANDBOX_QUOTA_RECEITAWS": "none"},
-        stdout=sandbox_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    (tmp / "stack").mkdir()
-    stack = Stack(redis.url, f"http://127.0.0.1:{sandbox_port}", tmp / "stack", **NO_LIMITS)
-    try:
-        stack.start_worker("w1")
-        stack.start_web()
-        yield stack
-    finally:
-        stack.stop()
-        sandbox.terminate()
-        sandbox.wait(10)
-        redis.stop()
 
 
 def measure(stack: Stack, seconds: float) -> dict:

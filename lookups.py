@@ -247,6 +247,14 @@ class LookupStore:
                 pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
             pipe.execute()
 
+    def discard(self, lookup: Lookup) -> None:
+        """Remove a record that was written but never started (it joined a running lookup instead)."""
+        task_keys = [self.task_key(task_id) for task_id in lookup.tasks.values()]
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.record_key(lookup.id), *task_keys)
+            pipe.zrem(self._key("lookups"), lookup.id)
+            pipe.execute()
+
     def register_task(
         self, task_id: str, name: str, lookup_id: str | None, source: str | None = None
     ) -> None:

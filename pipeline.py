@@ -88,15 +88,17 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         store.create(lookup)
         return lookup, True
 
+    missing = [name for name in names if name not in cached]
+    lookup.tasks = {name: uuid.uuid4().hex for name in missing}
+    # The record first, then the single-flight claim: a lookup that holds the claim always has its
+    # record, so a concurrent request never mistakes a claim for a stale one and starts a second.
+    store.create(lookup)
     running = store.claim_inflight(kind, identifier.value, lookup.id)
     if running is not None:
         joined = store.get(running)
         if joined is not None:
+            store.discard(lookup)
             return joined, False
-
-    missing = [name for name in names if name not in cached]
-    lookup.tasks = {name: uuid.uuid4().hex for name in missing}
-    store.create(lookup)
     extension("deferred").add(
         lookup.deadline_at, FINALIZE_TASK, [lookup.id, True], {"priority": celery_priority(priority)}
     )

@@ -17,11 +17,14 @@ admin = Blueprint("admin", __name__, url_prefix="/api/admin")
 
 @admin.before_request
 def require_token() -> None:
-    """401 unless the bearer token matches ADMIN_TOKEN (admin is off while it is unset)."""
+    """403 while ADMIN_TOKEN is unset (admin is off: no token can work); else 401 unless it matches."""
     expected = extension("settings").admin_token
+    if not expected:
+        raise ApiError(403, "admin_disabled", "the admin API is off: the service has no ADMIN_TOKEN set")
     supplied = request.headers.get("Authorization", "")
     token = supplied[7:] if supplied.startswith("Bearer ") else ""
-    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+    # Constant time: the comparison must not tell an attacker how much of a guess was right.
+    if not hmac.compare_digest(token.encode(), expected.encode()):
         raise ApiError(
             401,
             "unauthorized",

@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False
+    # An empty id (`/api/lookups//events`) is a JSON 404, not werkzeug's HTML 308 to a merged path.
+    app.url_map.merge_slashes = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.extensions["settings"] = settings
     client = redis_store.connect(settings)
@@ -51,8 +53,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
         part.init_app(app)
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
-    client_limits.init_app(app)
     app.register_blueprint(api)
+    client_limits.init_app(app)  # after the api blueprint: it wraps POST /api/lookups
     app.register_blueprint(admin.admin)
     app.register_blueprint(openapi.docs)
     app.register_blueprint(pages.pages)
@@ -94,7 +96,6 @@ def _lookup_request(body: dict) -> tuple:
 
 
 @api.post("/api/lookups")
-@client_limits.limiter.limit(client_limits.lookup_rate_limit, exempt_when=client_limits.no_lookup_limit)
 def create_lookup():
     identifier, priority, refresh = _lookup_request(_json_body())
     lookup, _ = pipeline.start_lookup(identifier, priority, refresh)

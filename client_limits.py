@@ -7,44 +7,54 @@ X-Forwarded-For (werkzeug's ProxyFix), never from a header a client could set on
 
 from __future__ import annotations
 
-from flask import Flask, current_app
+from flask import Flask
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from limits import parse_many
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-limiter = Limiter(key_func=get_remote_address)
-
-
 OFF = ("", "off", "none")
+LIMITED_ENDPOINT = "api.create_lookup"  # POST /api/lookups; reads and streams are not limited
 
 
-def lookup_rate_limit() -> str:
-    """LOOKUP_RATE_LIMIT, e.g. "60/minute" (flask-limiter's notation; "off" turns the limit off)."""
-    if no_lookup_limit():
-        return "1/second"  # never applied (exempt_when), but flask-limiter parses the value before asking
-    return current_app.extensions["settings"].lookup_rate_limit
-
-
-def no_lookup_limit() -> bool:
-    return current_app.extensions["settings"].lookup_rate_limit.strip().lower() in OFF
+def is_off(limit: str) -> bool:
+    """LOOKUP_RATE_LIMIT "off" (or empty) turns the limit off."""
+    return limit.strip().lower() in OFF
 
 
 def init_app(app: Flask) -> None:
+    """Limit LIMITED_ENDPOINT (already registered) to LOOKUP_RATE_LIMIT per client address.
+
+    One Limiter per app, kept in app.extensions["client_limiter"]: flask-limiter's Limiter holds
+    one storage, so a module-level one shared by several apps (tests, tools) would count every
+    app's requests in whichever app's Redis was set up last.
+    """
     settings = app.extensions["settings"]
-    if settings.lookup_rate_limit.strip().lower() not in OFF:
-        parse_many(settings.lookup_rate_limit)  # a typo fails at start-up, not as a 500 per request
-    app.config.update(
-        RATELIMIT_STORAGE_URI=settings.effective_redis_url,
-        # The app's own bounded pool: no extra connections per web process, the same timeouts.
-        RATELIMIT_STORAGE_OPTIONS={"connection_pool": app.extensions["redis"].connection_pool},
-        RATELIMIT_KEY_PREFIX=f"{settings.key_prefix}:limits",
-        RATELIMIT_STRATEGY="moving-window",
-        RATELIMIT_HEADERS_ENABLED=True,
-        # Redis down: let the request through to its own defined answer (a 503), not a 500 here.
-        RATELIMIT_SWALLOW_ERRORS=True,
-    )
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+    if is_off(settings.lookup_rate_limit):
+        return
+    parse_many(settings.lookup_rate_limit)  # a typo fails at start-up, not as a 500 per request
+    limiter = Limiter(
+        key_func=get_remote_address,
+        storage_uri=settings.effective_redis_url,
+        # The app's own bounded pool (no extra connections, the same 1 s timeouts); limits puts its
+        # key_prefix first, so keys are `{p}:LIMITER/client/{address}/...` like every other key.
+        storage_options={
+            "connection_pool": app.extensions["redis"].connection_pool,
+            "key_prefix": settings.key_prefix,
+        },
+        key_prefix="client",
+        strategy="moving-window",
+        headers_enabled=True,
+        # Redis unreachable: each process counts in memory (one Redis timeout, then a backend
+        # check at growing intervals) and the request goes on to its own defined answer, a 503;
+        # never a 500 from here.
+        in_memory_fallback=[settings.lookup_rate_limit],
+        swallow_errors=True,
+    )
     limiter.init_app(app)
+    app.extensions["client_limiter"] = limiter
+    view = app.view_functions[LIMITED_ENDPOINT]
+    app.view_functions[LIMITED_ENDPOINT] = limiter.limit(settings.lookup_rate_limit)(view)

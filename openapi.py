@@ -40,7 +40,9 @@ def _json(description: str, schema: str | dict) -> dict:
 
 
 UNAVAILABLE = _error("Redis unreachable")
-UNAUTHORIZED = _error("missing or wrong bearer token (always, while ADMIN_TOKEN is unset)")
+UNAUTHORIZED = _error("missing or wrong bearer token")
+ADMIN_DISABLED = _error("the admin API is off: ADMIN_TOKEN is unset")
+TOO_LARGE = _error("body larger than MAX_REQUEST_BYTES")
 ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
 
 SCHEMAS = {
@@ -164,7 +166,29 @@ SCHEMAS = {
             "date_done": {"type": "string", "nullable": True},
         },
     },
-    "Breaker": {"type": "object", "required": ["state"], "properties": {"state": {"type": "string"}}},
+    "Breaker": {
+        "type": "object",
+        "required": [
+            "name",
+            "state",
+            "failures",
+            "successes",
+            "opened_at",
+            "fail_max",
+            "reset_timeout",
+            "success_threshold",
+        ],
+        "properties": {
+            "name": {"type": "string"},
+            "state": {"type": "string", "enum": ["closed", "open", "half-open"]},
+            "failures": {"type": "integer", "minimum": 0},
+            "successes": {"type": "integer", "minimum": 0},
+            "opened_at": NUMBER_OR_NULL,
+            "fail_max": {"type": "integer"},
+            "reset_timeout": {"type": "number"},
+            "success_threshold": {"type": "integer"},
+        },
+    },
 }
 
 PATHS = {
@@ -182,7 +206,7 @@ PATHS = {
                     "headers": {"Location": {"schema": {"type": "string"}}},
                 },
                 "400": _error("invalid identifier or request"),
-                "413": _error("body larger than MAX_REQUEST_BYTES"),
+                "413": TOO_LARGE,
                 "429": {
                     **_error("over LOOKUP_RATE_LIMIT for this client"),
                     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -260,12 +284,40 @@ PATHS = {
                             "dead_letters",
                         ],
                         "properties": {
+                            "time": {"type": "number"},
                             "breakers": {
                                 "type": "object",
                                 "additionalProperties": {"$ref": "#/components/schemas/Breaker"},
                             },
-                            "workers": {"type": "array"},
-                            "dead_letters": {"type": "integer"},
+                            "rate_limits": {
+                                "type": "object",
+                                "additionalProperties": {
+                                    "type": "object",
+                                    "required": ["rate_per_minute", "burst", "tokens"],
+                                    "properties": {
+                                        "rate_per_minute": {"type": "number"},
+                                        "burst": {"type": "integer"},
+                                        "tokens": {"type": "number"},
+                                    },
+                                },
+                            },
+                            "queues": {
+                                "type": "object",
+                                "required": ["by_priority", "deferred"],
+                                "properties": {
+                                    "by_priority": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "integer", "minimum": 0},
+                                    },
+                                    "deferred": {"type": "integer", "minimum": 0},
+                                },
+                            },
+                            "workers": {"type": "array", "items": {"type": "string"}},
+                            "cache": {"type": "object"},
+                            "dead_letters": {"type": "integer", "minimum": 0},
+                            "health_check": {"type": "object", "nullable": True},
+                            "cleanup": {"type": "object", "nullable": True},
+                            "event_streams": {"type": "object"},
                         },
                     },
                 ),
@@ -317,6 +369,8 @@ PATHS = {
                 "200": _json("done", {"type": "object"}),
                 "400": _error("bad request"),
                 "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
+                "413": TOO_LARGE,
                 "503": UNAVAILABLE,
             },
         }
@@ -329,6 +383,7 @@ PATHS = {
             "responses": {
                 "200": _json("its state", "Breaker"),
                 "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
                 "404": _error("no such source"),
                 "503": UNAVAILABLE,
             },
@@ -342,6 +397,7 @@ PATHS = {
             "responses": {
                 "200": _json("its state", "Breaker"),
                 "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
                 "404": _error("no such source"),
                 "503": UNAVAILABLE,
             },
@@ -370,6 +426,7 @@ PATHS = {
                 ),
                 "400": _error("bad limit"),
                 "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -382,6 +439,7 @@ PATHS = {
             "responses": {
                 "202": _json("queued again", {"type": "object", "required": ["task_id"]}),
                 "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
                 "404": _error("no such dead letter"),
                 "503": UNAVAILABLE,
             },
@@ -395,7 +453,7 @@ SCHEMAS["Readiness"] = {
     "properties": {
         "ready": {"type": "boolean"},
         "redis": {"type": "boolean"},
-        "workers": {"type": "array"},
+        "workers": {"type": "array", "items": {"type": "string"}},
         "error": {"type": "string"},
     },
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from urllib.parse import quote
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, given
@@ -118,6 +121,8 @@ def test_a_body_over_max_request_bytes_gets_413(client):
         "/api/lookups/..%2F..%2Fetc%2Fpasswd/events",
         "/api/lookups/%00/events",
         "/api/lookups/" + "a" * 5000 + "/events",
+        "/api/lookups//events",  # an empty id: a JSON 404, not werkzeug's HTML redirect to a merged path
+        "/api/lookups/./events",
         "/api/tasks/%00",
         "/api/tasks/" + "b" * 5000,
     ],
@@ -136,3 +141,53 @@ def test_any_text_as_identifier_is_answered_without_a_500_or_raw_markup(client, 
     assert response.status_code in (200, 202, 400), response.get_data(as_text=True)[:300]
     raw = response.get_data()
     assert b"<" not in raw and b">" not in raw
+
+
+PATH_TEMPLATES = ["/api/lookups/{}", "/api/lookups/{}/events", "/api/tasks/{}"]
+
+
+@given(
+    template=st.sampled_from(PATH_TEMPLATES),
+    weird=st.one_of(
+        st.text(min_size=1, max_size=300),
+        st.sampled_from(
+            [".", "..", "%2e%2e%2f", "%00", "%ff%fe", "a" * 10_000, "<svg onload=alert(1)>", "'--"]
+        ),
+    ),
+)
+@hypothesis_settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_id_in_a_path_is_a_json_404_without_raw_markup(client, template, weird):
+    # Quoted (as a browser would send it) unless it is already an escape sequence we want to send.
+    segment = weird if weird.startswith("%") else quote(weird, safe="")
+    assert_clear_error(client.get(template.format(segment)), (404,))
+
+
+ADMIN = {"Authorization": "Bearer hostile-test-token"}
+
+
+@pytest.fixture
+def admin_client(settings, redis_client):
+    app = create_app(dataclasses.replace(settings, admin_token="hostile-test-token"))
+    yield app.test_client()
+    app.extensions["celery"].close()
+    app.extensions["redis"].close()
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDENTIFIERS.values(), ids=HOSTILE_IDENTIFIERS.keys())
+def test_hostile_identifiers_to_the_admin_api_get_a_clear_400(admin_client, value):
+    response = admin_client.post(
+        "/api/admin/cache/invalidate", json={"type": "cnpj", "identifier": value}, headers=ADMIN
+    )
+    body = assert_clear_error(response)
+    assert body["field"] == "identifier"
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/admin/breakers/<script>x/reset", "/api/admin/breakers/..%2F..%2Fetc/open",
+             "/api/admin/dead-letters/%00/requeue", "/api/admin/dead-letters/" + "z" * 5000 + "/requeue"],
+    ids=lambda path: path[:40],
+)  # fmt: skip
+def test_weird_ids_in_admin_paths_get_a_json_404(admin_client, path):
+    assert_clear_error(admin_client.post(path, headers=ADMIN), (404,))

@@ -49,3 +49,28 @@ def test_secrets_stay_out_of_logs_and_bodies(settings, redis_client, caplog, red
     for secret in (ADMIN_TOKEN, REDIS_PASSWORD):
         assert not [body for body in bodies if secret in body]
         assert secret not in caplog.text
+
+
+def test_a_500_on_an_admin_call_logs_neither_the_token_nor_the_request_headers(
+    settings, redis_client, caplog
+):
+    app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN))
+    letters = app.extensions["dead_letters"]
+
+    def broken(limit):
+        raise RuntimeError("dead-letter list is corrupt")
+
+    letters.list = broken  # an unexpected failure inside a view that was reached with the token
+    caplog.set_level(logging.DEBUG)
+    try:
+        response = app.test_client().get(
+            "/api/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+    finally:
+        app.extensions["celery"].close()
+        app.extensions["redis"].close()
+    assert response.status_code == 500 and response.get_json()["error"] == "internal_error"
+    assert "dead-letter list is corrupt" in caplog.text  # the failure is logged...
+    assert ADMIN_TOKEN not in caplog.text and ADMIN_TOKEN not in response.get_data(
+        as_text=True
+    )  # ...not the token

@@ -324,8 +324,11 @@ def test_a_real_lookup_streams_every_source_then_complete(stack, sandbox):
     assert set(sources) == set(created["sources"])
     for data in sources.values():
         assert set(data) >= {"source", "state", "data", "cached", "stale", "elapsed_ms", "error", "timestamp"}
+    # Workers publish progress concurrently, so the log may hold it out of order; the most is all.
     progress = [e.json for e in logged if e.type == "progress"]
-    assert progress[-1] == {**progress[-1], "done": len(created["sources"]), "total": len(created["sources"])}
+    assert max(p["done"] for p in progress) == len(created["sources"])
+    assert {p["total"] for p in progress} == {len(created["sources"])}
+    assert events[-1].json["progress"] == {"done": len(created["sources"]), "total": len(created["sources"])}
     assert events[-1].json["checks"], "complete carries the cross-checks"
 
 

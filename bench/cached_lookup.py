@@ -1,162 +1,202 @@
 """Benchmark 1: a cached lookup (`POST /api/lookups` answered from the cache) against `GET /healthz`.
 
-Both run on the same server (gunicorn, one gevent worker, the service's settings with the
-per-client limit off), driven by the same load generator (bench/http_load.py, a separate
-process): first each at full speed (closed loop, 32 connections), then the cached lookup at
-half of its own peak rate, where its p99 is judged.  Goals (issue 5): cached throughput at
-least 0.6 of healthz's; p99 under 10 ms at half of peak.
+Both on the same server: the project's web command (launcher.commands: gunicorn gevent, WEB_WORKERS
+workers) with the per-client limit off, after one real lookup through the service (sandbox, worker)
+has filled the cache for the company and its CEP.  The same load generator (bench/http_load.py, its
+own process on loopback) first runs each at full speed with a fixed concurrency, then the cached
+lookup at a fixed rate of half its own peak, where its p99 is judged.  Goals (issue 5): cached
+throughput at least 0.6 of healthz's; p99 under 10 ms at half of peak.
 
-    .venv/bin/python bench/cached_lookup.py            # 3 repeats, rewrites its docs section
-    .venv/bin/python bench/cached_lookup.py --quick    # one short repeat; rewrites nothing
+    .venv/bin/python bench/cached_lookup.py            # 3 repeats of 10 s runs; rewrites its docs section
+    .venv/bin/python bench/cached_lookup.py --quick    # one repeat of 4 s per side (< 60 s); rewrites nothing
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deployment import ROOT, Stack, _wait, deployment  # noqa: E402
+import harness  # noqa: E402
+import requests  # noqa: E402
+from deployment import http_load, service  # noqa: E402
+from harness import cell, log, spread, wait_for  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
-RESULTS = ROOT / "bench" / "results"
-BEGIN, END = "<!-- cached_lookup:begin -->", "<!-- cached_lookup:end -->"
+NAME = "cached_lookup"
 IDENTIFIER = "11222333000181"  # one hot company: every request reads the same cached entries
+GOAL_RATIO = 0.6
+GOAL_P99_HALF_MS = 10.0
 
 
-def load(url: str, seconds: float, method: str = "GET", body: str = "", rate: float | None = None) -> dict:
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "http_load.py"),
-        url,
-        "--method",
-        method,
-        "--seconds",
-        str(seconds),
-        "--connections",
-        "32",
-    ]
-    if body:
-        command += ["--body", body]
-    if rate:
-        command += ["--rate", str(rate)]
-    finished = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(finished.stdout)
-
-
-def measure(stack: Stack, seconds: float) -> dict:
-    body = json.dumps({"identifier": IDENTIFIER})
-    healthz = load(f"{stack.web_url}/healthz", seconds)
-    cached = load(f"{stack.web_url}/api/lookups", seconds, "POST", body)
-    assert set(cached["statuses"]) == {"200"}, f"not every lookup came from the cache: {cached['statuses']}"
-    half = load(f"{stack.web_url}/api/lookups", seconds, "POST", body, rate=cached["rps"] / 2)
-    return {
-        "healthz": healthz,
-        "cached": cached,
-        "cached_half_load": half,
-        "ratio": round(cached["rps"] / healthz["rps"], 3),
-    }
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "median": round(statistics.median(values), 3),
-        "min": round(min(values), 3),
-        "max": round(max(values), 3),
-    }
-
-
-def section(report: dict) -> str:
-    s = report["summary"]
-
-    def cell(d: dict, unit: str = "") -> str:
-        low_high = f" ({d['min']:g}–{d['max']:g})" if d["min"] != d["max"] else ""
-        return f"{d['median']:g}{unit}{low_high}"
-
-    ratio_met = (
-        "yes" if s["ratio"]["median"] >= 0.6 else f"**no** ({s['ratio']['median'] / 0.6:.0%} of the goal)"
+def warm(web_url: str) -> None:
+    """One lookup through the real service, then wait until a POST is answered from the cache."""
+    created = requests.post(
+        f"{web_url}/api/lookups", json={"identifier": IDENTIFIER, "refresh": True}, timeout=10
     )
-    p99_met = "yes" if s["p99_half_ms"]["median"] < 10 else "**no**"
-    return f"""{BEGIN}
-## Cached lookup against healthz (`bench/cached_lookup.py`)
+    created.raise_for_status()
 
-Last run {report["date"]} on {report["cpu_count"]} CPUs (1-min load average {report["load_average_1m"]}), `{report["command"]}`.
-One gunicorn gevent worker; `POST /api/lookups` for one cached company (three sources and its CEP in the cache) and
-`GET /healthz` on the same server, 32 keep-alive connections from `bench/http_load.py` in its own process on the same
-2 cores; median of {report["repeats"]} repeat(s) of {report["seconds"]:g} s, (min–max). Raw figures: `{report["results_file"]}`.
+    def cached() -> bool:
+        answer = requests.post(f"{web_url}/api/lookups", json={"identifier": IDENTIFIER}, timeout=10)
+        return answer.status_code == 200 and answer.json().get("cached") is True
 
-| figure | ours | baseline (healthz) | ratio | goal | met |
+    wait_for(cached, 60, "the cache to be warm")
+
+
+def merged(parts: list[dict]) -> dict:
+    """One summary of several http_load runs (throughput over their total time, pooled latencies)."""
+    samples = sorted(value for part in parts for value in part.pop("samples_ms"))
+    seconds = sum(part["seconds"] for part in parts)
+    statuses: dict[str, int] = {}
+    for part in parts:
+        for status, count in part["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + count
+
+    def rank(share: float) -> float:
+        return samples[max(0, min(len(samples) - 1, int(share * len(samples) + 0.999999) - 1))]
+
+    return {
+        "requests": len(samples),
+        "failed": sum(part["failed"] for part in parts),
+        "statuses": statuses,
+        "seconds": round(seconds, 3),
+        "rps": round(len(samples) / seconds, 2),
+        "p50_ms": rank(0.50),
+        "p99_ms": rank(0.99),
+        "max_ms": samples[-1],
+        "slices": parts,
+    }
+
+
+def body(arguments: argparse.Namespace):
+    def run(tmp: Path, processes: harness.Processes) -> dict:
+        runs = []
+        with service(tmp, processes, sandbox_latency_ms=0) as deployed:
+            warm(deployed.web_url)
+            lookup_url, payload = f"{deployed.web_url}/api/lookups", json.dumps({"identifier": IDENTIFIER})
+            common = {"connections": arguments.connections, "seconds": arguments.seconds / arguments.slices}
+            http_load(lookup_url, tmp, method="POST", body=payload, connections=8, seconds=1)  # warm-up
+            for repeat in range(arguments.repeats):
+                # healthz and the cached lookup alternate in short slices, so that other work on the
+                # machine, which comes and goes, weighs on both sides alike.
+                slices = [
+                    (
+                        http_load(f"{deployed.web_url}/healthz", tmp, samples=True, **common),
+                        http_load(lookup_url, tmp, method="POST", body=payload, samples=True, **common),
+                    )
+                    for _ in range(arguments.slices)
+                ]
+                healthz = merged([pair[0] for pair in slices])
+                cached = merged([pair[1] for pair in slices])
+                # A cache read that fails (Redis slower than its socket timeout) is a miss: a 202.
+                # Reported as a figure; only a cache that does not answer at all stops the run.
+                if cached["statuses"].get("200", 0) < 0.5 * cached["requests"] or cached["failed"]:
+                    raise RuntimeError(f"lookups not answered from the cache: {cached}")
+                cached["not_from_cache_share"] = round(
+                    1 - cached["statuses"].get("200", 0) / cached["requests"], 4
+                )
+                half = http_load(
+                    lookup_url,
+                    tmp,
+                    method="POST",
+                    body=payload,
+                    rate=cached["rps"] / 2,
+                    connections=arguments.connections,
+                    seconds=arguments.seconds,
+                )
+                ratio = cached["rps"] / healthz["rps"]
+                log(
+                    f"repeat {repeat + 1}: healthz {healthz['rps']:.0f}/s, cached {cached['rps']:.0f}/s "
+                    f"(ratio {ratio:.3f}), p99 at {half['rate']:.0f}/s: {half['p99_ms']:.2f} ms"
+                )
+                runs.append({"healthz": healthz, "cached": cached, "cached_half_load": half, "ratio": ratio})
+        return {
+            "settings": {
+                "identifier": IDENTIFIER,
+                "connections": arguments.connections,
+                "seconds": arguments.seconds,
+                "slices": arguments.slices,
+                "repeats": arguments.repeats,
+                "web_workers": deployed.settings.web_workers,
+            },
+            "runs": runs,
+            "summary": {
+                "cached_rps": spread([r["cached"]["rps"] for r in runs]),
+                "healthz_rps": spread([r["healthz"]["rps"] for r in runs]),
+                "ratio": spread([r["ratio"] for r in runs]),
+                "cached_p50_ms": spread([r["cached"]["p50_ms"] for r in runs]),
+                "cached_p99_ms": spread([r["cached"]["p99_ms"] for r in runs]),
+                "healthz_p50_ms": spread([r["healthz"]["p50_ms"] for r in runs]),
+                "healthz_p99_ms": spread([r["healthz"]["p99_ms"] for r in runs]),
+                "half_rate": spread([r["cached_half_load"]["rate"] for r in runs]),
+                "half_rps": spread([r["cached_half_load"]["rps"] for r in runs]),
+                "half_p50_ms": spread([r["cached_half_load"]["p50_ms"] for r in runs]),
+                "half_p99_ms": spread([r["cached_half_load"]["p99_ms"] for r in runs]),
+                "not_from_cache_share": spread([r["cached"]["not_from_cache_share"] for r in runs]),
+            },
+            "goals": {"ratio": GOAL_RATIO, "half_p99_ms": GOAL_P99_HALF_MS},
+        }
+
+    return run
+
+
+def markdown(report: dict) -> str:
+    s, settings = report["summary"], report["settings"]
+    ratio = s["ratio"]["median"]
+    ratio_met = "yes" if ratio >= GOAL_RATIO else f"**no** ({ratio / GOAL_RATIO:.0%} of the goal)"
+    p99_met = "yes" if s["half_p99_ms"]["median"] < GOAL_P99_HALF_MS else "**no**"
+    return (
+        harness.header(report, "Cached lookup against healthz (`bench/cached_lookup.py`)")
+        + f"""
+The project's web command (gunicorn gevent, {settings["web_workers"]} workers, `LOOKUP_RATE_LIMIT=off`); `POST
+/api/lookups` for one company whose three sources and CEP were cached by a real lookup, and `GET /healthz` on the same
+server. Load: `bench/http_load.py` in its own process on the same cores, {settings["connections"]} keep-alive
+connections, {settings["seconds"]:g} s per side and repeat in {settings["slices"]} alternating healthz/cached slices (other
+work on the machine weighs on both alike); "half of peak" is a fixed rate of half the cached lookup's own
+full-speed throughput, latency counted from each request's due time. Median of {settings["repeats"]} repeat(s)
+(min–max).
+
+| figure | cached lookup | baseline: healthz | ratio | goal | met |
 |---|---|---|---|---|---|
-| requests/s at full speed | {cell(s["cached_rps"])} | {cell(s["healthz_rps"])} | {cell(s["ratio"])} | ≥ 0.6 of healthz | {ratio_met} |
-| p50 / p99 ms at full speed | {cell(s["p50_full_ms"])} / {cell(s["p99_full_ms"])} | {cell(s["healthz_p99_ms"])} (p99) | | | |
-| p99 ms at half of peak | {cell(s["p99_half_ms"])} | | | < 10 ms | {p99_met} |
-
-A cached lookup costs two Redis round trips (one read: the generation, the company's entries and its CEP's for
-the cross-check; one write: the lookup record that `GET /api/lookups/<id>` and the stream serve) plus the merge
-and its JSON; healthz costs none. The next step the issue names is an in-process near cache kept honest by
-invalidation messages, which would leave only the record write.
-{END}"""
+| requests/s at full speed | {cell(s["cached_rps"])} | {cell(s["healthz_rps"])} | {cell(s["ratio"], 3)} | ≥ {GOAL_RATIO} of healthz | {ratio_met} |
+| p50 / p99 ms at full speed | {cell(s["cached_p50_ms"], 2)} / {cell(s["cached_p99_ms"], 2)} | {cell(s["healthz_p50_ms"], 2)} / {cell(s["healthz_p99_ms"], 2)} | | | |
+| lookups at full speed answered 202 instead of from the cache (share) | {cell(s["not_from_cache_share"], 3)} | | | 0 | |
+| p50 / p99 ms at half of peak ({cell(s["half_rps"])} requests/s) | {cell(s["half_p50_ms"], 2)} / {cell(s["half_p99_ms"], 2)} | | | p99 < {GOAL_P99_HALF_MS:g} ms | {p99_met} |
+"""
+        + NOTES
+    )
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
+NOTES = """
+Where the time goes (py-spy, 200 Hz for 8 s on both web workers during a full-speed cached run, 2026-11-22, load
+average about 12 from other work on the machine): of the workers' busy samples, about 60% are the lookup view
+itself, and about half of that is Redis: the pipelined cache read (the generation, the company's three entries
+and its CEP for the cross-check) and the write of the lookup record that `GET /api/lookups/<id>` and the event
+stream serve; gunicorn's request parsing and response writing take most of the rest. healthz does none of it.
+The issue's next step, an in-process near cache kept honest by invalidation messages, would leave only the record
+write. The load generator shares the same two cores with the server in both runs, and other processes on the
+machine (see the load average above) take a share of them too: absolute figures move with that load, the ratio
+less so. A cached lookup answered 202 means its cache read failed (a read that gives up is a miss) and it was
+fetched again: it shows under CPU starvation, where Redis calls wait past their socket timeout.
+"""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one 3 s repeat; rewrites no docs")
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="one repeat of 4 s per side (< 60 s); rewrites nothing"
+    )
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--seconds", type=float)
-    arguments = parser.parse_args()
-    repeats = arguments.repeats or (1 if arguments.quick else 3)
-    seconds = arguments.seconds or (3.0 if arguments.quick else 10.0)
-    with tempfile.TemporaryDirectory(prefix="bench-cached-") as tmp, deployment(Path(tmp)) as stack:
-        first = stack.post_lookup(IDENTIFIER, refresh=True).json()
-        stack.wait_status(first["id"], timeout=60)
-        _wait(lambda: stack.post_lookup(IDENTIFIER).status_code == 200, 30, "the cache to be warm")
-        runs = [measure(stack, seconds) for _ in range(repeats)]
-    stamp = datetime.datetime.now(datetime.UTC)
-    name = f"cached_lookup-{'quick-' if arguments.quick else ''}{stamp:%Y%m%dT%H%M%SZ}.json"
-    report = {
-        "date": stamp.isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "repeats": repeats,
-        "seconds": seconds,
-        "command": "bench/cached_lookup.py" + (" --quick" if arguments.quick else ""),
-        "results_file": f"bench/results/{name}",
-        "runs": runs,
-        "summary": {
-            "cached_rps": spread([r["cached"]["rps"] for r in runs]),
-            "healthz_rps": spread([r["healthz"]["rps"] for r in runs]),
-            "ratio": spread([r["ratio"] for r in runs]),
-            "p50_full_ms": spread([r["cached"]["p50_ms"] for r in runs]),
-            "p99_full_ms": spread([r["cached"]["p99_ms"] for r in runs]),
-            "healthz_p99_ms": spread([r["healthz"]["p99_ms"] for r in runs]),
-            "p99_half_ms": spread([r["cached_half_load"]["p99_ms"] for r in runs]),
-        },
-        "goals": {"ratio": 0.6, "p99_half_ms": 10},
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(report, indent=2))
-    if not arguments.quick:
-        write_doc(section(report))
-    print(json.dumps(report["summary"], indent=2))
-    return 0
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--slices", type=int, default=5, help="alternating healthz/cached slices per repeat")
+    arguments = parser.parse_args(argv)
+    arguments.repeats = arguments.repeats or (1 if arguments.quick else 3)
+    arguments.seconds = arguments.seconds or (4.0 if arguments.quick else 10.0)
+    return harness.run_benchmark(NAME, arguments.quick, argv, body(arguments), markdown)
 
 
 if __name__ == "__main__":

@@ -1,95 +1,117 @@
-"""The service as the benchmarks run it: embedded Valkey, the sandbox, a Celery worker and gunicorn.
+"""The service as the lookup benchmarks run it, and the serial baseline beside it.
 
-Every process is the project's own command (tests/stack.py starts them, as the end-to-end tests
-do), in its own session, stopped on exit; nothing is left behind.
+Embedded Valkey on a free port; the sandbox, the web server and one Celery worker node with the
+project's own command lines (launcher.commands: gunicorn gevent with WEB_WORKERS workers, the
+threads pool with WORKER_CONCURRENCY threads), each in its own session (harness.Processes) and
+stopped with the benchmark.  Quotas, rate limits and the per-client limit are off.  Also the
+load generator (bench/http_load.py), always as a separate process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import requests
+from harness import BIN, NO_LIMITS, NO_QUOTAS, ROOT, Processes, start_redis, wait_for
 
-from stack import Stack, _wait  # noqa: E402
-
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-
-BIN = Path(sys.executable).parent
-SOURCES = ("BRASILAPI", "RECEITAWS", "OPENCNPJ", "VIACEP")
-NO_LIMITS = {f"RATE_LIMIT_{name}": "60000" for name in SOURCES}
-NO_QUOTAS = {f"SANDBOX_QUOTA_{name}": "none" for name in SOURCES}
+import launcher
+from embedded_redis import free_port
+from settings import Settings
 
 
-def spawn(name: str, command: list[str], env: dict, tmp: Path) -> subprocess.Popen:
-    log = (tmp / f"{name}.log").open("wb")
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+@dataclass
+class Service:
+    """URLs and settings of one running deployment."""
+
+    web_url: str
+    sandbox_url: str
+    env: dict
+    settings: Settings
+
+    def sandbox_calls(self) -> int:
+        """Upstream requests the sandbox has served so far, all upstreams together."""
+        stats = requests.get(f"{self.sandbox_url}/_stats", timeout=5).json()
+        return sum(upstream["requests"] for upstream in stats["upstreams"].values())
 
 
-def healthy(url: str, process: subprocess.Popen, name: str) -> None:
-    import requests
-
-    def answers() -> bool:
-        try:
-            return requests.get(url, timeout=1).status_code < 500
-        except requests.RequestException:
-            return False
-
-    _wait(answers, 30, name, process)
+def _answers(url: str, expect: int = 200) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == expect
+    except requests.RequestException:
+        return False
 
 
 @contextlib.contextmanager
-def deployment(tmp: Path, sandbox_latency_ms: int = 0, worker: bool = True) -> Iterator[Stack]:
-    """Valkey, the sandbox (quotas off, fixed latency), a Celery worker and the web server (limits off)."""
-    redis = EmbeddedRedis(free_port(), tmp / "redis", appendonly=False)
-    redis.start()
-    sandbox_port = free_port()
-    sandbox = spawn(
-        "sandbox",
-        [
-            str(BIN / "gunicorn"),
-            "-k",
-            "gevent",
-            "-w",
-            "1",
-            "--no-control-socket",
-            "-b",
-            f"127.0.0.1:{sandbox_port}",
-            "--log-level",
-            "warning",
-            "sandbox:create_app()",
-        ],
-        {**os.environ, **NO_QUOTAS, "SANDBOX_LATENCY_MS": str(sandbox_latency_ms)},
-        tmp,
-    )
-    (tmp / "stack").mkdir()
-    stack = Stack(redis.url, f"http://127.0.0.1:{sandbox_port}", tmp / "stack", **NO_LIMITS)
+def service(
+    tmp: Path, processes: Processes, sandbox_latency_ms: float, worker: bool = True
+) -> Iterator[Service]:
+    """Valkey, the sandbox at a fixed latency, the web server and (unless told not) one worker node."""
+    redis = start_redis(tmp)
     try:
-        healthy(f"http://127.0.0.1:{sandbox_port}/healthz", sandbox, "the sandbox")
-        if worker:
-            stack.start_worker("w1", concurrency=16)
-        stack.start_web()
-        yield stack
+        yield _start(tmp, processes, redis.url, sandbox_latency_ms, worker)
     finally:
-        stack.stop()
-        sandbox.terminate()
-        sandbox.wait(10)
+        processes.stop_all()
         redis.stop()
 
 
-@contextlib.contextmanager
-def serial_baseline(stack: Stack, tmp: Path) -> Iterator[str]:
-    """The seeds' serial endpoint on gunicorn's default sync workers, 2 x cores + 1; yields its URL."""
+def _start(
+    tmp: Path, processes: Processes, redis_url: str, sandbox_latency_ms: float, worker: bool
+) -> Service:
+    env = {
+        **os.environ,
+        **NO_QUOTAS,
+        **NO_LIMITS,
+        "REDIS_URL": redis_url,
+        "KEY_PREFIX": f"b{uuid.uuid4().hex[:8]}",
+        "DATA_DIR": str(tmp),
+        "PORT": str(free_port()),
+        "SANDBOX_PORT": str(free_port()),
+        "SANDBOX_LATENCY_MS": str(sandbox_latency_ms),
+        "LOOKUP_RATE_LIMIT": "off",
+        "PYTHONUNBUFFERED": "1",
+    }
+    settings = Settings.from_env(env)
+    commands = launcher.commands(settings)
+    # The sandbox's access log would cost it CPU on the two shared cores; nothing else changes.
+    sandbox_command = [part for part in commands["sandbox"] if part not in ("--access-logfile", "-")]
+    processes.spawn("sandbox", sandbox_command, env)
+    wait_for(
+        lambda: _answers(f"{settings.sandbox_url}/healthz"),
+        30,
+        "the sandbox",
+        processes.children["sandbox"],
+        lambda: processes.log_tail("sandbox"),
+    )
+    if worker:
+        command = commands["worker"]
+        command[command.index("--loglevel") + 1] = "WARNING"  # a line per task would cost CPU too
+        processes.spawn("worker", command, env)
+    processes.spawn("web", commands["web"], env)
+    web_url = f"http://{settings.host}:{settings.port}"
+    ready = f"{web_url}/readyz" if worker else f"{web_url}/healthz"
+    wait_for(
+        lambda: _answers(ready),
+        60,
+        "the web server",
+        processes.children["web"],
+        lambda: processes.log_tail("web"),
+    )
+    return Service(web_url, settings.sandbox_url, env, settings)
+
+
+def start_serial_baseline(processes: Processes, service: Service) -> str:
+    """The seeds' serial endpoint on gunicorn's default sync workers, 2 x cores + 1; returns its URL."""
     port = free_port()
     workers = 2 * (os.cpu_count() or 1) + 1
-    process = spawn(
+    process = processes.spawn(
         "serial",
         [
             str(BIN / "gunicorn"),
@@ -102,12 +124,36 @@ def serial_baseline(stack: Stack, tmp: Path) -> Iterator[str]:
             "warning",
             "bench.baselines.serial_app:create_app()",
         ],
-        {**stack.env, "PYTHONPATH": str(ROOT)},
-        tmp,
+        {**service.env, "PYTHONPATH": str(ROOT)},
     )
-    try:
-        healthy(f"http://127.0.0.1:{port}/api/lookups", process, "the serial baseline")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(15)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        lambda: _answers(f"{url}/healthz"),
+        60,
+        "the serial baseline",
+        process,
+        lambda: processes.log_tail("serial"),
+    )
+    return url
+
+
+def http_load(url: str, tmp: Path, *, bodies: list[dict] | None = None, **options) -> dict:
+    """Run bench/http_load.py as its own process; returns its JSON summary.
+
+    `bodies`: one JSON body per request, each sent once; other keyword options become flags
+    (`connections=32, seconds=5, rate=400, method="POST", body="{...}", follow="sse"`).
+    """
+    command = [sys.executable, str(ROOT / "bench" / "http_load.py"), url]
+    if bodies is not None:
+        path = tmp / f"bodies-{uuid.uuid4().hex[:8]}.jsonl"
+        path.write_text("".join(json.dumps(body) + "\n" for body in bodies))
+        command += ["--bodies", str(path)]
+    for name, value in options.items():
+        if value is True:
+            command.append(f"--{name}")
+        elif value is not None and value is not False:
+            command += [f"--{name}", str(value)]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if finished.returncode != 0:
+        raise RuntimeError(f"http_load failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout)

@@ -1,168 +1,141 @@
 """Benchmark 2: uncached lookup latency with every upstream answering in 100 ms, one lookup at a time.
 
-Ours: the time from sending `POST /api/lookups` (fresh identifier, `refresh: true`) to reading the
-`complete` event on its stream; the sources run in parallel, so the floor is the slowest source
-(100 ms) and the rest is overhead.  The serial baseline (bench/baselines/serial_app.py) calls the
-sources one after another: its floor is their sum.  Goals (issue 5): median overhead above the
-slowest source at most 20 ms, p95 at most 50 ms.
+Ours: from sending `POST /api/lookups` (a fresh identifier, `refresh: true`) to reading the `complete`
+event on the lookup's stream (`GET /api/lookups/<id>/events`); the sources run in parallel, so the
+floor is the slowest source (100 ms) and the rest is overhead.  The serial baseline
+(bench/baselines/serial_app.py, gunicorn sync workers) calls the sources one after another and
+answers when done: its floor is their sum.  Both driven by bench/http_load.py (its own process, one
+connection, one lookup at a time).  Sandbox latency from SANDBOX_LATENCY_MS, quotas and the
+service's rate limits off.  Goals (issue 5): median overhead at most 20 ms, p95 at most 50 ms.
 
     .venv/bin/python bench/uncached_latency.py            # 3 repeats of 40 lookups per type
-    .venv/bin/python bench/uncached_latency.py --quick    # one repeat of 8; rewrites nothing
+    .venv/bin/python bench/uncached_latency.py --quick    # one repeat of 8 per type (< 60 s); rewrites nothing
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import requests  # noqa: E402
-from deployment import ROOT, deployment, serial_baseline  # noqa: E402
+import harness  # noqa: E402
+from deployment import http_load, service, start_serial_baseline  # noqa: E402
+from harness import cell, log, spread  # noqa: E402
 from sandbox_fixture import GENERATORS  # noqa: E402
-from sse_client import Event, read_all  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
-RESULTS = ROOT / "bench" / "results"
-BEGIN, END = "<!-- uncached_latency:begin -->", "<!-- uncached_latency:end -->"
+NAME = "uncached_latency"
 LATENCY_MS = 100
 SOURCES_PER_TYPE = {"cnpj": 3, "cep": 2}
+GOAL_MEDIAN_MS, GOAL_P95_MS = 20.0, 50.0
 
 
-def ours(web_url: str, identifier: str) -> float:
-    started = time.perf_counter()
-    created = requests.post(
-        f"{web_url}/api/lookups", json={"identifier": identifier, "refresh": True}, timeout=30
+def one_at_a_time(url: str, tmp: Path, identifiers: list[str], follow: str) -> dict:
+    bodies = [{"identifier": value, "refresh": True} for value in identifiers]
+    summary = http_load(
+        f"{url}/api/lookups", tmp, bodies=bodies, method="POST", connections=1, seconds=600, follow=follow
     )
-    created.raise_for_status()
-    records = read_all(web_url + created.json()["links"]["events"], timeout=60)
-    elapsed = time.perf_counter() - started
-    assert any(isinstance(r, Event) and r.type == "complete" for r in records), (
-        "the stream ended without complete"
-    )
-    return elapsed * 1000
+    if summary["errors"] or summary["requests"] != len(identifiers):
+        raise RuntimeError(f"lookups failed: {summary}")
+    return summary
 
 
-def serial(url: str, identifier: str) -> float:
-    started = time.perf_counter()
-    requests.post(f"{url}/api/lookups", json={"identifier": identifier}, timeout=30).raise_for_status()
-    return (time.perf_counter() - started) * 1000
+def body(arguments: argparse.Namespace):
+    def run(tmp: Path, processes: harness.Processes) -> dict:
+        by_type: dict[str, list[dict]] = {kind: [] for kind in SOURCES_PER_TYPE}
+        with service(tmp, processes, sandbox_latency_ms=LATENCY_MS) as deployed:
+            serial_url = start_serial_baseline(processes, deployed)
+            warm = {kind: GENERATORS[kind](4, 999) for kind in SOURCES_PER_TYPE}
+            for values in warm.values():  # both servers' code paths loaded before timing
+                one_at_a_time(deployed.web_url, tmp, values[:2], "sse")
+                one_at_a_time(serial_url, tmp, values[2:], "none")
+            for repeat in range(arguments.repeats):
+                for kind in SOURCES_PER_TYPE:
+                    identifiers = GENERATORS[kind](2 * arguments.lookups, 5000 + repeat)
+                    ours = one_at_a_time(deployed.web_url, tmp, identifiers[: arguments.lookups], "sse")
+                    serial = one_at_a_time(serial_url, tmp, identifiers[arguments.lookups :], "none")
+                    log(
+                        f"repeat {repeat + 1} {kind}: ours p50 {ours['p50_ms']:.1f} p95 {ours['p95_ms']:.1f} ms, "
+                        f"serial p50 {serial['p50_ms']:.1f} ms"
+                    )
+                    by_type[kind].append({"ours": ours, "serial": serial})
+        summary = {}
+        for kind, runs in by_type.items():
+            summary[kind] = {
+                "ours_p50_ms": spread([r["ours"]["p50_ms"] for r in runs]),
+                "ours_p95_ms": spread([r["ours"]["p95_ms"] for r in runs]),
+                "overhead_p50_ms": spread([r["ours"]["p50_ms"] - LATENCY_MS for r in runs]),
+                "overhead_p95_ms": spread([r["ours"]["p95_ms"] - LATENCY_MS for r in runs]),
+                "serial_p50_ms": spread([r["serial"]["p50_ms"] for r in runs]),
+                "serial_p95_ms": spread([r["serial"]["p95_ms"] for r in runs]),
+                "speedup": spread([r["serial"]["p50_ms"] / r["ours"]["p50_ms"] for r in runs]),
+            }
+        return {
+            "settings": {
+                "upstream_latency_ms": LATENCY_MS,
+                "lookups_per_type": arguments.lookups,
+                "repeats": arguments.repeats,
+            },
+            "by_type": by_type,
+            "summary": summary,
+            "goals": {"overhead_p50_ms": GOAL_MEDIAN_MS, "overhead_p95_ms": GOAL_P95_MS},
+        }
+
+    return run
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-def summary(values: list[float]) -> dict:
-    return {
-        "median": round(statistics.median(values), 1),
-        "p95": round(percentile(values, 0.95), 1),
-        "max": round(max(values), 1),
-    }
-
-
-def spread(values: list[float]) -> str:
-    text = f"{statistics.median(values):.1f}"
-    return text + (f" ({min(values):.1f}–{max(values):.1f})" if len(set(values)) > 1 else "")
-
-
-def section(report: dict) -> str:
-    rows = []
-    for kind, runs in report["by_type"].items():
-        overhead_median = [r["ours"]["median"] - LATENCY_MS for r in runs]
-        overhead_p95 = [r["ours"]["p95"] - LATENCY_MS for r in runs]
-        serial_median = [r["serial"]["median"] for r in runs]
-        ours_median = [r["ours"]["median"] for r in runs]
-        met = statistics.median(overhead_median) <= 20 and statistics.median(overhead_p95) <= 50
-        rows.append(
-            f"| {kind.upper()} ({SOURCES_PER_TYPE[kind]} sources) | {spread(ours_median)} | "
-            f"{spread(overhead_median)} / {spread(overhead_p95)} | {spread(serial_median)} | "
-            f"{statistics.median(serial_median) / statistics.median(ours_median):.2f}x | "
-            f"≤ 20 / ≤ 50 | {'yes' if met else '**no**'} |"
+def markdown(report: dict) -> str:
+    settings, rows = report["settings"], []
+    for kind, s in report["summary"].items():
+        met = (
+            s["overhead_p50_ms"]["median"] <= GOAL_MEDIAN_MS and s["overhead_p95_ms"]["median"] <= GOAL_P95_MS
         )
-    return f"""{BEGIN}
-## Uncached lookup latency (`bench/uncached_latency.py`)
+        rows.append(
+            f"| {kind.upper()} ({SOURCES_PER_TYPE[kind]} sources) | {cell(s['ours_p50_ms'])} / {cell(s['ours_p95_ms'])} | "
+            f"{cell(s['overhead_p50_ms'])} / {cell(s['overhead_p95_ms'])} | "
+            f"{cell(s['serial_p50_ms'])} / {cell(s['serial_p95_ms'])} | {cell(s['speedup'], 2)}x | "
+            f"≤ {GOAL_MEDIAN_MS:g} / ≤ {GOAL_P95_MS:g} | {'yes' if met else '**no**'} |"
+        )
+    return (
+        harness.header(report, "Uncached lookup latency (`bench/uncached_latency.py`)")
+        + f"""
+Every upstream answers in {LATENCY_MS} ms (sandbox), quotas and limits off; one lookup at a time (`bench/http_load.py`,
+one connection), each with a fresh identifier and `refresh: true`. Ours: the project's web command and one worker
+node with its defaults, timed from sending the POST to reading `complete` on the lookup's event stream. Serial
+baseline (gunicorn sync workers, the sources one after another): until its answer. Median of
+{settings["repeats"]} repeat(s) of {settings["lookups_per_type"]} lookups per type (min–max).
 
-Last run {report["date"]} on {report["cpu_count"]} CPUs (1-min load average {report["load_average_1m"]}), `{report["command"]}`.
-Every upstream answers in {LATENCY_MS} ms (sandbox), quotas and limits off, one lookup at a time with a fresh
-identifier: ours from sending the POST to reading `complete` on the lookup's stream; the serial baseline
-(gunicorn sync workers, sources one after another) until its answer. Median of {report["repeats"]} repeat(s) of
-{report["lookups"]} lookups per type, (min–max). Raw figures: `{report["results_file"]}`.
-
-| type | ours, median ms | overhead above the slowest source, median / p95 ms | serial baseline, median ms | speed-up | goal (ms) | met |
+| type | ours p50 / p95 ms | overhead above the slowest source, p50 / p95 ms | serial baseline p50 / p95 ms | speed-up (p50) | goal (ms) | met |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-
-A company lookup (CNPJ) also checks the company's CEP against a CEP source; when that CEP is not cached
-yet, the final step calls the CEP source itself, one more upstream round after the slowest company source.
-{END}"""
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
+"""
+        + NOTES
+    )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+NOTES = """
+Why CNPJ misses: the final step cross-checks the company's CEP against a CEP source, and when that CEP is not cached
+it calls the CEP source itself, one more 100 ms upstream round that can only start once a company source has named
+the CEP (the serial baseline makes no such call, so its sum is three sources, 300 ms). Completing with that one check
+pending and publishing it later, or fetching the CEP as soon as the first company source answers, would remove the
+second round. What is left (the CEP row) is the POST, one Celery task per source plus the finalize task through the
+broker, and the event stream's first read, on two cores shared with the load generator.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="one repeat of 8 lookups per type; rewrites no docs"
+        "--quick", action="store_true", help="one repeat of 8 lookups per type; rewrites nothing"
     )
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--lookups", type=int)
-    arguments = parser.parse_args()
-    repeats = arguments.repeats or (1 if arguments.quick else 3)
-    count = arguments.lookups or (8 if arguments.quick else 40)
-    by_type: dict[str, list[dict]] = {kind: [] for kind in SOURCES_PER_TYPE}
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp,
-        deployment(Path(tmp), sandbox_latency_ms=LATENCY_MS) as stack,
-        serial_baseline(stack, Path(tmp)) as serial_url,
-    ):
-        ours(stack.web_url, GENERATORS["cep"](1, 999)[0])  # warm both servers' code paths
-        serial(serial_url, GENERATORS["cep"](1, 998)[0])
-        for repeat in range(repeats):
-            for kind in SOURCES_PER_TYPE:
-                identifiers = GENERATORS[kind](2 * count, 5000 + repeat)
-                by_type[kind].append(
-                    {
-                        "ours": summary([ours(stack.web_url, value) for value in identifiers[:count]]),
-                        "serial": summary([serial(serial_url, value) for value in identifiers[count:]]),
-                    }
-                )
-    stamp = datetime.datetime.now(datetime.UTC)
-    name = f"uncached_latency-{'quick-' if arguments.quick else ''}{stamp:%Y%m%dT%H%M%SZ}.json"
-    report = {
-        "date": stamp.isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "repeats": repeats,
-        "lookups": count,
-        "command": "bench/uncached_latency.py" + (" --quick" if arguments.quick else ""),
-        "results_file": f"bench/results/{name}",
-        "upstream_latency_ms": LATENCY_MS,
-        "by_type": by_type,
-        "goals": {"overhead_median_ms": 20, "overhead_p95_ms": 50},
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(report, indent=2))
-    if not arguments.quick:
-        write_doc(section(report))
-    print(json.dumps(by_type, indent=2))
-    return 0
+    parser.add_argument("--lookups", type=int, help="lookups per type and repeat")
+    arguments = parser.parse_args(argv)
+    arguments.repeats = arguments.repeats or (1 if arguments.quick else 3)
+    arguments.lookups = arguments.lookups or (8 if arguments.quick else 40)
+    return harness.run_benchmark(NAME, arguments.quick, argv, body(arguments), markdown)
 
 
 if __name__ == "__main__":

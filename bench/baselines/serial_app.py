@@ -26,6 +26,10 @@ def create_app() -> Flask:
     sources = build_sources(settings)
     app = Flask(__name__)
 
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok", 200, content_type="text/plain")
+
     @app.post("/api/lookups")
     def lookup() -> Response:
         try:

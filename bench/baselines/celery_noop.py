@@ -1,0 +1,45 @@
+"""The Celery ceiling's app: the service's own Celery configuration with one no-op task.
+
+`celery -A bench.baselines.celery_noop worker ...` runs a worker on exactly the broker, backend
+and worker settings of `job_queue.LookupCelery` (key prefix, priorities, acks late, prefetch 1,
+track started, extended results); the task only increments a Redis counter, so that the
+benchmark can count completions without a result backend.  BENCH_NO_RESULTS=1 drops the result
+backend (the "without results" ceiling).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+import job_queue  # noqa: E402
+from settings import Settings  # noqa: E402
+
+TASK = "bench.noop"
+settings = Settings.from_env()
+app = job_queue.LookupCelery(settings)
+if os.environ.get("BENCH_NO_RESULTS") == "1":
+    app.conf.update(result_backend=None, task_ignore_result=True, task_track_started=False)
+
+COUNTER_KEY = f"{settings.key_prefix}:bench:noop:done"
+_client: redis.Redis | None = None
+
+
+def counter() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(settings.effective_redis_url)
+    return _client
+
+
+@app.task(name=TASK)
+def noop() -> None:
+    """Nothing but the completion count (one INCR)."""
+    counter().incr(COUNTER_KEY)

@@ -6,7 +6,6 @@ import logging
 import time
 
 import redis
-from celery.result import AsyncResult
 from flask import Blueprint, Flask, request
 
 import admin
@@ -118,24 +117,11 @@ def get_lookup(lookup_id: str):
 
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
-    issued = extension("lookups").task(task_id) if len(task_id) <= 64 else None
-    if issued is None:
+    body = (
+        job_queue.task_status(extension("celery"), extension("lookups"), task_id) if len(task_id) <= 64 else None
+    )
+    if body is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")
-    result = AsyncResult(task_id, app=extension("celery"))
-    body = {
-        "task_id": task_id,
-        "name": issued["name"],
-        "state": result.state,
-        "lookup_id": issued["lookup_id"],
-        "source": issued.get("source"),
-        "date_done": None,
-    }
-    if result.state == "FAILURE":
-        body["error"] = repr(result.result)
-    else:
-        body["result"] = result.result if result.ready() else None
-    if result.date_done:
-        body["date_done"] = result.date_done.isoformat()
     return json_response(body)
 
 

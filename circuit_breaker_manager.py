@@ -45,8 +45,10 @@ end
 """
 _SCRIPTS = {
     # ARGV: reset_timeout, probes, permit_ttl, permit id -> {decision, state before, retry_at}
+    # ('run' in the closed state: retry_at is the failure count, so a caller knows when a
+    # success would change nothing)
     "admit": """
-if state == 'closed' then return {'run', state, ''} end
+if state == 'closed' then return {'run', state, redis.call('HGET', KEYS[1], 'failures') or '0'} end
 local before = state
 if state == 'open' then
   local retry_at = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0') + tonumber(ARGV[1])
@@ -251,6 +253,9 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
             self._changed(before, before)
             raise BreakerOpen(self.name, float(retry_at) if retry_at else None)
         self._changed(before, pybreaker.STATE_HALF_OPEN if decision == "probe" else before)
+        # Closed with no failures counted: a success would change nothing, so it skips its round
+        # trip (a failure another process counts meanwhile is then not reset by this success).
+        clean = decision == "run" and retry_at in ("0", "")
         permit = permit if decision == "probe" else ""
         for listener in self.listeners:
             listener.before_call(self, func, *args, **kwargs)
@@ -258,17 +263,18 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
             result = func(*args, **kwargs)
         except Exception as error:
             if not self.is_system_error(error):  # a final answer: the upstream works
-                self._succeeded(permit)
+                self._succeeded(permit, clean)
                 raise
             self._record("failure", permit)
             for listener in self.listeners:
                 listener.failure(self, error)
             raise
-        self._succeeded(permit)
+        self._succeeded(permit, clean)
         return result
 
-    def _succeeded(self, permit: str) -> None:
-        self._record("success", permit)
+    def _succeeded(self, permit: str, clean: bool = False) -> None:
+        if not clean:
+            self._record("success", permit)
         for listener in self.listeners:
             listener.success(self)
 

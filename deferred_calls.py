@@ -45,10 +45,23 @@ class DeferredCalls:
         self.key = redis_store.key(settings, "deferred")
         self._take = client.register_script(_TAKE_DUE)
 
-    def add(self, due_at: float, task: str, args: list, options: dict | None = None) -> None:
-        """Send task `task` with `args` (and apply_async `options`) at `due_at` (epoch seconds)."""
-        member = orjson.dumps({"id": uuid.uuid4().hex, "task": task, "args": args, "options": options or {}})
+    @staticmethod
+    def _member(call_id: str, task: str, args: list, options: dict | None) -> bytes:
+        return orjson.dumps({"id": call_id, "task": task, "args": args, "options": options or {}})
+
+    def add(
+        self, due_at: float, task: str, args: list, options: dict | None = None, call_id: str | None = None
+    ) -> None:
+        """Send task `task` with `args` (and apply_async `options`) at `due_at` (epoch seconds).
+
+        `call_id` names a call that may be cancelled later (same task, args and options).
+        """
+        member = self._member(call_id or uuid.uuid4().hex, task, args, options)
         self.redis.zadd(self.key, {member: due_at})
+
+    def cancel(self, call_id: str, task: str, args: list, options: dict | None = None) -> bool:
+        """Drop a call added with `call_id` before it is sent; False if it is gone already."""
+        return bool(self.redis.zrem(self.key, self._member(call_id, task, args, options)))
 
     def take_due(self, limit: int = 100, now: float | None = None) -> list[tuple[bytes, dict]]:
         """Lease the entries due by `now`; call `done(member)` after sending each."""

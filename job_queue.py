@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 
 # `celery -A job_queue` puts the working directory on sys.path only while it imports this
 # module (and removes that entry afterwards); add our own entry so the project's flat modules
@@ -21,6 +22,7 @@ import time
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from celery import Celery, Task, shared_task  # noqa: E402
+from celery.result import AsyncResult  # noqa: E402
 from celery.signals import beat_init, worker_ready, worker_shutdown  # noqa: E402
 from flask import Flask  # noqa: E402
 
@@ -28,6 +30,7 @@ import maintenance  # noqa: E402
 import pipeline  # noqa: E402
 import redis_broker  # noqa: E402
 from deferred_calls import DeferredCalls, Dispatcher  # noqa: E402
+from lookups import LookupStore, SourceState  # noqa: E402
 from settings import Settings  # noqa: E402
 
 log = logging.getLogger("job_queue")
@@ -104,7 +107,7 @@ def celery_config(settings: Settings) -> dict:
         "task_default_priority": 5,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_track_started": True,
+        "task_track_started": False,
         "result_extended": True,
         "result_expires": settings.lookup_record_ttl,
         "worker_prefetch_multiplier": 1,
@@ -130,7 +133,10 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-@shared_task(name="job_queue.fetch_source", ignore_result=False)
+# Fetch and finalize tasks store no result: their outcome is the source's state in the lookup
+# record, which /api/tasks reads (`task_status`).  A result per task cost two GET+SET pairs
+# (STARTED, then SUCCESS) and ~600 bytes kept for two days; only a task that raised stores one.
+@shared_task(name="job_queue.fetch_source", ignore_result=True, store_errors_even_if_ignored=True)
 def fetch_source(
     lookup_id: str,
     source: str,
@@ -145,7 +151,7 @@ def fetch_source(
     return pipeline.run_source_call(lookup_id, source, kind, value, priority, attempt, reserved, requeue)
 
 
-@shared_task(name="job_queue.finalize_lookup")
+@shared_task(name="job_queue.finalize_lookup", ignore_result=True, store_errors_even_if_ignored=True)
 def finalize_lookup(lookup_id: str, at_deadline: bool = False) -> str | None:
     """Merge and cross-check a lookup (at its deadline, or when its last source settled)."""
     return pipeline.finalize(lookup_id, at_deadline)
@@ -161,6 +167,50 @@ def cleanup() -> dict:
 def health_check() -> dict:
     """Beat: Redis, workers, breakers and quotas; the result shows in /api/status."""
     return maintenance.health_check()
+
+
+# Celery states for a fetch task, read off its source's state in the lookup record.  The task
+# itself never sleeps: a call waiting for a token or a retry is a new send of the same task id.
+_TASK_STATES = {
+    SourceState.PENDING: "PENDING",
+    SourceState.RUNNING: "STARTED",
+    SourceState.RETRYING: "RETRY",
+    SourceState.RATE_LIMITED: "PENDING",  # waiting for its token (settled ones are SUCCESS below)
+}
+
+
+def task_status(celery: Celery, store: LookupStore, task_id: str) -> dict | None:
+    """/api/tasks: what became of a task the service issued; None for an id it never issued."""
+    issued = store.task(task_id)
+    if issued is None:
+        return None
+    body = {
+        "task_id": task_id,
+        "name": issued["name"],
+        "state": "PENDING",
+        "lookup_id": issued["lookup_id"],
+        "source": issued.get("source"),
+        "result": None,
+        "date_done": None,
+    }
+    failed = AsyncResult(task_id, app=celery)  # only a task that raised has a stored result
+    if failed.state == "FAILURE":
+        del body["result"]
+        body.update(state="FAILURE", error=repr(failed.result))
+        body["date_done"] = failed.date_done.isoformat() if failed.date_done else None
+        return body
+    lookup = store.get(issued["lookup_id"]) if issued["lookup_id"] else None
+    result = lookup.sources.get(issued.get("source") or "") if lookup else None
+    if result is None:
+        return body
+    if result.settled:
+        body["state"] = "SUCCESS"
+        body["result"] = {k: v for k, v in result.to_dict().items() if k != "data"}
+        if result.updated_at:
+            body["date_done"] = datetime.fromtimestamp(result.updated_at, UTC).isoformat()
+    else:
+        body["state"] = _TASK_STATES.get(result.state, "PENDING")
+    return body
 
 
 # -- worker and beat hooks -------------------------------------------------------------------

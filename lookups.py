@@ -54,6 +54,7 @@ class SourceResult:
     error: str | None = None
     scheduled_at: float | None = None
     attempts: int = 0
+    updated_at: float | None = None  # when a worker recorded this state (None: from the cache)
 
     @property
     def settled(self) -> bool:
@@ -74,6 +75,7 @@ class SourceResult:
             "error": self.error,
             "scheduled_at": self.scheduled_at,
             "attempts": self.attempts,
+            "updated_at": self.updated_at,
         }
 
     @classmethod

@@ -91,6 +91,7 @@ SCHEMAS = {
             "error": {"type": "string", "nullable": True},
             "scheduled_at": NUMBER_OR_NULL,
             "attempts": {"type": "integer", "minimum": 0},
+            "updated_at": NUMBER_OR_NULL,
         },
     },
     "Check": {

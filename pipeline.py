@@ -6,6 +6,7 @@ Flask app context and reach the shared parts through `app.extensions`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -99,9 +100,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         if joined is not None:
             store.discard(lookup)
             return joined, False
-    extension("deferred").add(
-        lookup.deadline_at, FINALIZE_TASK, [lookup.id, True], {"priority": celery_priority(priority)}
-    )
+    extension("deferred").add(lookup.deadline_at, *_deadline_call(lookup.id, priority))
     for name in missing:
         send_task(
             FETCH_TASK,
@@ -109,6 +108,11 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
             {"task_id": lookup.tasks[name], "priority": celery_priority(priority)},
         )
     return lookup, True
+
+
+def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]:
+    """The lookup's finalize at its deadline, as (task, args, options, call id) for the deferred set."""
+    return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
 
 
 def _backoff(attempt: int) -> float:
@@ -120,6 +124,7 @@ def _backoff(attempt: int) -> float:
 
 def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
     """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
+    result = dataclasses.replace(result, updated_at=round(time.time(), 3))
     applied, newly, done, total = extension("lookups").set_source(lookup_id, result, replace_settled)
     if not applied:
         if total > 0 and done == total:
@@ -171,8 +176,19 @@ def run_source_call(
             log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, value, lookup_id)
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 
-    if not reserved:
-        reservation = extension("rate_limiter").reserve(source_name)
+    limiter = extension("rate_limiter")
+    # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
+    # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
+    slot_options = {**options, "priority": 0}
+    if reserved:
+        wait = limiter.admit(source_name)
+        if wait > 0:
+            # Late calls bunched up: too many started in the last second or minute; keep the
+            # reservation and go a little later, so the upstream never sees more than its limit.
+            extension("deferred").add(time.time() + wait, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
+            return {"source": source_name, "state": "paced", "wait": round(wait, 3)}
+    else:
+        reservation = limiter.reserve(source_name)
         if not reservation.granted:
             return record(
                 SourceResult(
@@ -185,7 +201,7 @@ def run_source_call(
             )
         if reservation.wait > 0:
             due = time.time() + reservation.wait
-            extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], options)
+            extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
             return record(
                 SourceResult(
                     source_name,
@@ -372,6 +388,9 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
+        # Its deadline's finalize would only find it complete: a task and a record read saved.
+        task, args, options, call_id = _deadline_call(lookup_id, lookup.priority)
+        extension("deferred").cancel(call_id, task, args, options)
         events.publish(lookup_id, "complete", lookup.to_dict())
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}

@@ -92,3 +92,37 @@ def test_processes_sharing_a_bucket_never_exceed_it(settings, redis_client):
             assert inside <= burst + rate * window + 1e-6, (window, inside)
     # and the whole run took as long as the bucket says, not less
     assert times[-1] - times[0] >= (90 - burst) / rate - 0.2
+
+
+def test_late_reserved_calls_are_paced_by_the_log_of_starts(limiter):
+    """Reserved calls that all turn up at once may not start together: 60/min with burst 1
+    allows ceil(1/s) + 1 = 2 starts in any second; the third waits for the oldest to age out."""
+    assert limiter.admit("receitaws") == 0
+    assert limiter.admit("receitaws") == 0
+    wait = limiter.admit("receitaws")
+    assert 0 < wait <= 1.0
+
+
+def test_a_free_token_still_waits_while_the_log_of_starts_is_full(limiter):
+    limiter.admit("receitaws")
+    limiter.admit("receitaws")
+    reservation = limiter.reserve("receitaws")  # the bucket itself holds its burst token
+    assert reservation.granted and 0 < reservation.wait <= 1.0
+    assert limiter.tokens("receitaws") < 0.1  # the token is kept for the paced call
+
+
+def test_per_minute_window_caps_starts_beyond_the_per_second_one(settings, redis_client):
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":minute", rate=3, burst=1)
+    # 3/min with burst 1: at most 1 + 1 = 2 a second and 3 + 1 = 4 a minute.
+    started = 0
+    deadline = time.monotonic() + 10
+    while started < 4 and time.monotonic() < deadline:
+        wait = limiter.admit("receitaws")
+        if wait == 0:
+            started += 1
+        else:
+            assert wait <= 1.0
+            time.sleep(wait)  # the limiter's own answer says when to come back
+    assert started == 4
+    wait = limiter.admit("receitaws")
+    assert wait > 50  # the minute is full: the oldest start ages out about 60 s after it

@@ -118,7 +118,9 @@ def get_lookup(lookup_id: str):
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
     body = (
-        job_queue.task_status(extension("celery"), extension("lookups"), task_id) if len(task_id) <= 64 else None
+        job_queue.task_status(extension("celery"), extension("lookups"), task_id)
+        if len(task_id) <= 64
+        else None
     )
     if body is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")

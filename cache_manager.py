@@ -22,6 +22,7 @@ import redis
 from flask import current_app
 
 import redis_store
+from near_cache import FLUSH, NearCache
 from settings import Settings
 
 log = logging.getLogger("cache")
@@ -55,12 +56,14 @@ class CacheEntry:
 class Cache:
     """The versioned cache; a Redis error on read is a miss, never an exception."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, near: NearCache | None = None) -> None:
         self.redis = client
         self.settings = settings
+        self.near = near
         self._lock = threading.Lock()
         self._last_generation = 0
         self._pending_counts: dict[str, int] = {}
+        self._counts_written_at = time.monotonic()
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, "cache", *parts)
@@ -72,9 +75,18 @@ class Cache:
         """The current generation (0 until first bumped)."""
         return int(self.redis.get(self._key("generation")) or 0)
 
+    def _announce(self, pipe: redis.client.Pipeline, key: str | bytes) -> None:
+        """Tell every process's near cache that `key` changed (`*`: everything did); this one's at once."""
+        pipe.publish(self._key("invalidations"), key)
+        if self.near is not None:
+            self.near.forget(key)
+
     def bump_generation(self) -> int:
         """Invalidate every entry at once; returns the new generation."""
-        generation = int(self.redis.incr(self._key("generation")))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(self._key("generation"))
+            self._announce(pipe, FLUSH)
+            generation = int(pipe.execute()[0])
         log.info("cache generation bumped to %d", generation)
         return generation
 
@@ -123,6 +135,28 @@ class Cache:
         return answers
 
     def _read(self, keys: list[tuple[str, str, str]]) -> list[bytes | None]:
+        """The raw (type, source, identifier) entries under the current generation: all from the
+        near cache when it holds every one, else one MGET that refills it."""
+        near = self.near
+        if near is not None and near.live:
+            generation = near.generation()
+            if generation is not None:
+                values = [near.get(self._entry_key(generation, *key)) for key in keys]
+                if None not in values:
+                    if time.monotonic() - self._counts_written_at > 1.0:
+                        self.flush_counts()  # the counters' ride (no Redis read) comes once a second
+                    return values
+        stamp = near.stamp() if near is not None else 0
+        values = self._read_redis(keys)
+        if near is not None:
+            generation = self._last_generation
+            near.set_generation(generation, stamp)
+            for key, value in zip(keys, values, strict=True):
+                if value is not None:
+                    near.put(self._entry_key(generation, *key), value, stamp)
+        return values
+
+    def _read_redis(self, keys: list[tuple[str, str, str]]) -> list[bytes | None]:
         """MGET of (type, source, identifier) entries under the current generation."""
         with self._lock:
             assumed, pending = self._last_generation, self._pending_counts
@@ -133,6 +167,7 @@ class Cache:
             for field, amount in pending.items():
                 pipe.hincrby(self._key("stats"), field, amount)
             raw_generation, values, *_ = pipe.execute()
+        self._counts_written_at = time.monotonic()
         generation = int(raw_generation or 0)
         if generation != assumed:  # bumped since this process last looked
             self._last_generation = generation
@@ -156,7 +191,10 @@ class Cache:
         entry = {"found": found, "data": data, "fetched_at": time.time()}
         ttl = self._fresh_ttl(identifier_type, found) + self.settings.cache_stale_ttl
         key = self._entry_key(self.generation(), identifier_type, source, identifier)
-        self.redis.set(key, orjson.dumps(entry), ex=ttl)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, orjson.dumps(entry), ex=ttl)
+            self._announce(pipe, key)
+            pipe.execute()
 
     def invalidate(
         self, identifier_type: str, identifier: str | None = None, source: str | None = None
@@ -175,6 +213,9 @@ class Cache:
                 batch.clear()
         if batch:
             deleted += self.redis.unlink(*batch)
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._announce(pipe, FLUSH)  # near caches drop everything
+            pipe.execute()
         return deleted
 
     def delete_old_generations(self) -> int:
@@ -198,6 +239,7 @@ class Cache:
         """Write the counters still waiting for a read (stats() does it first)."""
         with self._lock:
             pending, self._pending_counts = self._pending_counts, {}
+        self._counts_written_at = time.monotonic()
         if not pending:
             return
         try:
@@ -232,6 +274,7 @@ class Cache:
             "keys": keys,
             "used_memory_bytes": memory.get("used_memory"),
             "used_memory_human": memory.get("used_memory_human"),
+            "near_cache": self.near.stats() if self.near is not None else None,
         }
 
     def cached(self, name: str, ttl: int) -> Callable:
@@ -267,7 +310,11 @@ class Cache:
 
 def init_app(app) -> None:
     """Attach the cache to the app (`app.extensions["cache"]`)."""
-    app.extensions["cache"] = Cache(app.extensions["redis"], app.extensions["settings"])
+    settings = app.extensions["settings"]
+    near = NearCache(settings, settings.near_cache_size, settings.near_cache_max_age)
+    app.extensions["cache"] = Cache(
+        app.extensions["redis"], settings, near if settings.near_cache_size else None
+    )
 
 
 def get_cache() -> Cache:

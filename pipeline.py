@@ -185,7 +185,9 @@ def run_source_call(
         if wait > 0:
             # Late calls bunched up: too many started in the last second or minute; keep the
             # reservation and go a little later, so the upstream never sees more than its limit.
-            extension("deferred").add(time.time() + wait, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
+            extension("deferred").add(
+                time.time() + wait, FETCH_TASK, [*args, attempt, True, requeue], slot_options
+            )
             return {"source": source_name, "state": "paced", "wait": round(wait, 3)}
     else:
         reservation = limiter.reserve(source_name)

@@ -85,6 +85,8 @@ class Settings:
     cache_ttl_cpf: int = 86400
     cache_not_found_ttl: int = 3600
     cache_stale_ttl: int = 30 * 86400
+    near_cache_size: int = 10_000  # entries kept in each process's memory; 0 turns the near cache off
+    near_cache_max_age: float = 30.0  # seconds an entry may stay in memory, whatever invalidations say
 
     # Lookups and the job queue
     lookup_deadline: float = 15.0

@@ -29,11 +29,17 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
-    """orjson-encoded JSON response; `<`, `>` and `&` are escaped so no echoed input is ever live markup."""
+def encode_json(body: object) -> bytes:
+    """orjson-encoded JSON with `<`, `>` and `&` escaped, so no echoed input is ever live markup."""
     data = orjson.dumps(body)
     if b"<" in data or b">" in data or b"&" in data:
         data = data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
+    return data
+
+
+def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:
+    """A JSON response of `body`, or of bytes that `encode_json` made already (sent as they are)."""
+    data = body if isinstance(body, bytes) else encode_json(body)
     return Response(data, status=status, headers=headers, mimetype="application/json")
 
 

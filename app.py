@@ -100,7 +100,7 @@ def create_lookup():
     lookup, _ = pipeline.start_lookup(identifier, priority, refresh)
     status = 200 if lookup.status == lookups.LookupStatus.COMPLETE else 202
     headers = {"Location": f"/api/lookups/{lookup.id}"}
-    return json_response(lookup.to_dict(), status, headers)
+    return json_response(lookup.encoded or lookup.to_dict(), status, headers)
 
 
 def _get_lookup(lookup_id: str) -> lookups.Lookup:
@@ -112,7 +112,8 @@ def _get_lookup(lookup_id: str) -> lookups.Lookup:
 
 @api.get("/api/lookups/<lookup_id>")
 def get_lookup(lookup_id: str):
-    return json_response(_get_lookup(lookup_id).to_dict())
+    lookup = _get_lookup(lookup_id)
+    return json_response(lookup.encoded or lookup.to_dict())
 
 
 @api.get("/api/tasks/<task_id>")

@@ -145,15 +145,15 @@ class Cache:
                 if None not in values:
                     if time.monotonic() - self._counts_written_at > 1.0:
                         self.flush_counts()  # the counters' ride (no Redis read) comes once a second
-                    return values
+                    return [value or None for value in values]  # b"": known to be absent
         stamp = near.stamp() if near is not None else 0
         values = self._read_redis(keys)
         if near is not None:
             generation = self._last_generation
             near.set_generation(generation, stamp)
             for key, value in zip(keys, values, strict=True):
-                if value is not None:
-                    near.put(self._entry_key(generation, *key), value, stamp)
+                # Absent keys too (as b""): a write announces its key, which drops that as well.
+                near.put(self._entry_key(generation, *key), value or b"", stamp)
         return values
 
     def _read_redis(self, keys: list[tuple[str, str, str]]) -> list[bytes | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import redis
 from flask import current_app
 
 import redis_store
+from api_errors import encode_json
 from settings import Settings
 
 
@@ -98,6 +100,8 @@ class Lookup:
     tasks: dict[str, str] = field(default_factory=dict)
     result: dict | None = None
     completed_at: float | None = None
+    # `to_dict()` already encoded (api_errors.encode_json), when the store made it: sent as is.
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> int:
@@ -106,6 +110,20 @@ class Lookup:
     @property
     def cached(self) -> bool:
         return all(result.cached for result in self.sources.values())
+
+    def head(self) -> dict[str, Any]:
+        """The part of `to_dict()` that is this lookup's own, not its sources' (see ANSWER_BODY_FIELDS)."""
+        return {
+            "id": self.id,
+            "status": str(self.status),
+            "type": self.type,
+            "identifier": self.identifier,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "deadline_at": self.deadline_at,
+            "completed_at": self.completed_at,
+            "links": {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The API representation (DESIGN.md's contract)."""
@@ -172,6 +190,30 @@ return 0
 """
 
 
+# The fields of an answered lookup that come from the cache entries alone (see create_answered).
+ANSWER_BODY_FIELDS = ("sources", "progress", "cached", "result", "checks", "tasks")
+ANSWER_BODIES_MAX = 10_000
+
+
+def _from_answer(encoded: bytes) -> Lookup:
+    """A lookup stored by `create_answered`, read back from its API JSON."""
+    values = orjson.loads(encoded)
+    return Lookup(
+        id=values["id"],
+        type=values["type"],
+        identifier=values["identifier"],
+        priority=values["priority"],
+        status=LookupStatus(values["status"]),
+        created_at=values["created_at"],
+        deadline_at=values["deadline_at"],
+        sources={name: SourceResult.from_dict(result) for name, result in values["sources"].items()},
+        tasks=values["tasks"],
+        result={"data": values["result"], "checks": values["checks"]},
+        completed_at=values["completed_at"],
+        encoded=encoded,
+    )
+
+
 def new_lookup_id() -> str:
     """A random id with 128 bits of entropy, URL-safe."""
     return secrets.token_urlsafe(16)
@@ -186,6 +228,8 @@ class LookupStore:
         self._set_source = client.register_script(_SET_SOURCE)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
+        self._bodies: dict[tuple, tuple[bytes, str]] = {}  # entry versions -> (body JSON, digest)
+        self._bodies_written: dict[str, float] = {}  # digest -> when this process last wrote it
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, *parts)
@@ -249,6 +293,53 @@ class LookupStore:
                 pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
             pipe.execute()
 
+    def answered_key(self, lookup_id: str) -> str:
+        return self._key("answered", lookup_id)
+
+    def answer_body_key(self, digest: str) -> str:
+        return self._key("answer-body", digest)
+
+    def create_answered(self, lookup: Lookup, versions: tuple | None = None) -> bytes:
+        """Store a lookup answered whole from the cache; returns its API JSON, to send as it is.
+
+        It never changes again, so it needs no hash and no place in the cleanup index: it expires
+        after `lookup_retention`.  Its answer is two parts.  The body (sources, result, checks:
+        nearly all of it) is the same for every lookup answered from the same cache entries, so
+        it is stored once under its own digest; each lookup stores only its head (id, times) and
+        that digest.  `versions` names the entries the body came from, so a hot identifier's body
+        is encoded once per process, not on every request.
+        """
+        retention = max(1, int(self.settings.lookup_retention))
+        body = self._bodies.get(versions) if versions is not None else None
+        if body is None:
+            answer = lookup.to_dict()
+            inner = encode_json({name: answer[name] for name in ANSWER_BODY_FIELDS})[1:-1]
+            body = (inner, hashlib.blake2b(inner, digest_size=16).hexdigest())
+            if versions is not None:
+                if len(self._bodies) >= ANSWER_BODIES_MAX:
+                    self._bodies.clear()
+                self._bodies[versions] = body
+        inner, digest = body
+        head = encode_json(lookup.head())
+        with self.redis.pipeline(transaction=False) as pipe:
+            # The body outlives every head that names it: written for 1.2 x retention and written
+            # again once a tenth of the retention has passed, so it ends >= 1.1 x retention after
+            # any head this process wrote.
+            if time.monotonic() - self._bodies_written.get(digest, -retention) > retention / 10:
+                pipe.set(self.answer_body_key(digest), inner, ex=int(retention * 1.2) + 1)
+                if len(self._bodies_written) >= ANSWER_BODIES_MAX:
+                    self._bodies_written.clear()
+                self._bodies_written[digest] = time.monotonic()
+            pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
+            pipe.execute()
+        lookup.encoded = head[:-1] + b"," + inner + b"}"
+        return lookup.encoded
+
+    def _answer(self, stored: bytes) -> Lookup | None:
+        digest, _, head = stored.partition(b"\n")
+        inner = self.redis.get(self.answer_body_key(digest.decode()))
+        return _from_answer(head[:-1] + b"," + inner + b"}") if inner else None
+
     def discard(self, lookup: Lookup) -> None:
         """Remove a record that was written but never started (it joined a running lookup instead)."""
         task_keys = [self.task_key(task_id) for task_id in lookup.tasks.values()]
@@ -273,7 +364,12 @@ class LookupStore:
 
     def get(self, lookup_id: str) -> Lookup | None:
         """The lookup, or None if unknown or expired."""
-        raw = self.redis.hgetall(self.record_key(lookup_id))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.record_key(lookup_id))
+            pipe.get(self.answered_key(lookup_id))
+            raw, answered = pipe.execute()
+        if answered:
+            return self._answer(answered)
         if not raw:
             return None
         values = {k.decode(): v for k, v in raw.items()}

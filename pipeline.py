@@ -32,6 +32,9 @@ FINALIZE_TASK = "job_queue.finalize_lookup"
 # lookup read the CEP's entries in the same round trip as the company's (checked before use).
 _COMPANY_CEPS: dict[str, str] = {}
 COMPANY_CEPS_MAX = 100_000
+# Merged results of fully cached lookups by the versions of the entries they came from.
+_CACHED_RESULTS: dict[tuple, dict] = {}
+CACHED_RESULTS_MAX = 10_000
 
 
 def celery_priority(priority: int) -> int:
@@ -84,9 +87,8 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     if len(cached) == len(names):
         lookup.status = LookupStatus.COMPLETE
         lookup.completed_at = now
-        # A cache hit never waits on an upstream.
-        lookup.result = _merged_result(lookup, fetch_cep=False, prefetched_cep=prefetched_cep)
-        store.create(lookup)
+        lookup.result, versions = _cached_result(lookup, cached, prefetched_cep)
+        store.create_answered(lookup, versions)
         return lookup, True
 
     missing = [name for name in names if name not in cached]
@@ -108,6 +110,33 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
             {"task_id": lookup.tasks[name], "priority": celery_priority(priority)},
         )
     return lookup, True
+
+
+def _cached_result(
+    lookup: Lookup, cached: dict[str, CacheEntry], prefetched_cep: tuple | None
+) -> tuple[dict, tuple | None]:
+    """The merged result and checks of a lookup answered whole from the cache (never calls an upstream),
+    and the versions of the entries it came from (None when it depends on more than those).
+
+    The same cached entries always merge the same way, so the result is kept per process by the
+    entries' identity (source, fetch time): a hot identifier is merged once, not on every request.
+    """
+    versions = tuple((name, entry.fetched_at) for name, entry in cached.items())
+    if prefetched_cep:
+        versions += (prefetched_cep[0], *((name, e.fetched_at) for name, e in prefetched_cep[1].items()))
+    key = (lookup.type, lookup.identifier, versions)
+    result = _CACHED_RESULTS.get(key)
+    if result is not None:
+        return result, key
+    result = _merged_result(lookup, fetch_cep=False, prefetched_cep=prefetched_cep)
+    cep = ((result["data"] or {}).get("endereco") or {}).get("cep") if lookup.type == "cnpj" else None
+    # A company whose CEP was not read along with it had its CEP looked up apart: not kept.
+    if cep is not None and not (prefetched_cep and prefetched_cep[0] == cep):
+        return result, None
+    if len(_CACHED_RESULTS) >= CACHED_RESULTS_MAX:
+        _CACHED_RESULTS.clear()
+    _CACHED_RESULTS[key] = result
+    return result, key
 
 
 def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]:

@@ -4,9 +4,11 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
 
     {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
     {p}:cache:generation, {p}:cache:stats                          cache generation and counters
+    {p}:cache:invalidations (pub/sub channel)                      changed cache keys, for near caches (near_cache)
     {p}:breaker:{source}:state, {p}:breaker:{source}:probes        breaker state (circuit_breaker_manager)
     {p}:ratelimit:{source}, {p}:ratelimit:{source}:starts         token buckets, logs of call starts (rate_limiter)
     {p}:lookup:{id}, {p}:lookups, {p}:inflight:{type}:{identifier} lookup records, index, single flight (lookups)
+    {p}:answered:{id}, {p}:answer-body:{digest}                     lookups answered from the cache, their shared bodies (lookups)
     {p}:task:{task_id}                                             issued task ids (lookups)
     {p}:deferred                                                   calls waiting for their time (job_queue)
     {p}:deadlines                                                  lookup deadlines (job_queue)

@@ -459,6 +459,24 @@ def test_cached_lookup_reads_back_complete(app, client):
     assert body["result"]["razao_social"] == COMPANY["razao_social"]
 
 
+def test_cached_answers_share_one_stored_body_and_read_back_exactly(app, client, redis_client):
+    cache_company(app)
+    first = post_lookup(client).get_json()
+    second = post_lookup(client).get_json()
+
+    assert first["id"] != second["id"]
+    for created in (first, second):
+        assert client.get(created["links"]["self"]).get_json() == created
+    store = app.extensions["lookups"]
+    bodies = list(redis_client.scan_iter(match=store.answer_body_key("*")))
+    assert len(bodies) == 1  # the sources' part is stored once, each lookup keeps its own head
+    head = redis_client.get(store.answered_key(first["id"]))
+    assert len(head) < 600 and first["id"].encode() in head
+    ttl = redis_client.ttl(store.answered_key(first["id"]))
+    assert 0 < ttl <= app.extensions["settings"].lookup_retention
+    assert redis_client.ttl(bodies[0]) > ttl  # the body outlives every head that names it
+
+
 @pytest.mark.parametrize(
     "lookup_id",
     ["unknown", "A" * 22, "x" * 5000, "%00", "..%2F..%2Fetc", "<script>alert(1)</script>"],

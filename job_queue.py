@@ -151,6 +151,12 @@ def fetch_source(
     return pipeline.run_source_call(lookup_id, source, kind, value, priority, attempt, reserved, requeue)
 
 
+@shared_task(name="job_queue.fetch_lookup", ignore_result=True, store_errors_even_if_ignored=True)
+def fetch_lookup(lookup_id: str, kind: str, value: str, priority: int, call_ids: dict[str, str]) -> dict:
+    """Call all of a lookup's missing sources at once (waits and retries go out as fetch_source)."""
+    return pipeline.run_lookup_calls(lookup_id, kind, value, priority, call_ids)
+
+
 @shared_task(name="job_queue.finalize_lookup", ignore_result=True, store_errors_even_if_ignored=True)
 def finalize_lookup(lookup_id: str, at_deadline: bool = False) -> str | None:
     """Merge and cross-check a lookup (at its deadline, or when its last source settled)."""

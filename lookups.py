@@ -355,6 +355,13 @@ class LookupStore:
         entry = {"name": name, "lookup_id": lookup_id, "source": source}
         self.redis.set(self.task_key(task_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl)
 
+    def unsettled(self, lookup_id: str, sources: list[str]) -> list[str]:
+        """Those of `sources` not settled yet in the lookup (none when the record is gone)."""
+        flags = self.redis.hmget(self.record_key(lookup_id), ["total", *(f"settled:{s}" for s in sources)])
+        if flags[0] is None:
+            return []  # the record is gone (expired): nothing to call for
+        return [source for source, flag in zip(sources, flags[1:], strict=True) if flag != b"1"]
+
     def is_settled(self, lookup_id: str, source: str) -> bool:
         return self.redis.hget(self.record_key(lookup_id), f"settled:{source}") == b"1"
 

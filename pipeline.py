@@ -13,7 +13,9 @@ import time
 import uuid
 
 from celery import current_task
+from flask import current_app
 
+import call_pool
 import cross_checks
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
@@ -25,6 +27,7 @@ from sources import NotFound, RateLimited, SourceError, TransientError, Upstream
 log = logging.getLogger("pipeline")
 
 FETCH_TASK = "job_queue.fetch_source"
+LOOKUP_TASK = "job_queue.fetch_lookup"
 FINALIZE_TASK = "job_queue.finalize_lookup"
 
 
@@ -103,12 +106,13 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
             store.discard(lookup)
             return joined, False
     extension("deferred").add(lookup.deadline_at, *_deadline_call(lookup.id, priority))
-    for name in missing:
-        send_task(
-            FETCH_TASK,
-            [lookup.id, name, kind, identifier.value, priority, 0, False, False],
-            {"task_id": lookup.tasks[name], "priority": celery_priority(priority)},
-        )
+    # One task calls every missing source at once (call_pool); a source's own call id becomes
+    # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
+    send_task(
+        LOOKUP_TASK,
+        [lookup.id, kind, identifier.value, priority, lookup.tasks],
+        {"task_id": uuid.uuid4().hex, "priority": celery_priority(priority)},
+    )
     return lookup, True
 
 
@@ -179,22 +183,27 @@ def run_source_call(
     attempt: int = 0,
     reserved: bool = False,
     requeue: bool = False,
+    *,
+    call_id: str | None = None,
+    settled_checked: bool = False,
 ) -> dict:
     """One call of one source for one lookup: token, breaker, fetch, cache, settle.
 
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
     and this function returns at once.  Returns a small dict describing what happened.
+    `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
+    the caller has just seen this source unsettled.
     """
     settings = extension("settings")
     store = extension("lookups")
     identifier = Identifier(type=IdentifierType(kind), value=value)
     args = [lookup_id, source_name, kind, value, priority]
     options = {"priority": celery_priority(priority)}
-    task_id = _current_task_id()
+    task_id = call_id or _current_task_id()
     if task_id:
         options["task_id"] = task_id
 
-    if not requeue and store.is_settled(lookup_id, source_name):
+    if not requeue and not settled_checked and store.is_settled(lookup_id, source_name):
         # A redelivered task (its worker died after settling): the lookup may still need its
         # finalize, which that worker never reached.  finalize does nothing unless all settled.
         finalize(lookup_id)
@@ -332,9 +341,53 @@ def run_source_call(
             )
         )
     cache.set(kind, source_name, value, data, found=True)
+    if kind == "cnpj":
+        _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"))
     return record(
         SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1)
     )
+
+
+def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_ids: dict[str, str]) -> dict:
+    """The lookup task: call every source named in `call_ids` at once, each as `run_source_call`.
+
+    Returns each source's outcome.  A source already settled (the task was redelivered after
+    its worker died) is not called again; the lookup is finalized if that was all it needed.
+    """
+    unsettled = extension("lookups").unsettled(lookup_id, list(call_ids))
+    if not unsettled:
+        finalize(lookup_id)
+        return {}
+    app, size = current_app._get_current_object(), _call_pool_size()
+    calls = {
+        name: call_pool.submit(
+            app,
+            size,
+            run_source_call,
+            lookup_id,
+            name,
+            kind,
+            value,
+            priority,
+            call_id=call_ids[name],
+            settled_checked=True,
+        )
+        for name in unsettled
+    }
+    return {name: call.result() for name, call in calls.items()}
+
+
+def _call_pool_size() -> int:
+    # Every lookup task of the worker's pool may have all its sources and one CEP fetch running.
+    return max(4, extension("settings").worker_concurrency * 4)
+
+
+def _start_cep_fetch(cep: str | None) -> None:
+    """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
+    if not cep or not extension("settings").cep_prefetch:
+        return
+    app, size = current_app._get_current_object(), _call_pool_size()
+    call_pool.start_cep_fetch(cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False))
 
 
 def _current_task_id() -> str | None:
@@ -346,7 +399,10 @@ def _cep_source_names() -> list[str]:
 
 
 def _company_cep(
-    cep: str, fetch: bool = True, prefetched: dict[str, CacheEntry] | None = None
+    cep: str,
+    fetch: bool = True,
+    prefetched: dict[str, CacheEntry] | None = None,
+    wait_running: bool = True,
 ) -> tuple[dict | None, str | None]:
     """The CEP data for a company's address: from cache, else (with `fetch`) one call to a CEP source now.
 
@@ -354,6 +410,10 @@ def _company_cep(
     """
     cache = extension("cache")
     sources = sources_for("cep", extension("sources"))
+    if prefetched is None and fetch and wait_running:
+        # The fetch this process started when a company source named the CEP: its answer lands
+        # in the cache, so wait for it rather than call the CEP source a second time.
+        call_pool.wait_for_cep_fetch(cep, max(s.settings.timeout for s in sources) + 1)
     entries = prefetched if prefetched is not None else cache.get_many("cep", [s.name for s in sources], cep)
     found = [e for e in entries.values() if e.found]
     if found:

@@ -99,6 +99,7 @@ class Settings:
     deferred_poll_interval: float = 0.2
     visibility_timeout: int = 120
     worker_concurrency: int = 16
+    cep_prefetch: bool = True  # fetch a company's CEP as soon as one company source names it
     worker_heartbeat_ttl: int = 60
     health_check_interval: float = 300.0
     cleanup_interval: float = 6 * 3600.0

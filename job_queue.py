@@ -8,6 +8,7 @@ worker process, on the first task.  The web app builds its own Celery instance (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -64,7 +65,11 @@ class LookupCelery(Celery):
             if self._flask_app is None:
                 from app import create_app  # the web app imports this module: import it late
 
-                self._flask_app = create_app(self.settings, celery=self)
+                # A worker runs up to 4 source calls per pool thread at once (call_pool), each
+                # making a few Redis calls: a pool of the web's size made them queue for it.
+                pooled = max(self.settings.redis_max_connections, self.settings.worker_concurrency * 2)
+                settings = dataclasses.replace(self.settings, redis_max_connections=pooled)
+                self._flask_app = create_app(settings, celery=self)
             return self._flask_app
 
 

@@ -165,12 +165,12 @@ def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) 
             # finalizing: finish the lookup now rather than at its deadline (finalize is idempotent).
             finalize(lookup_id)
         return False
-    events = extension("events")
-    events.publish(lookup_id, "source", result.to_dict())
+    published = [("source", result.to_dict())]
     if newly:
-        events.publish(lookup_id, "progress", {"done": done, "total": total})
-        if done == total:
-            finalize(lookup_id)
+        published.append(("progress", {"done": done, "total": total}))
+    extension("events").publish_many(lookup_id, published)
+    if newly and done == total:
+        finalize(lookup_id)
     return True
 
 

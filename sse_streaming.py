@@ -46,16 +46,20 @@ STREAM_MAXLEN = 1000
 RECONNECT_MS = 1000  # the `retry:` a browser waits before reconnecting a dropped stream
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
-# KEYS[1] the log stream.  ARGV: hub channel, type, data json, ttl seconds, maxlen, lookup id.
-# The announcement is "lookup id \n previous entry id \n entry id \n type \n data".
+# KEYS[1] the log stream.  ARGV: hub channel, ttl seconds, maxlen, lookup id, then a type and a
+# data json per event.  Each announcement is "lookup id \n previous entry id \n entry id \n type \n data".
+# Returns the last entry id.
 _PUBLISH = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if last[1] then prev = last[1][1] end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'type', ARGV[2], 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], ARGV[6] .. '\\n' .. prev .. '\\n' .. id .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
-return id
+for i = 5, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[1], ARGV[4] .. '\\n' .. prev .. '\\n' .. id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
+  prev = id
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return prev
 """
 
 
@@ -85,21 +89,19 @@ class EventLog:
         A failed publish is logged, not raised: the lookup record stays the source of truth, and
         a stream that missed the event still shows the state in its next snapshot.
         """
-        payload = orjson.dumps({**data, "timestamp": time.time()})
+        return self.publish_many(lookup_id, [(event_type, data)])
+
+    def publish_many(self, lookup_id: str, events: list[tuple[str, dict]]) -> str | None:
+        """`publish` for several events of one lookup, in order, in one round trip; the last one's id."""
+        now = time.time()
+        args: list = [self.hub_channel, self.settings.lookup_record_ttl, STREAM_MAXLEN, lookup_id]
+        for event_type, data in events:
+            args += [event_type, orjson.dumps({**data, "timestamp": now})]
         try:
-            event_id = self._publish(
-                keys=[self.stream_key(lookup_id)],
-                args=[
-                    self.hub_channel,
-                    event_type,
-                    payload,
-                    self.settings.lookup_record_ttl,
-                    STREAM_MAXLEN,
-                    lookup_id,
-                ],
-            )
+            event_id = self._publish(keys=[self.stream_key(lookup_id)], args=args)
         except redis.RedisError as error:
-            log.warning("publish of %s for lookup %s failed: %s", event_type, lookup_id, error)
+            kinds = ", ".join(event_type for event_type, _ in events)
+            log.warning("publish of %s for lookup %s failed: %s", kinds, lookup_id, error)
             return None
         return event_id.decode()
 

@@ -37,7 +37,7 @@ test: $(VENV)/.dev $(CATALOG).mo browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark script; `make bench QUICK=1` runs the short versions, as make test does.
-BENCHMARKS := cached_lookup uncached_latency throughput streams celery_ceiling backlog rate_fidelity
+BENCHMARKS := cached_lookup uncached_latency celery_ceiling throughput streams backlog rate_fidelity
 
 ## bench: run every benchmark and rewrite docs/benchmarks.md (QUICK=1: short runs that rewrite nothing)
 bench: $(VENV)/.dev $(CATALOG).mo

@@ -218,16 +218,7 @@ def run_source_call(
     # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
     # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
     slot_options = {**options, "priority": 0}
-    if reserved:
-        wait = limiter.admit(source_name)
-        if wait > 0:
-            # Late calls bunched up: too many started in the last second or minute; keep the
-            # reservation and go a little later, so the upstream never sees more than its limit.
-            extension("deferred").add(
-                time.time() + wait, FETCH_TASK, [*args, attempt, True, requeue], slot_options
-            )
-            return {"source": source_name, "state": "paced", "wait": round(wait, 3)}
-    else:
+    if not reserved:
         reservation = limiter.reserve(source_name)
         if not reservation.granted:
             return record(
@@ -256,6 +247,22 @@ def run_source_call(
     cache = extension("cache")
     if not requeue:
         settle(lookup_id, SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1))
+    # Checked right before the call goes out, so what the log counts is what the upstream sees.
+    wait = limiter.admit(source_name)
+    if wait > 0:
+        # Calls that ran late bunched up: as many started in the last second (or minute) as the
+        # limit allows.  Keep the token and go a little later, ahead of new work.
+        due = time.time() + wait
+        extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.RATE_LIMITED,
+                scheduled_at=due,
+                attempts=attempt,
+                error="waiting for the source's rate limit",
+            )
+        )
     started = time.perf_counter()
 
     def elapsed() -> float:
@@ -427,7 +434,8 @@ def _company_cep(
     for source in sources:
         if source.name in entries:
             continue
-        if not extension("rate_limiter").reserve(source.name, horizon=0).granted:
+        limiter = extension("rate_limiter")
+        if not limiter.reserve(source.name, horizon=0).granted or limiter.admit(source.name) > 0:
             last_error = f"{source.name} is rate limited"
             continue
         try:

@@ -12,10 +12,10 @@ token again, so calls are *scheduled* at exactly the bucket's rate, in reservati
 
 A schedule alone does not protect the upstream: a deferred call reaches a worker late when the
 broker queue is long, and calls that run late by different amounts bunch up (measured: 122 calls
-in one second against a limit of 20).  So every call that starts is also written to a log of
-starts per source, and a reserved call checks that log when it finally runs (`admit`): it goes
-ahead only while the last second holds fewer than rate + burst starts and the last minute fewer
-than the per-minute rate + burst; otherwise it waits a little longer, keeping its reservation.
+in one second against a limit of 20).  So every call, right before it goes out, also checks a
+log of starts per source (`admit`): it goes ahead only while the last second holds fewer than
+rate + burst starts and the last minute fewer than the per-minute rate + burst; otherwise it
+waits a little longer, keeping its token.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import redis
 import redis_store
 from settings import Settings
 
-# Both scripts: the start log (KEYS[2]) is a sorted set of call starts scored by Redis time; a
-# call may start while it holds fewer than ARGV[5] starts in the last second and fewer than
-# ARGV[6] in the last minute (ARGV[7]: a unique member name).  Returns 0 and logs the start, or the seconds until one may start.
-_START_LOG = """
+# KEYS[2] the start log: a sorted set of call starts scored by Redis time.  A call may start
+# while it holds fewer than ARGV[5] starts in the last second and fewer than ARGV[6] in the last
+# minute (ARGV[7]: a unique member name).  Returns 0 and logs the start, or the seconds to wait.
+_ADMIT = """
 local function start_wait(log_key, now, per_second, per_minute)
   redis.call('ZREMRANGEBYSCORE', log_key, '-inf', now - 60)
   local in_minute = redis.call('ZCARD', log_key)
@@ -55,14 +55,16 @@ local function log_start(log_key, now)
 end
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local wait = start_wait(KEYS[2], now, tonumber(ARGV[5]), tonumber(ARGV[6]))
+if wait == 0 then log_start(KEYS[2], now) end
+return tostring(wait)
 """
 
-# KEYS[1] bucket, KEYS[2] start log.  ARGV: rate per second, burst, horizon seconds, dry run
-# (1 = only look), start limits per second and per minute.  A token for now is also a start.
+# KEYS[1] bucket.  ARGV: rate per second, burst, horizon seconds, dry run (1 = only look).
 # Returns {granted (1/0), wait seconds as string, tokens after as string}.
-_ACQUIRE = (
-    _START_LOG
-    + """
+_ACQUIRE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
 local rate, burst, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(bucket[1]) or burst
@@ -74,28 +76,13 @@ end
 local after = tokens - 1
 local wait = 0
 if after < 0 then wait = -after / rate end
--- A token for now, but the start log is full (late reserved calls just ran): wait for the log.
-if wait == 0 then wait = start_wait(KEYS[2], now, tonumber(ARGV[5]), tonumber(ARGV[6])) end
 if wait > horizon then
   return {0, tostring(wait), tostring(tokens)}
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(after), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - after) / rate * 1000) + 1000)
-if wait == 0 then log_start(KEYS[2], now) end
 return {1, tostring(wait), tostring(after)}
 """
-)
-
-# KEYS[2] start log (KEYS[1] unused, for the same key layout).  ARGV[5], ARGV[6] as above.
-# Returns the seconds to wait as a string, "0" when the start was logged.
-_ADMIT = (
-    _START_LOG
-    + """
-local wait = start_wait(KEYS[2], now, tonumber(ARGV[5]), tonumber(ARGV[6]))
-if wait == 0 then log_start(KEYS[2], now) end
-return tostring(wait)
-"""
-)
 
 
 @dataclass(frozen=True)
@@ -139,7 +126,7 @@ class RateLimiter:
         return Reservation(bool(int(granted)), float(wait), float(tokens))
 
     def admit(self, source: str) -> float:
-        """A reserved call about to start: 0 (start logged, go) or the seconds it should wait first."""
+        """A call about to go out: 0 (its start is logged, go) or the seconds it should wait first."""
         keys, args = self._args(source, 0, False)
         return float(self._admit(keys=keys, args=args))
 

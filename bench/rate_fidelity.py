@@ -334,6 +334,7 @@ def markdown(report: dict) -> str:
     busiest = report["busiest_second"]["median"]
     worst = report["busiest_second"]["max"]
     yes_no = {True: "yes", False: "**no**"}
+    minute = minute_max(report["runs"][len(report["runs"]) // 2])
     lines = [
         harness.header(
             report, "Rate-limit fidelity: one source at 20 requests/s (`bench/rate_fidelity.py`, benchmark 6)"
@@ -356,8 +357,9 @@ def markdown(report: dict) -> str:
         f"{cell(report['busiest_sliding_second_worker_events'], 0)} | | |",
         f"| share of the limit used while a backlog exists | {cell(report['utilisation'], 3)} | ≥ 0.95 | "
         f"{yes_no[report['utilisation']['min'] is not None and report['utilisation']['min'] >= 0.95]} |",
-        f"| busiest 60 s at the sandbox (one run) | {fmt(minute_max(report['runs'][len(report['runs']) // 2]), 0)} | "
-        f"≤ {config['rate_limit_per_minute']:,} + burst (the limit per minute) | |",
+        f"| busiest 60 s at the sandbox (one run) | {fmt(minute, 0)} | "
+        f"≤ {config['rate_limit_per_minute'] + config['burst']:,} (the limit per minute + burst) | "
+        f"{yes_no[minute is not None and minute <= config['rate_limit_per_minute'] + config['burst']] if minute else ''} |",
         f"| backlog length (s) | {cell(report['backlog_seconds'], 1)} | | |",
         f"| deferred call's start after its reserved slot, p95 / max (ms) | {cell(report['lateness_p95_ms'], 0)} / "
         f"{cell(report['lateness_max_ms'], 0)} | | |",
@@ -379,6 +381,17 @@ def markdown(report: dict) -> str:
             "and the sandbox share two cores (and did so with other sessions' work; see the load average). The "
             "source's demand still exceeded its limit throughout, so the backlog and both goals are measured as "
             "specified."
+        )
+    if worst is not None and worst <= ceiling:
+        lines.append(
+            "\nHow the limit holds although deferred calls start late (lateness row above): the bucket schedules "
+            f"calls {1000 / limit:g} ms apart on Valkey's clock, and every call start is also written to a log of "
+            "starts per source (`rate_limiter`). A call whose reserved slot has come is sent ahead of new work "
+            "(Celery priority 0) and, before calling, checks that log: while the last second holds rate + burst "
+            "starts, or the last minute the per-minute rate + burst, it waits a little longer, keeping its "
+            "reservation. Late calls therefore cannot bunch up at the upstream, and no slot is thrown away, so "
+            "the share of the limit used stays high. Before this (2026-11-22, same benchmark): busiest second "
+            "122 and busiest 60 s 1,671 against 21 and 1,201."
         )
     if worst is not None and worst > ceiling:
         lines.append(

@@ -101,6 +101,11 @@ class BreakerOpen(pybreaker.CircuitBreakerError):
         self.retry_at = retry_at
 
 
+class CallWithdrawn(Exception):
+    """Raised by the called function before it reaches the upstream (it must wait after all):
+    neither a success nor a failure; a probe permit it held is given back."""
+
+
 class BreakerUnavailable(Exception):
     """Redis (the breaker state) is unreachable: no call was made; treat as transient."""
 
@@ -168,6 +173,13 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         """Run one of the state scripts; lists come back as lists of str."""
         reply = self._guard(lambda: self._scripts[script](keys=self._keys, args=args))
         return [_text(value) for value in reply] if isinstance(reply, list) else _text(reply)
+
+    def give_back(self, permit: str) -> None:
+        """Return a probe permit that was not used (best effort: it expires anyway)."""
+        try:
+            self._redis.zrem(self._keys[1], permit)
+        except redis.RedisError:
+            pass
 
     def snapshot(self) -> dict[str, Any]:
         """The stored state, failures, successes and opened_at (epoch float or None)."""
@@ -261,6 +273,10 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
             listener.before_call(self, func, *args, **kwargs)
         try:
             result = func(*args, **kwargs)
+        except CallWithdrawn:
+            if permit:
+                self.storage.give_back(permit)
+            raise
         except Exception as error:
             if not self.is_system_error(error):  # a final answer: the upstream works
                 self._succeeded(permit, clean)

@@ -18,7 +18,7 @@ from flask import current_app
 import call_pool
 import cross_checks
 from cache_manager import CacheEntry
-from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
+from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
 from extensions import extension
 from identifiers import Identifier, IdentifierType
 from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
@@ -148,6 +148,14 @@ def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]
     return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
 
 
+class Paced(CallWithdrawn):
+    """A call that found the source's log of starts full right before going out."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"wait {wait:.3f}s for the rate limit")
+        self.wait = wait
+
+
 def _backoff(attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
     settings = extension("settings")
@@ -247,12 +255,25 @@ def run_source_call(
     cache = extension("cache")
     if not requeue:
         settle(lookup_id, SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1))
-    # Checked right before the call goes out, so what the log counts is what the upstream sees.
-    wait = limiter.admit(source_name)
-    if wait > 0:
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return round((time.perf_counter() - started) * 1000, 1)
+
+    def admitted_fetch(identifier: Identifier) -> dict:
+        # Checked after the breaker let the call through, right before it goes out, so the log of
+        # starts counts what the upstream sees, give or take the HTTP request's own way there.
+        wait = limiter.admit(source_name)
+        if wait > 0:
+            raise Paced(wait)
+        return source.fetch(identifier)
+
+    try:
+        data = extension("breakers").call(source_name, admitted_fetch, identifier)
+    except Paced as paced:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
         # limit allows.  Keep the token and go a little later, ahead of new work.
-        due = time.time() + wait
+        due = time.time() + paced.wait
         extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
         return record(
             SourceResult(
@@ -263,13 +284,6 @@ def run_source_call(
                 error="waiting for the source's rate limit",
             )
         )
-    started = time.perf_counter()
-
-    def elapsed() -> float:
-        return round((time.perf_counter() - started) * 1000, 1)
-
-    try:
-        data = extension("breakers").call(source_name, source.fetch, identifier)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
         return record(

@@ -147,6 +147,20 @@ class _Upstream:
         self.fault = fault
         self.window: deque[float] = deque()  # monotonic times of admitted requests in the last minute
         self.by_status: Counter[int] = Counter()
+        # Arrivals in the last second and minute, and the most either ever held: what a real
+        # upstream's per-second and per-minute quota would judge, counted exactly.
+        self.last_second: deque[float] = deque()
+        self.last_minute: deque[float] = deque()
+        self.busiest_second = 0
+        self.busiest_minute = 0
+
+    def arrived(self, now: float) -> None:
+        for recent, span in ((self.last_second, 1.0), (self.last_minute, 60.0)):
+            recent.append(now)
+            while recent[0] <= now - span:
+                recent.popleft()
+        self.busiest_second = max(self.busiest_second, len(self.last_second))
+        self.busiest_minute = max(self.busiest_minute, len(self.last_minute))
 
 
 class SandboxState:
@@ -163,6 +177,7 @@ class SandboxState:
         now = time.monotonic()
         with self._lock:
             state = self._upstreams[upstream]
+            state.arrived(now)
             fault = state.fault
             if fault.outage:
                 return Admission(outage=True)
@@ -197,6 +212,8 @@ class SandboxState:
                 "upstreams": {
                     name: {
                         "requests": sum(state.by_status.values()),
+                        "busiest_second": state.busiest_second,  # most arrivals in any sliding 1 s
+                        "busiest_minute": state.busiest_minute,  # ... and in any sliding 60 s
                         "by_status": {
                             str(status): count for status, count in sorted(state.by_status.items())
                         },

@@ -34,6 +34,8 @@ import harness  # noqa: E402
 from backlog import start_service_with  # noqa: E402
 from harness import Processes, cell, fmt, log, spread  # noqa: E402
 
+import redis_store  # noqa: E402
+
 NAME = "rate_fidelity"
 SOURCE = "opencnpj"
 LIMIT_PER_MINUTE = 1200
@@ -110,6 +112,10 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.limiter, self.interval = f"{sandbox_url}/_stats", limiter, interval
         self.samples: list[tuple[float, int, float]] = []  # (time, requests answered, tokens)
+        # The limiter's own log of admitted call starts (Valkey's clock), read whole each time: it
+        # keeps the last 60 s, so every start is seen at least once.
+        self.log_key = redis_store.key(limiter.settings, "ratelimit", SOURCE, "starts")
+        self.admitted: dict[bytes, float] = {}
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -119,6 +125,7 @@ class Sampler(threading.Thread):
             before = time.time()
             count = session.get(self.url, timeout=5).json()["upstreams"][SOURCE]["requests"]
             tokens = self.limiter.tokens(SOURCE)
+            self.admitted.update(self.limiter.redis.zrange(self.log_key, 0, -1, withscores=True))
             after = time.time()
             self.samples.append(((before + after) / 2, count, tokens))
             next_at += self.interval
@@ -200,6 +207,7 @@ def one_run(arguments: argparse.Namespace, stack, url: str, sandbox_url: str, se
     count = int(arguments.rate * arguments.seconds)
     identifiers = harness.valid_cnpjs(count, seed=seed)
     limiter.reset(SOURCE)
+    requests.post(f"{sandbox_url}/_control", json={"reset": True}, timeout=5).raise_for_status()
     sampler = Sampler(sandbox_url, limiter)
     sampler.start()
     time.sleep(0.5)
@@ -222,6 +230,7 @@ def one_run(arguments: argparse.Namespace, stack, url: str, sandbox_url: str, se
             time.sleep(1.0)  # the backlog is gone: one more second of samples, then stop
             break
     sampler.stop()
+    exact = requests.get(f"{sandbox_url}/_stats", timeout=5).json()["upstreams"][SOURCE]
     samples = sampler.samples
     base = samples[0][1]
     first_call = next((t for t, c, _ in samples if c > base), None)
@@ -254,6 +263,10 @@ def one_run(arguments: argparse.Namespace, stack, url: str, sandbox_url: str, se
         "busiest_second": round(max(counts), 2) if counts else None,
         "busiest_sliding_second_sampled": sliding,
         "busiest_sliding_second_worker_events": busiest_window(started_calls),
+        "busiest_sliding_second_exact": exact["busiest_second"],
+        "busiest_sliding_second_admitted": busiest_window(sorted(sampler.admitted.values())),
+        "busiest_sliding_minute_admitted": busiest_window(sorted(sampler.admitted.values()), 60.0),
+        "busiest_sliding_minute_exact": exact["busiest_minute"],
         "served_during_backlog": round(served_in_backlog, 1),
         "utilisation": round(utilisation, 4) if utilisation is not None else None,
         "worker_calls_during_backlog": len(events_window),
@@ -306,6 +319,10 @@ def body(arguments: argparse.Namespace):
             "runs": runs,
             "busiest_second": spread([r["busiest_second"] for r in runs]),
             "busiest_sliding_second_sampled": spread([r["busiest_sliding_second_sampled"] for r in runs]),
+            "busiest_sliding_second_exact": spread([r["busiest_sliding_second_exact"] for r in runs]),
+            "busiest_sliding_second_admitted": spread([r["busiest_sliding_second_admitted"] for r in runs]),
+            "busiest_sliding_minute_admitted": spread([r["busiest_sliding_minute_admitted"] for r in runs]),
+            "busiest_sliding_minute_exact": spread([r["busiest_sliding_minute_exact"] for r in runs]),
             "busiest_sliding_second_worker_events": spread(
                 [r["busiest_sliding_second_worker_events"] for r in runs]
             ),
@@ -331,8 +348,11 @@ def markdown(report: dict) -> str:
     config = report["config"]
     limit = config["rate_limit_per_minute"] / 60
     ceiling = limit + config["burst"]
-    busiest = report["busiest_second"]["median"]
-    worst = report["busiest_second"]["max"]
+    # Judged on the sandbox's exact sliding count (every arrival), which is at least the whole-second one.
+    busiest = report["busiest_sliding_second_exact"]["median"]
+    worst = report["busiest_sliding_second_exact"]["max"]
+    minute_exact = report["busiest_sliding_minute_exact"]["max"]
+    minute_goal = config["rate_limit_per_minute"] + config["burst"]
     yes_no = {True: "yes", False: "**no**"}
     minute = minute_max(report["runs"][len(report["runs"]) // 2])
     lines = [
@@ -349,17 +369,20 @@ def markdown(report: dict) -> str:
         f"{config['repeats']} run(s), (min–max).\n",
         "| figure | measured | goal | met |",
         "|---|---|---|---|",
-        f"| busiest second at the sandbox (whole seconds) | {cell(report['busiest_second'], 2)} | ≤ {ceiling:g} "
-        f"(limit + burst) | {yes_no[worst is not None and worst <= ceiling]} |",
-        f"| busiest sliding 1 s at the sandbox (100 ms samples, ±0.1 s) | "
-        f"{cell(report['busiest_sliding_second_sampled'], 0)} | | |",
-        f"| busiest sliding 1 s of call starts (workers' `running` events) | "
-        f"{cell(report['busiest_sliding_second_worker_events'], 0)} | | |",
+        f"| busiest sliding 1 s at the sandbox (every arrival counted) | "
+        f"{cell(report['busiest_sliding_second_exact'], 0)} | ≤ {ceiling:g} (limit + burst) | "
+        f"{yes_no[worst is not None and worst <= ceiling]} |",
+        f"| busiest sliding 1 s / 60 s of call starts the limiter admitted (its own log, Valkey's clock) | "
+        f"{cell(report['busiest_sliding_second_admitted'], 0)} / {cell(report['busiest_sliding_minute_admitted'], 0)} "
+        f"| ≤ {ceiling:g} / ≤ {minute_goal:,} | |",
+        f"| busiest whole second at the sandbox (interpolated from 100 ms samples) | "
+        f"{cell(report['busiest_second'], 2)} | | |",
         f"| share of the limit used while a backlog exists | {cell(report['utilisation'], 3)} | ≥ 0.95 | "
         f"{yes_no[report['utilisation']['min'] is not None and report['utilisation']['min'] >= 0.95]} |",
-        f"| busiest 60 s at the sandbox (one run) | {fmt(minute, 0)} | "
-        f"≤ {config['rate_limit_per_minute'] + config['burst']:,} (the limit per minute + burst) | "
-        f"{yes_no[minute is not None and minute <= config['rate_limit_per_minute'] + config['burst']] if minute else ''} |",
+        f"| busiest sliding 60 s at the sandbox (every arrival counted) | "
+        f"{cell(report['busiest_sliding_minute_exact'], 0)} | ≤ {minute_goal:,} (the limit per minute + burst) | "
+        f"{yes_no[minute_exact is not None and minute_exact <= minute_goal]} |",
+        f"| busiest 60 whole seconds at the sandbox (one run, interpolated) | {fmt(minute, 0)} | | |",
         f"| backlog length (s) | {cell(report['backlog_seconds'], 1)} | | |",
         f"| deferred call's start after its reserved slot, p95 / max (ms) | {cell(report['lateness_p95_ms'], 0)} / "
         f"{cell(report['lateness_max_ms'], 0)} | | |",

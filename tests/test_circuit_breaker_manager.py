@@ -13,7 +13,13 @@ import pytest
 from conftest import wait_for
 
 import redis_store
-from circuit_breaker_manager import BreakerManager, BreakerOpen, BreakerStatus, BreakerUnavailable
+from circuit_breaker_manager import (
+    BreakerManager,
+    BreakerOpen,
+    BreakerStatus,
+    BreakerUnavailable,
+    CallWithdrawn,
+)
 from embedded_redis import free_port
 from settings import Settings
 from sources import NotFound, SourceError, TransientError, UpstreamRejected
@@ -348,3 +354,22 @@ def test_a_crashed_probers_permit_expires(settings, redis_client):
     wait_for_server_time(redis_client, rejected.value.retry_at)
     assert manager.call(SOURCE, lambda: "probe") == "probe"
     assert manager.status(SOURCE).state == "closed"
+
+
+def test_a_withdrawn_call_counts_for_nothing_and_gives_its_probe_permit_back(settings, redis_client):
+    manager = BreakerManager(redis_client, make_settings(settings, breaker_reset_timeout=0.2))
+    manager.force_open(SOURCE)
+    wait_for_server_time(redis_client, manager.status(SOURCE).opened_at + 0.2)
+
+    def withdraw() -> None:
+        raise CallWithdrawn("rate limit: not now")
+
+    with pytest.raises(CallWithdrawn):
+        manager.call(SOURCE, withdraw)  # the probe that decided not to go out
+    status = manager.status(SOURCE)
+    assert (status.state, status.successes) == ("half-open", 0)
+    assert manager.call(SOURCE, lambda: "probe") == "probe"  # the permit is free again at once
+    assert manager.status(SOURCE).state == "closed"
+    with pytest.raises(CallWithdrawn):
+        manager.call(SOURCE, withdraw)
+    assert manager.status(SOURCE).failures == 0

@@ -284,6 +284,18 @@ def test_quota_can_be_changed_and_removed_at_run_time(sandbox):
     assert sandbox.get(path).status_code == 200
 
 
+def test_busiest_second_and_minute_count_arrivals_in_sliding_windows(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(sandbox_module.time, "monotonic", lambda: clock[0])
+    state = SandboxState({"opencnpj": FaultConfig()})
+    for moment in (0.0, 0.3, 0.9, 1.2, 1.25, 1.28, 30.0, 61.5):
+        clock[0] = 1000.0 + moment
+        state.admit("opencnpj")
+    counted = state.stats()["upstreams"]["opencnpj"]
+    # 0.3, 0.9, 1.2, 1.25, 1.28 lie within one second; the first seven within one minute.
+    assert (counted["busiest_second"], counted["busiest_minute"]) == (5, 7)
+
+
 def test_quota_window_slides_and_retry_after_counts_down_to_the_oldest_request(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(sandbox_module.time, "monotonic", lambda: clock[0])
@@ -303,7 +315,8 @@ def test_quota_window_slides_and_retry_after_counts_down_to_the_oldest_request(m
 
 
 def test_stats_count_every_request_by_upstream_and_status(sandbox):
-    assert sandbox.stats() == {"upstreams": {name: {"requests": 0, "by_status": {}} for name in SOURCE_NAMES}}
+    idle = {"requests": 0, "by_status": {}, "busiest_second": 0, "busiest_minute": 0}
+    assert sandbox.stats() == {"upstreams": {name: idle for name in SOURCE_NAMES}}
     sandbox.get("/brasilapi/api/cnpj/v1/11222333000181")
     sandbox.get("/brasilapi/api/cnpj/v1/11222333000180")
     sandbox.get("/brasilapi/api/nothing/here")
@@ -311,8 +324,10 @@ def test_stats_count_every_request_by_upstream_and_status(sandbox):
     sandbox.get("/viacep/ws/01310100/json/")
     sandbox.get("/healthz")
     upstreams = sandbox.stats()["upstreams"]
-    assert upstreams["brasilapi"] == {"requests": 3, "by_status": {"200": 1, "400": 1, "404": 1}}
-    assert upstreams["viacep"] == {"requests": 1, "by_status": {"503": 1}}
+    assert upstreams["brasilapi"]["requests"] == 3
+    assert upstreams["brasilapi"]["by_status"] == {"200": 1, "400": 1, "404": 1}
+    assert upstreams["viacep"]["requests"] == upstreams["viacep"]["busiest_minute"] == 1
+    assert upstreams["viacep"]["by_status"] == {"503": 1}
     assert upstreams["receitaws"]["requests"] == upstreams["opencnpj"]["requests"] == 0
 
 

@@ -251,9 +251,11 @@ class LookupStore:
             if self.redis.set(key, lookup_id, nx=True, ex=ttl):
                 return None
             existing = self.redis.get(key)
-            if existing is not None and self.redis.exists(self.record_key(existing.decode())):
+            status = self.redis.hget(self.record_key(existing.decode()), "status") if existing else None
+            if status is not None and status != b"complete":
                 return existing.decode()
-            self.redis.delete(key)  # points at an expired record; take it over
+            # Points at an expired record, or one that completed and is about to release it: take it over.
+            self.redis.delete(key)
         return None
 
     def release_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> None:

@@ -500,11 +500,13 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     events = extension("events")
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()
+        # The person waiting hears first; the housekeeping after it cannot change the answer (a
+        # request that joins meanwhile finds the lookup complete).
+        events.publish(lookup_id, "complete", lookup.to_dict())
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
         task, args, options, call_id = _deadline_call(lookup_id, lookup.priority)
         extension("deferred").cancel(call_id, task, args, options)
-        events.publish(lookup_id, "complete", lookup.to_dict())
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
         events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})

@@ -170,15 +170,20 @@ full-speed throughput, latency counted from each request's due time. Median of {
 
 
 NOTES = """
-Where the time goes (py-spy, 200 Hz for 8 s on both web workers during a full-speed cached run, 2026-11-22, load
-average about 12 from other work on the machine): of the workers' busy samples, about 60% are the lookup view
-itself, and about half of that is Redis: the pipelined cache read (the generation, the company's three entries
-and its CEP for the cross-check) and the write of the lookup record that `GET /api/lookups/<id>` and the event
-stream serve; gunicorn's request parsing and response writing take most of the rest. healthz does none of it.
-The issue's next step, an in-process near cache kept honest by invalidation messages, would leave only the record
-write. The load generator shares the same two cores with the server in both runs, and other processes on the
-machine (see the load average above) take a share of them too: absolute figures move with that load, the ratio
-less so. A cached lookup answered 202 means its cache read failed (a read that gives up is a miss) and it was
+What a cached lookup does now (2026-12-01): its cache entries come from the process's near cache (`near_cache.py`:
+entries, absent keys and the generation kept in memory, dropped by the invalidation message every cache write
+publishes), the merged result comes from a per-process memo keyed by the entries' versions, and the lookup is
+stored as one small SET: a head (id, times) naming a body (sources, result, checks) that every lookup answered
+from the same entries shares, written once. The response is those bytes spliced, never re-encoded. One Redis round
+trip per request remains, the write that lets `GET /api/lookups/<id>` and the event stream serve the lookup later.
+
+Where the rest goes (py-spy, 200 Hz, both web workers at full speed): the lookup view is about a third of a
+worker's samples, half of that the one SET; the other two thirds are gunicorn and Flask, which healthz pays too,
+but for a 5.4 kB body instead of 15 bytes: gunicorn writes headers and body in two sends, and on loopback the
+kernel's delivery of those bytes to the load generator is charged to the sender. The load generator itself (one
+Python process on the same two cores) reads every one of those bytes. healthz's ratio is therefore bounded by the
+response size as much as by the lookup's own work; the issue's own prototype reached 0.55 with wrk (C) and one
+worker. A cached lookup answered 202 means its cache read failed (a read that gives up is a miss) and it was
 fetched again: it shows under CPU starvation, where Redis calls wait past their socket timeout.
 """
 

@@ -50,14 +50,21 @@ class DeferredCalls:
         return orjson.dumps({"id": call_id, "task": task, "args": args, "options": options or {}})
 
     def add(
-        self, due_at: float, task: str, args: list, options: dict | None = None, call_id: str | None = None
+        self,
+        due_at: float,
+        task: str,
+        args: list,
+        options: dict | None = None,
+        call_id: str | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> None:
         """Send task `task` with `args` (and apply_async `options`) at `due_at` (epoch seconds).
 
-        `call_id` names a call that may be cancelled later (same task, args and options).
+        `call_id` names a call that may be cancelled later (same task, args and options); with
+        `pipe`, the add rides along with that pipeline's round trip.
         """
         member = self._member(call_id or uuid.uuid4().hex, task, args, options)
-        self.redis.zadd(self.key, {member: due_at})
+        (pipe or self.redis).zadd(self.key, {member: due_at})
 
     def cancel(self, call_id: str, task: str, args: list, options: dict | None = None) -> bool:
         """Drop a call added with `call_id` before it is sent; False if it is gone already."""

@@ -246,7 +246,7 @@ class LookupStore:
     def claim_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> str | None:
         """Single flight: register `lookup_id` for this identifier, or return the one already running."""
         key = self.inflight_key(identifier_type, identifier)
-        ttl = int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)
+        ttl = self._claim_ttl()
         for _ in range(3):
             if self.redis.set(key, lookup_id, nx=True, ex=ttl):
                 return None
@@ -262,8 +262,15 @@ class LookupStore:
         """Drop the single-flight entry if it still names this lookup (one atomic compare-and-delete)."""
         self._release(keys=[self.inflight_key(identifier_type, identifier)], args=[lookup_id])
 
-    def create(self, lookup: Lookup) -> None:
-        """Write a new record, its settled sources and its task registry entries in one round trip."""
+    def create(
+        self, lookup: Lookup, claim: bool = False, also: Callable[[redis.client.Pipeline], None] | None = None
+    ) -> str | None:
+        """Write a new record, its settled sources and its task registry entries in one round trip.
+
+        With `claim`, the same round trip then takes the single flight for its identifier (after the
+        record, so a claim always has its record); returns the id of the lookup already running
+        for it, if one is.  `also(pipe)` adds the caller's own commands to that round trip.
+        """
         ttl = self.settings.lookup_record_ttl
         key = self.record_key(lookup.id)
         fields: dict[str, Any] = {
@@ -293,7 +300,22 @@ class LookupStore:
             for source, task_id in lookup.tasks.items():
                 registry = {"name": "job_queue.fetch_source", "lookup_id": lookup.id, "source": source}
                 pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
-            pipe.execute()
+            if also is not None:
+                also(pipe)
+            if claim:
+                pipe.set(
+                    self.inflight_key(lookup.type, lookup.identifier),
+                    lookup.id,
+                    nx=True,
+                    ex=self._claim_ttl(),
+                )
+            claimed = pipe.execute()[-1] if claim else True
+        if claimed:
+            return None
+        return self.claim_inflight(lookup.type, lookup.identifier, lookup.id)
+
+    def _claim_ttl(self) -> int:
+        return int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)
 
     def answered_key(self, lookup_id: str) -> str:
         return self._key("answered", lookup_id)

@@ -98,14 +98,20 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     lookup.tasks = {name: uuid.uuid4().hex for name in missing}
     # The record first, then the single-flight claim: a lookup that holds the claim always has its
     # record, so a concurrent request never mistakes a claim for a stale one and starts a second.
-    store.create(lookup)
-    running = store.claim_inflight(kind, identifier.value, lookup.id)
+    # Its deadline rides along (a lookup that joins another instead finds no record at its deadline).
+    deadline = _deadline_call(lookup.id, priority)
+    running = store.create(
+        lookup,
+        claim=True,
+        also=lambda pipe: extension("deferred").add(lookup.deadline_at, *deadline, pipe=pipe),
+    )
     if running is not None:
         joined = store.get(running)
         if joined is not None:
             store.discard(lookup)
+            task, args, options, call_id = deadline
+            extension("deferred").cancel(call_id, task, args, options)
             return joined, False
-    extension("deferred").add(lookup.deadline_at, *_deadline_call(lookup.id, priority))
     # One task calls every missing source at once (call_pool); a source's own call id becomes
     # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
     send_task(

@@ -508,7 +508,8 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
         lookup.completed_at = time.time()
         # The person waiting hears first; the housekeeping after it cannot change the answer (a
         # request that joins meanwhile finds the lookup complete).
-        events.publish(lookup_id, "complete", lookup.to_dict())
+        ttl = extension("settings").event_log_ttl_after_complete
+        events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
         task, args, options, call_id = _deadline_call(lookup_id, lookup.priority)

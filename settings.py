@@ -105,6 +105,10 @@ class Settings:
     cleanup_interval: float = 6 * 3600.0
     dead_letter_max: int = 10000
     sse_heartbeat_interval: float = 15.0
+    # A complete lookup's event log is only replayed to a stream that reconnects right then; any
+    # later stream gets the snapshot and a `complete` made from the record, so the log need not
+    # be kept for the record's two days (it was half of Redis's memory per lookup).
+    event_log_ttl_after_complete: int = 120
 
     sources: dict[str, SourceSettings] = field(default_factory=dict, compare=False)
 

@@ -91,10 +91,15 @@ class EventLog:
         """
         return self.publish_many(lookup_id, [(event_type, data)])
 
-    def publish_many(self, lookup_id: str, events: list[tuple[str, dict]]) -> str | None:
-        """`publish` for several events of one lookup, in order, in one round trip; the last one's id."""
+    def publish_many(
+        self, lookup_id: str, events: list[tuple[str, dict]], ttl: int | None = None
+    ) -> str | None:
+        """`publish` for several events of one lookup, in order, in one round trip; the last one's id.
+
+        The log then expires `ttl` seconds on (default: with the lookup record).
+        """
         now = time.time()
-        args: list = [self.hub_channel, self.settings.lookup_record_ttl, STREAM_MAXLEN, lookup_id]
+        args: list = [self.hub_channel, ttl or self.settings.lookup_record_ttl, STREAM_MAXLEN, lookup_id]
         for event_type, data in events:
             args += [event_type, orjson.dumps({**data, "timestamp": now})]
         try:

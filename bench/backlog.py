@@ -467,26 +467,22 @@ def markdown(report: dict) -> str:
         )
     if per_lookup * 100_000 / 2**20 + redis_["used_memory_before_mib"] / 1024 >= 1.0:
         lines.append(
-            "\nAt 100,000 lookups the peak would pass the 1 GiB goal: nearly everything is kept on purpose for "
-            "the lookup retention (`LOOKUP_RECORD_TTL`, two days), and the largest part is each lookup's event "
-            "log (a Redis stream of about ten events: each source's state changes with its data, progress, and the whole lookup at `complete`), then the cache entries, "
-            "Celery's extended results of every task (`result_extended`, `task_track_started`, kept "
-            "`result_expires` = two days; only `GET /api/tasks/<id>` reads them) and the task registry. "
-            "Candidates for the owner: a short `result_expires` (or no stored result for fetch tasks, with /api/tasks answering from the record), "
-            "leaner events (deltas instead of the whole lookup), a shorter event-log TTL than the record's."
+            "\nAt this size per lookup, 100,000 retained lookups would pass the 1 GiB goal. What stays is kept on "
+            "purpose for the lookup retention (records and the task registry for `LOOKUP_RECORD_TTL`, two days; "
+            "cache entries for their TTLs): the record holds each source's answer and the merged result, and a "
+            "lookup that went `partial` at its deadline holds its result twice. Since 2026-12-01 fetch tasks "
+            "keep no Celery result and a complete lookup's event log expires after "
+            "`EVENT_LOG_TTL_AFTER_COMPLETE` (it was half of the memory per lookup). Candidates: records that "
+            "name their cache entries instead of copying the answers, and lean `complete` events."
         )
     lines.append(
-        "\nWhat limits the drain rate: every lookup costs Valkey the commands counted above (Lua scripts for "
-        "the rate limiter, each source's settle and each event publish; kombu's MULTI/EXEC per message; "
-        "result writes), and the worker node is one Python process whose threads mostly wait on those round "
-        "trips on two cores shared with the web workers, the sandbox, Valkey and this client. A py-spy profile of "
-        "the worker node during a drain (2026-11-22, 20 s at 50 Hz, active threads) put 63% of samples in "
-        "redis-py's `read_response`, i.e. waiting on Valkey: `settle` 25% (its Lua script and the event "
-        "publish), Celery's result writes 16% (`store_result` first GETs the stored meta, then SETs it, for "
-        "STARTED and again for SUCCESS), `finalize` 13% (half of it the CEP cross-check), the deferred-call "
-        "dispatcher 10%, and the source's HTTP call itself only 7%. Each lookup also sends its deadline's "
-        "finalize through the deferred set, so a backlog longer than `LOOKUP_DEADLINE` runs a finalize twice "
-        "(and the lookup passes through `partial`)."
+        "\nWhat limits the drain rate: CPU. Every lookup costs Valkey the commands counted above (the rate "
+        "limiter's bucket and start-log scripts, the breaker's admit, each source's settle and event publish, "
+        "kombu's MULTI/EXEC per message), and the web and worker processes spend Python CPU on each of those "
+        "round trips, on two cores shared with the sandbox, Valkey and this client (see bench/throughput.py's "
+        "section for where the worker's time goes). A backlog longer than `LOOKUP_DEADLINE` also turns most "
+        "lookups `partial` first, which costs a finalize and an event more; a lookup that completes before its "
+        "deadline cancels that finalize."
     )
     return "\n".join(lines) + "\n"
 

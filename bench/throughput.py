@@ -237,20 +237,21 @@ generator and the sandbox. Every process is Python, so each Redis round trip cos
 caller's side; the fan-out's lower latency per lookup is bought with CPU that two shared cores do not have, and
 the 64 clients queue for it.
 
-What changed for this figure (2026-12-01; `bench/throughput.py --quick` before → after, same machine): one Celery
-task per lookup instead of one per source plus a finalize (kombu's publish alone was 30% of a web worker's
-GIL-holding samples), no stored results for fetch tasks (two GET+SET pairs per task), the deadline's finalize
-cancelled when a lookup completes (it ran as a fifth task per lookup), a source's event and the lookup's progress
-in one publish, cache writes without a generation read, a breaker success that changes nothing without its round
-trip, and a worker Redis pool sized to its threads (they queued for 6 connections): 46 → 55 lookups/s, worker
-CPU 16.6 → 16.7 ms per lookup with the CEP cross-check now fetched early, web 10.9 → 8.3 ms. What is left, by
-py-spy (`--gil`, 100 Hz) on the worker: the upstream HTTP call through `requests` (about a quarter of its samples,
-much of it `Session.request`'s per-call environment and cookie merging), Redis commands (a fifth: the bucket's and
-breaker's scripts, the record's Lua, the event publish), Celery's own task handling; on the web side the one
-kombu publish per lookup is still the largest single item (about 30%), then the event hub and gunicorn. Meeting
-5x would take a fraction of the remaining CPU per lookup: fewer Python round trips per source call (the bucket,
-breaker and state change in one script), an HTTP client lighter than requests, and the lookup task's message
-written by the web process in the same pipeline as its record.
+What changed for this figure (full runs: 2026-11-22 → 2026-12-01, the second on a quieter machine, so compare
+the ratios): one Celery task per lookup instead of one per source plus a finalize (kombu's publish alone was 30%
+of a web worker's GIL-holding samples), no stored results for fetch tasks (two GET+SET pairs per task), the
+deadline's finalize cancelled when a lookup completes (it ran as a fifth task per lookup), a source's event and
+the lookup's progress in one publish, the POST's record, deadline and single-flight claim in one round trip,
+cache writes without a generation read, a breaker success that changes nothing without its round trip, and a
+worker Redis pool sized to its threads (they queued for 6 connections): 28.6 → 62.7 lookups/s, 1.01x → 2.11x the
+serial design, p95 1.14 → 0.52 of its p95. What is left, by py-spy (`--gil`, 100 Hz) on the worker: the upstream
+HTTP call through `requests` (about a quarter of its samples, much of it `Session.request`'s per-call environment
+and cookie merging), Redis commands (a fifth: the bucket's, breaker's and start log's scripts, the record's Lua,
+the event publish), Celery's own task handling; on the web side the one kombu publish per lookup is still the
+largest single item (about 30%), then the event hub and gunicorn. Meeting 5x would take a fraction of the
+remaining CPU per lookup: fewer Python round trips per source call (the bucket, breaker and state change in one
+script), an HTTP client lighter than requests, and the lookup task's message written by the web process in the
+same pipeline as its record.
 """
 
 

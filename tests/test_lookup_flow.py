@@ -94,6 +94,21 @@ def test_events_stream_replays_the_lookup_until_complete(running_stack, sandbox)
     assert types[0] == "snapshot" and types[-1] == "complete" and "source" in types
 
 
+def test_a_complete_lookups_event_log_expires_soon_and_a_late_stream_still_ends_complete(
+    running_stack, sandbox
+):
+    created = running_stack.post_lookup(sandbox.identifiers("cep", 1, seed=8)[0]).json()
+    running_stack.wait_status(created["id"])
+    app = running_stack.app
+    log_key = app.extensions["events"].stream_key(created["id"])
+    ttl = app.extensions["redis"].ttl(log_key)
+    assert 0 < ttl <= app.extensions["settings"].event_log_ttl_after_complete
+    app.extensions["redis"].delete(log_key)  # as if it had expired
+    response = requests.get(f"{running_stack.web_url}{created['links']['events']}", timeout=20)
+    types = [line.split(":", 1)[1] for line in response.text.splitlines() if line.startswith("event:")]
+    assert types == ["snapshot", "complete"]
+
+
 def test_worker_heartbeat_makes_the_service_ready(running_stack):
     body = wait_for(lambda: running_stack.get("/readyz").json(), message="readyz")
     assert body["ready"] is True and body["workers"]

@@ -129,21 +129,13 @@ class Lookup:
         """The API representation (DESIGN.md's contract)."""
         merged = self.result or {}
         return {
-            "id": self.id,
-            "status": str(self.status),
-            "type": self.type,
-            "identifier": self.identifier,
-            "priority": self.priority,
+            **self.head(),
             "cached": self.cached,
-            "created_at": self.created_at,
-            "deadline_at": self.deadline_at,
-            "completed_at": self.completed_at,
             "progress": {"done": self.done, "total": len(self.sources)},
             "sources": {name: result.to_dict() for name, result in self.sources.items()},
             "tasks": self.tasks,
             "result": merged.get("data"),
             "checks": merged.get("checks", []),
-            "links": {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"},
         }
 
 

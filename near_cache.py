@@ -26,8 +26,6 @@ import os
 import threading
 import time
 
-import redis
-
 import redis_store
 from settings import Settings
 
@@ -160,31 +158,15 @@ class NearCache:
             self._thread.start()
 
     def _run(self) -> None:
-        backoff = 0.05
-        while not self._stopping.is_set():
-            client = redis_store.connect(self.settings, max_connections=1)
-            pubsub = client.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "message":
-                        self._invalidate(message["data"])
-                    elif message["type"] == "subscribe":  # also after redis-py's silent reconnect
-                        backoff = 0.05
-                        self._reset(live=True)
-            except (redis.RedisError, OSError) as error:
-                self._reset(live=False)
-                if backoff == 0.05:  # once per outage, not at every retry
-                    log.warning("near cache lost Redis (%s); serving from Redis only, retrying", error)
-                self._stopping.wait(backoff)
-                backoff = min(2.0, backoff * 2)
-            finally:
-                try:
-                    pubsub.close()
-                    client.close()
-                except (redis.RedisError, OSError):
-                    pass
+        redis_store.follow_channel(
+            self.settings, self.channel, self._stopping, self._invalidate, self._subscribed, self._lost
+        )
         self._reset(live=False)
+
+    def _subscribed(self) -> None:
+        self._reset(live=True)  # invalidations may have been missed: start empty
+
+    def _lost(self, error: Exception, backoff: float) -> None:
+        self._reset(live=False)
+        if backoff == 0.05:  # once per outage, not at every retry
+            log.warning("near cache lost Redis (%s); serving from Redis only, retrying", error)

@@ -232,6 +232,19 @@ def run_source_call(
     # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
     # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
     slot_options = {**options, "priority": 0}
+
+    def wait_for_slot(due: float) -> dict:
+        extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.RATE_LIMITED,
+                scheduled_at=due,
+                attempts=attempt,
+                error="waiting for the source's rate limit",
+            )
+        )
+
     if not reserved:
         reservation = limiter.reserve(source_name)
         if not reservation.granted:
@@ -245,17 +258,7 @@ def run_source_call(
                 )
             )
         if reservation.wait > 0:
-            due = time.time() + reservation.wait
-            extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
-            return record(
-                SourceResult(
-                    source_name,
-                    SourceState.RATE_LIMITED,
-                    scheduled_at=due,
-                    attempts=attempt,
-                    error="waiting for the source's rate limit",
-                )
-            )
+            return wait_for_slot(time.time() + reservation.wait)
 
     source = extension("sources")[source_name]
     cache = extension("cache")
@@ -279,17 +282,7 @@ def run_source_call(
     except Paced as paced:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
         # limit allows.  Keep the token and go a little later, ahead of new work.
-        due = time.time() + paced.wait
-        extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.RATE_LIMITED,
-                scheduled_at=due,
-                attempts=attempt,
-                error="waiting for the source's rate limit",
-            )
-        )
+        return wait_for_slot(time.time() + paced.wait)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
         return record(

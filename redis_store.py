@@ -21,6 +21,9 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -57,3 +60,45 @@ def connect(settings: Settings, url: str | None = None, **options) -> redis.Redi
 def key(settings: Settings, *parts: object) -> str:
     """Build a key under the service prefix: key(s, "lookup", id) -> "enrich:lookup:<id>"."""
     return ":".join((settings.key_prefix, *(str(part) for part in parts)))
+
+
+def follow_channel(
+    settings: Settings,
+    channel: str,
+    stopping: threading.Event,
+    on_message: Callable[[bytes], None],
+    on_subscribed: Callable[[], None],
+    on_lost: Callable[[Exception, float], None],
+) -> None:
+    """Read one pub/sub channel until `stopping` is set, on a connection of its own.
+
+    `on_subscribed` runs at every (re)subscription, also after redis-py's own silent reconnect:
+    anything published meanwhile was missed, which the caller must assume.  A lost connection
+    calls `on_lost(error, backoff)`, waits `backoff` seconds (doubling from 50 ms up to 2 s) and
+    subscribes again.
+    """
+    backoff = 0.05
+    while not stopping.is_set():
+        client = connect(settings, max_connections=2)
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(channel)
+            while not stopping.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                if message["type"] == "message":
+                    on_message(message["data"])
+                elif message["type"] == "subscribe":
+                    backoff = 0.05
+                    on_subscribed()
+        except (redis.RedisError, OSError) as error:
+            on_lost(error, backoff)
+            stopping.wait(backoff)
+            backoff = min(2.0, backoff * 2)
+        finally:
+            try:
+                pubsub.close()
+                client.close()
+            except (redis.RedisError, OSError):
+                pass

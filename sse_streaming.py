@@ -205,36 +205,20 @@ class EventHub:
             self._thread.start()
 
     def _run(self) -> None:
-        backoff = 0.05
-        while not self._stopping.is_set():
-            client = redis_store.connect(self.settings, max_connections=2)
-            pubsub = client.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "message":
-                        self._dispatch(message["data"])
-                    elif message["type"] == "subscribe":  # also after redis-py's own silent reconnect
-                        backoff = 0.05
-                        if self._subscribed_once:
-                            self.reconnects += 1
-                        self._subscribed_once = True
-                        self._ready.set()
-                        self._broadcast(RESYNC)
-            except (redis.RedisError, OSError) as error:
-                self._ready.clear()
-                log.warning("event hub lost Redis (%s); reconnecting in %.2f s", error, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(2.0, backoff * 2)
-            finally:
-                try:
-                    pubsub.close()
-                    client.close()
-                except (redis.RedisError, OSError):
-                    pass
+        redis_store.follow_channel(
+            self.settings, self.channel, self._stopping, self._dispatch, self._subscribed, self._lost
+        )
+
+    def _subscribed(self) -> None:
+        if self._subscribed_once:
+            self.reconnects += 1
+        self._subscribed_once = True
+        self._ready.set()
+        self._broadcast(RESYNC)  # announcements may have been missed: every stream re-reads its log
+
+    def _lost(self, error: Exception, backoff: float) -> None:
+        self._ready.clear()
+        log.warning("event hub lost Redis (%s); reconnecting in %.2f s", error, backoff)
 
     def _dispatch(self, raw: bytes) -> None:
         try:

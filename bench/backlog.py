@@ -339,8 +339,9 @@ def measure(arguments: argparse.Namespace, stack: Stack, url: str) -> dict:
     drain_seconds = (last - first) if first else None
     enqueue_seconds = (max(created) - min(created)) if created else None
     # Drain rate after the enqueue: completions from the last POST to the last completion.
-    after = [c for c in completed if created and c > max(created)]
-    tail_seconds = (last - max(created)) if created and completed else None
+    last_post = max(created) if created else None  # once: inside the comprehension it was O(n²)
+    after = [c for c in completed if last_post is not None and c > last_post]
+    tail_seconds = (last - last_post) if last_post is not None and completed else None
     return {
         "config": {
             "lookups": arguments.count,

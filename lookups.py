@@ -301,7 +301,8 @@ class LookupStore:
                     nx=True,
                     ex=self._claim_ttl(),
                 )
-            claimed = pipe.execute()[-1] if claim else True
+            replies = pipe.execute()
+        claimed = replies[-1] if claim else True
         if claimed:
             return None
         return self.claim_inflight(lookup.type, lookup.identifier, lookup.id)

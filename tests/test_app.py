@@ -782,3 +782,25 @@ def test_healthz_stays_200_and_readyz_is_503_when_redis_is_down(down_client):
     assert response.get_json()["ready"] is False
     assert response.get_json()["redis"] is False
     assert elapsed < 2.5
+
+
+def test_a_record_created_without_a_claim_reads_back(app):
+    import time
+
+    from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+
+    now = time.time()
+    lookup = Lookup(
+        id=new_lookup_id(),
+        type="cep",
+        identifier=CEP,
+        priority=5,
+        status=LookupStatus.QUEUED,
+        created_at=now,
+        deadline_at=now + 15,
+        sources={"viacep": SourceResult("viacep", SourceState.PENDING)},
+    )
+    store = app.extensions["lookups"]
+    assert store.create(lookup) is None
+    read = store.get(lookup.id)
+    assert read is not None and read.to_dict() == lookup.to_dict()

@@ -109,8 +109,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         joined = store.get(running)
         if joined is not None:
             store.discard(lookup)
-            task, args, options, call_id = deadline
-            extension("deferred").cancel(call_id, task, args, options)
+            _cancel_deadline(lookup.id, priority)
             return joined, False
     # One task calls every missing source at once (call_pool); a source's own call id becomes
     # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
@@ -152,6 +151,11 @@ def _cached_result(
 def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]:
     """The lookup's finalize at its deadline, as (task, args, options, call id) for the deferred set."""
     return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
+
+
+def _cancel_deadline(lookup_id: str, priority: int) -> None:
+    task, args, options, call_id = _deadline_call(lookup_id, priority)
+    extension("deferred").cancel(call_id, task, args, options)
 
 
 class Paced(CallWithdrawn):
@@ -444,10 +448,10 @@ def _company_cep(
         return None, "the CEP is not cached yet"
     identifier = Identifier(type=IdentifierType.CEP, value=cep)
     last_error = "no CEP source available"
+    limiter = extension("rate_limiter")
     for source in sources:
         if source.name in entries:
             continue
-        limiter = extension("rate_limiter")
         if not limiter.reserve(source.name, horizon=0).granted or limiter.admit(source.name) > 0:
             last_error = f"{source.name} is rate limited"
             continue
@@ -505,8 +509,7 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
         events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
-        task, args, options, call_id = _deadline_call(lookup_id, lookup.priority)
-        extension("deferred").cancel(call_id, task, args, options)
+        _cancel_deadline(lookup_id, lookup.priority)
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
         events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})

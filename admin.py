@@ -1,16 +1,16 @@
-"""Admin API behind `Authorization: Bearer $ADMIN_TOKEN`: cache, breakers, dead letters."""
+"""Admin API behind `Authorization: Bearer $ADMIN_TOKEN`: cache, breakers, feature flags, dead letters."""
 
 from __future__ import annotations
 
 import hmac
-import uuid
 
 from flask import Blueprint, request
 
+import dead_letters
 from api_errors import ApiError, json_response
 from extensions import extension
+from feature_flags import FLAGS
 from identifiers import InvalidIdentifier, parse
-from pipeline import FETCH_TASK, celery_priority, send_task
 
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
 
@@ -89,6 +89,27 @@ def open_breaker(source: str):
     return json_response(breakers.status(source).to_dict())
 
 
+@admin.get("/flags")
+def list_flags():
+    return json_response(extension("flags").all())
+
+
+@admin.put("/flags/<name>")
+def set_flag(name: str):
+    flags = extension("flags")
+    if name not in FLAGS:
+        raise ApiError(404, "not_found", f"no feature flag named {name!r} (flags: {', '.join(FLAGS)})")
+    body = _body()
+    if set(body) != {"enabled"} or not (body["enabled"] is None or isinstance(body["enabled"], bool)):
+        raise ApiError(
+            400,
+            "invalid_request",
+            'send {"enabled": true}, {"enabled": false} or {"enabled": null} (back to the setting)',
+            "enabled",
+        )
+    return json_response({"name": name, **flags.set(name, body["enabled"])})
+
+
 @admin.get("/dead-letters")
 def list_dead_letters():
     unknown = sorted(set(request.args) - {"limit"})
@@ -107,23 +128,7 @@ def list_dead_letters():
 
 @admin.post("/dead-letters/<entry_id>/requeue")
 def requeue_dead_letter(entry_id: str):
-    entry = extension("dead_letters").mark_requeued(entry_id)
-    if entry is None:
+    requeued = dead_letters.requeue(entry_id)
+    if requeued is None:
         raise ApiError(404, "not_found", "no dead letter with this id")
-    task_id = uuid.uuid4().hex
-    extension("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
-    send_task(
-        FETCH_TASK,
-        [
-            entry["lookup_id"],
-            entry["source"],
-            entry["type"],
-            entry["identifier"],
-            entry["priority"],
-            0,
-            False,
-            True,
-        ],
-        {"task_id": task_id, "priority": celery_priority(entry["priority"])},
-    )
-    return json_response({**entry, "task_id": task_id}, 202)
+    return json_response(requeued, 202)

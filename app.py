@@ -14,6 +14,7 @@ import cache_manager
 import circuit_breaker_manager
 import client_limits
 import dead_letters
+import feature_flags
 import job_queue
 import lookups
 import maintenance
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     client = redis_store.connect(settings)
     app.extensions["redis"] = client
     app.extensions["sources"] = build_sources(settings)
-    app.extensions["rate_limiter"] = RateLimiter(client, settings)
+    feature_flags.init_app(app)  # before the parts that obey the flags
+    app.extensions["rate_limiter"] = RateLimiter(client, settings, app.extensions["flags"])
     app.extensions["deferred"] = DeferredCalls(client, settings)
     for part in (cache_manager, circuit_breaker_manager, lookups, sse_streaming, dead_letters):
         part.init_app(app)
@@ -143,6 +145,7 @@ def status():
             "workers": maintenance.live_workers(),
             "cache": extension("cache").stats(),
             "dead_letters": extension("dead_letters").count(),
+            "flags": {name: flag["enabled"] for name, flag in extension("flags").all().items()},
             "health_check": maintenance.last_report("health"),
             "cleanup": maintenance.last_report("cleanup"),
             "event_streams": extension("event_hub").stats(),

@@ -21,7 +21,9 @@ import orjson
 import redis
 from flask import current_app
 
+import metrics
 import redis_store
+from feature_flags import FeatureFlags
 from near_cache import FLUSH, NearCache
 from settings import Settings
 
@@ -56,10 +58,17 @@ class CacheEntry:
 class Cache:
     """The versioned cache; a Redis error on read is a miss, never an exception."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, near: NearCache | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        near: NearCache | None = None,
+        flags: FeatureFlags | None = None,
+    ) -> None:
         self.redis = client
         self.settings = settings
         self.near = near
+        self.flags = flags
         self._lock = threading.Lock()
         self._last_generation = 0
         self._pending_counts: dict[str, int] = {}
@@ -74,6 +83,11 @@ class Cache:
     def generation(self) -> int:
         """The current generation (0 until first bumped)."""
         return int(self.redis.get(self._key("generation")) or 0)
+
+    @property
+    def enabled(self) -> bool:
+        """The `cache` feature flag: while off, every read misses and nothing is written."""
+        return self.flags is None or self.flags.enabled("cache")
 
     def _announce(self, pipe: redis.client.Pipeline, key: str | bytes) -> None:
         """Tell every process's near cache that `key` changed (`*`: everything did); this one's at once."""
@@ -108,7 +122,7 @@ class Cache:
         previous read's counters); only right after a bump is a second read needed.
         """
         keys = [(kind, source, identifier) for kind, sources, identifier in requests for source in sources]
-        if not keys:
+        if not keys or not self.enabled:
             return [{} for _ in requests]
         try:
             values = iter(self._read(keys))
@@ -131,6 +145,7 @@ class Cache:
                     )
             stale = sum(e.stale for e in entries.values())
             self._count(hits=len(entries) - stale, misses=len(sources) - len(entries), stale=stale)
+            metrics.cache_read(identifier_type, len(entries) - stale, len(sources) - len(entries), stale)
             answers.append(entries)
         return answers
 
@@ -188,6 +203,8 @@ class Cache:
         self, identifier_type: str, source: str, identifier: str, data: dict | None, found: bool = True
     ) -> None:
         """Store a source answer; kept `cache_stale_ttl` beyond its fresh TTL as a stale copy."""
+        if not self.enabled:
+            return
         entry = {"found": found, "data": data, "fetched_at": time.time()}
         ttl = self._fresh_ttl(identifier_type, found) + self.settings.cache_stale_ttl
         # The near cache knows the generation while its subscription is live (a bump flushes it),
@@ -255,11 +272,15 @@ class Cache:
         except redis.RedisError:
             pass  # counters are best effort; a lookup must not fail for them
 
-    def stats(self) -> dict[str, Any]:
-        """Hits, misses, stale serves, hit rate, current-generation key count and Redis memory."""
+    def counts(self) -> dict[str, int]:
+        """The cluster-wide hits, misses and stale serves (this process's pending ones written first)."""
         self.flush_counts()
         raw = self.redis.hgetall(self._key("stats"))
-        counts = {k.decode(): int(v) for k, v in raw.items()}
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, stale serves, hit rate, current-generation key count and Redis memory."""
+        counts = self.counts()
         hits, misses = counts.get("hits", 0), counts.get("misses", 0)
         generation = self.generation()
         keys = sum(
@@ -318,7 +339,10 @@ def init_app(app) -> None:
     settings = app.extensions["settings"]
     near = NearCache(settings, settings.near_cache_size, settings.near_cache_max_age)
     app.extensions["cache"] = Cache(
-        app.extensions["redis"], settings, near if settings.near_cache_size else None
+        app.extensions["redis"],
+        settings,
+        near if settings.near_cache_size else None,
+        app.extensions.get("flags"),
     )
 
 

@@ -14,6 +14,7 @@ import redis
 from flask import current_app
 
 import redis_store
+from feature_flags import FeatureFlags
 from settings import Settings, SourceSettings
 from sources import NotFound, SourceError, TransientError, UpstreamRejected
 
@@ -359,9 +360,12 @@ class LoggingListener(pybreaker.CircuitBreakerListener):
 class BreakerManager:
     """The named breakers of every source in settings.sources, built on first use."""
 
-    def __init__(self, redis_client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis_client: redis.Redis, settings: Settings, flags: FeatureFlags | None = None
+    ) -> None:
         self._redis = redis_client
         self._settings = settings
+        self._flags = flags
         self._breakers: dict[str, SharedCircuitBreaker] = {}
         self._listener = LoggingListener()
 
@@ -380,7 +384,14 @@ class BreakerManager:
         return breaker
 
     def call(self, source_name: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call func through the source's breaker (BreakerOpen, BreakerUnavailable, or func's error)."""
+        """Call func through the source's breaker (BreakerOpen, BreakerUnavailable, or func's error).
+
+        While the `circuit_breaker` feature flag is off, func is called directly: no state is read
+        or recorded, so an open breaker stays open (and counts nothing) until the flag is back on.
+        """
+        if self._flags is not None and not self._flags.enabled("circuit_breaker"):
+            self.breaker(source_name)  # still a KeyError for an unknown source
+            return func(*args, **kwargs)
         return self.breaker(source_name).call(func, *args, **kwargs)
 
     def call_with_fallback(
@@ -416,7 +427,9 @@ class BreakerManager:
 
 def init_app(app: Any) -> None:
     """Keep the app's BreakerManager in app.extensions["breakers"]."""
-    app.extensions["breakers"] = BreakerManager(app.extensions["redis"], app.extensions["settings"])
+    app.extensions["breakers"] = BreakerManager(
+        app.extensions["redis"], app.extensions["settings"], app.extensions.get("flags")
+    )
 
 
 def get_breakers() -> BreakerManager:

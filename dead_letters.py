@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import secrets
 import time
+import uuid
 
 import orjson
 import redis
 from flask import current_app
 
 import redis_store
+from extensions import extension
+from pipeline import FETCH_TASK, celery_priority, send_task
 from settings import Settings
 
 
@@ -89,6 +92,34 @@ class DeadLetters:
             if not self.redis.exists(self._entry_key(entry_id)):
                 removed += self.redis.lrem(self.list_key, 0, entry_id)
         return removed
+
+
+def requeue(entry_id: str) -> dict | None:
+    """Take a dead letter off the list and send its call again as a new, registered task.
+
+    Returns the entry with the new `task_id`, or None for an unknown id (the admin API and
+    `flask dead-letters requeue` both call this).  The call replaces the source's settled answer.
+    """
+    entry = extension("dead_letters").mark_requeued(entry_id)
+    if entry is None:
+        return None
+    task_id = uuid.uuid4().hex
+    extension("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    send_task(
+        FETCH_TASK,
+        [
+            entry["lookup_id"],
+            entry["source"],
+            entry["type"],
+            entry["identifier"],
+            entry["priority"],
+            0,
+            False,
+            True,
+        ],
+        {"task_id": task_id, "priority": celery_priority(entry["priority"])},
+    )
+    return {**entry, "task_id": task_id}
 
 
 def init_app(app) -> None:

@@ -316,6 +316,7 @@ PATHS = {
                             "workers": {"type": "array", "items": {"type": "string"}},
                             "cache": {"type": "object"},
                             "dead_letters": {"type": "integer", "minimum": 0},
+                            "flags": {"type": "object", "additionalProperties": {"type": "boolean"}},
                             "health_check": {"type": "object", "nullable": True},
                             "cleanup": {"type": "object", "nullable": True},
                             "event_streams": {"type": "object"},
@@ -404,6 +405,57 @@ PATHS = {
             },
         }
     },
+    "/api/admin/flags": {
+        "get": {
+            "summary": "Feature flags: each one's value, where it comes from, its setting's default",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": _json(
+                    "every flag",
+                    {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Flag"}},
+                ),
+                "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/admin/flags/{name}": {
+        "put": {
+            "summary": 'Turn a flag on or off cluster-wide without a restart ({"enabled": null}: back to its setting)',
+            "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["rate_limiting", "circuit_breaker", "cache"]},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["enabled"],
+                            "additionalProperties": False,
+                            "properties": {"enabled": {"type": "boolean", "nullable": True}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json("the flag now", "Flag"),
+                "400": _error("bad body"),
+                "401": UNAUTHORIZED,
+                "403": ADMIN_DISABLED,
+                "404": _error("no such flag"),
+                "413": TOO_LARGE,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
     "/api/admin/dead-letters": {
         "get": {
             "summary": "Calls that exhausted their retries",
@@ -445,6 +497,17 @@ PATHS = {
                 "503": UNAVAILABLE,
             },
         }
+    },
+}
+
+SCHEMAS["Flag"] = {
+    "type": "object",
+    "required": ["enabled", "source", "default"],
+    "properties": {
+        "name": {"type": "string"},
+        "enabled": {"type": "boolean"},
+        "source": {"type": "string", "enum": ["redis", "settings"]},
+        "default": {"type": "boolean"},
     },
 }
 

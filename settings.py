@@ -12,8 +12,6 @@ from typing import Any
 # 1, so that network jitter can never push a sliding 60 s window over the quota.
 SOURCE_NAMES = ("brasilapi", "receitaws", "opencnpj", "viacep")
 UPSTREAM_QUOTA_PER_MINUTE = {"brasilapi": 600, "receitaws": 3, "opencnpj": 300, "viacep": 600}
-QUOTA_HEADROOM = 0.95
-DEFAULT_RATE_PER_MINUTE = {name: quota * QUOTA_HEADROOM for name, quota in UPSTREAM_QUOTA_PER_MINUTE.items()}
 LIVE_BASE_URLS = {
     "brasilapi": "https://brasilapi.com.br",
     "receitaws": "https://receitaws.com.br",
@@ -36,6 +34,41 @@ class SourceSettings:
     breaker_success_threshold: int
 
 
+# Profiles: one setting (PROFILE) picks a column of defaults; a variable of its own still wins
+# over its profile's value.  `development` is the fields' own defaults (what `make run` and the
+# tests use).  The table is printed in the README; keep the two in step.
+PROFILES: dict[str, dict[str, Any]] = {
+    "development": {},
+    "production": {
+        "log_format": "json",
+        "web_workers": 4,
+        "worker_concurrency": 32,
+        "redis_max_connections": 20,
+        "quota_headroom": 0.9,
+        "breaker_fail_max": 5,
+        "breaker_reset_timeout": 60.0,
+        "breaker_success_threshold": 2,
+        "near_cache_size": 50_000,
+        "lookup_rate_limit": "60/minute",
+    },
+    "high-load": {
+        "log_format": "json",
+        "log_level": "WARNING",
+        "web_workers": 8,
+        "worker_concurrency": 64,
+        "redis_max_connections": 50,
+        "quota_headroom": 0.95,
+        "breaker_fail_max": 10,
+        "breaker_reset_timeout": 30.0,
+        "breaker_success_threshold": 2,
+        "breaker_half_open_probes": 2,
+        "near_cache_size": 200_000,
+        "lookup_rate_limit": "600/minute",
+        "sse_heartbeat_interval": 30.0,
+    },
+}
+
+
 def _env(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -51,6 +84,22 @@ def _env(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service; `Settings.from_env()` reads them from the environment."""
+
+    # Which column of PROFILES supplies the defaults below (development, production, high-load).
+    profile: str = "development"
+
+    # Logs and metrics
+    log_format: str = "text"  # text (for people) or json (one object a line, for collectors)
+    log_level: str = "INFO"
+    worker_metrics_port: int = 9101  # each Celery worker serves its own /metrics here; 0 turns it off
+    metrics_dir: str = ""  # gunicorn multiprocess metrics files; empty: DATA_DIR/metrics
+
+    # Feature flags: these are the defaults; a value set at run time (admin API, `flask flags`)
+    # is kept in Redis and wins without a restart (feature_flags.py).
+    rate_limiting_enabled: bool = True
+    circuit_breaker_enabled: bool = True
+    cache_enabled: bool = True
+    flags_refresh_interval: float = 1.0  # seconds a process may act on flags it read earlier
 
     # Redis: REDIS_URL unset means "start the embedded Valkey server" (make run).
     redis_url: str = ""
@@ -78,6 +127,8 @@ class Settings:
     breaker_reset_timeout: float = 30.0
     breaker_success_threshold: int = 1
     breaker_half_open_probes: int = 1
+    # Each source's rate limit defaults to this share of its upstream's quota.
+    quota_headroom: float = 0.95
 
     # Cache
     cache_ttl_cnpj: int = 7 * 86400
@@ -116,15 +167,22 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from `environ` (default os.environ); keyword overrides win."""
         environ = os.environ if environ is None else environ
+        profile = overrides.get("profile") or _env(environ, "PROFILE", cls.profile, str)
+        if profile not in PROFILES:
+            raise ValueError(f"setting PROFILE must be one of {', '.join(PROFILES)}, not {profile!r}")
+        defaults = PROFILES[profile]
         values: dict[str, Any] = {}
         for item in fields(cls):
             if item.name == "sources":
                 continue
-            kind = type(item.default)
-            values[item.name] = _env(environ, item.name.upper(), item.default, kind)
+            default = defaults.get(item.name, item.default)
+            values[item.name] = _env(environ, item.name.upper(), default, type(item.default))
         values.update({k: v for k, v in overrides.items() if k != "sources"})
+        values["profile"] = profile
         if values["sources_mode"] not in ("sandbox", "live"):
             raise ValueError("setting SOURCES_MODE must be 'sandbox' or 'live'")
+        if values["log_format"] not in ("text", "json"):
+            raise ValueError("setting LOG_FORMAT must be 'text' or 'json'")
         settings = cls(**values)
         sources = {name: settings._source(environ, name) for name in SOURCE_NAMES}
         return replace(settings, sources=overrides.get("sources", sources))
@@ -138,7 +196,9 @@ class Settings:
         return SourceSettings(
             name=name,
             base_url=_env(environ, f"{upper}_BASE_URL", base_url, str),
-            rate_per_minute=_env(environ, f"RATE_LIMIT_{upper}", float(DEFAULT_RATE_PER_MINUTE[name]), float),
+            rate_per_minute=_env(
+                environ, f"RATE_LIMIT_{upper}", UPSTREAM_QUOTA_PER_MINUTE[name] * self.quota_headroom, float
+            ),
             burst=_env(environ, f"RATE_BURST_{upper}", 1, int),
             timeout=_env(environ, f"TIMEOUT_{upper}", self.source_timeout, float),
             breaker_fail_max=_env(environ, f"BREAKER_FAIL_MAX_{upper}", self.breaker_fail_max, int),
@@ -153,6 +213,11 @@ class Settings:
     @property
     def sandbox_url(self) -> str:
         return f"http://{self.sandbox_host}:{self.sandbox_port}"
+
+    @property
+    def effective_metrics_dir(self) -> str:
+        """Where gunicorn's workers keep their metrics files (prometheus-client multiprocess mode)."""
+        return self.metrics_dir or os.path.join(self.data_dir, "metrics")
 
     @property
     def effective_redis_url(self) -> str:

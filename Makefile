@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench screenshots browser lint format messages clean
+.PHONY: run test bench screenshots browser promtool lint format messages clean
 
 # The compiled catalog is built, never committed.
 CATALOG := translations/pt_BR/LC_MESSAGES/messages
@@ -33,7 +33,7 @@ run: $(VENV)/.runtime $(CATALOG).mo
 	$(BIN)/python launcher.py
 
 ## test: install into .venv and run the whole suite against private Redis servers
-test: $(VENV)/.dev $(CATALOG).mo browser
+test: $(VENV)/.dev $(CATALOG).mo browser promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark script; `make bench QUICK=1` runs the short versions, as make test does.
@@ -60,6 +60,18 @@ browser:
 	      || echo "*** could not install chromium: the browser tests will be SKIPPED ***"; \
 	  else \
 	    echo "*** chromium not found (install Debian's chromium package): the browser tests will be SKIPPED ***"; \
+	  fi; }
+
+## promtool: Debian's prometheus package, for checking docs/alerts.yml, installed with apt when missing (as root)
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } \
+	      || echo "*** could not install prometheus: the alert-rule tests will be SKIPPED ***"; \
+	  else \
+	    echo "*** promtool not found (install Debian's prometheus package): the alert-rule tests will be SKIPPED ***"; \
 	  fi; }
 
 lint: $(VENV)/.dev

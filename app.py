@@ -12,17 +12,21 @@ import admin
 import api_errors
 import cache_manager
 import circuit_breaker_manager
+import cli
 import client_limits
 import dead_letters
 import feature_flags
 import job_queue
+import log_setup
 import lookups
 import maintenance
+import metrics
 import openapi
 import pages
 import pipeline
 import redis_store
 import sse_streaming
+import status_history
 from api_errors import ApiError, json_response
 from deferred_calls import DeferredCalls
 from extensions import extension
@@ -32,6 +36,7 @@ from settings import Settings
 from sources import build_sources
 
 api = Blueprint("api", __name__)
+log = logging.getLogger("api")
 
 
 def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery | None = None) -> Flask:
@@ -42,7 +47,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app.json.sort_keys = False
     # An empty id (`/api/lookups//events`) is a JSON 404, not werkzeug's HTML 308 to a merged path.
     app.url_map.merge_slashes = False
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # In a Celery worker the app is built after the worker configured logging: it stays "worker".
+    log_setup.configure(settings, log_setup.configured_process() or "web")
     app.extensions["settings"] = settings
     client = redis_store.connect(settings)
     app.extensions["redis"] = client
@@ -55,11 +61,14 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
     app.register_blueprint(api)
+    app.register_blueprint(status_history.history_api)  # GET /api/status/history
     client_limits.init_app(app)  # after the api blueprint: it wraps POST /api/lookups
     app.register_blueprint(admin.admin)
     app.register_blueprint(openapi.docs)
+    metrics.init_app(app)  # GET /metrics
     app.register_blueprint(pages.pages)
     pages.init_app(app)
+    cli.init_app(app)  # the `flask` commands (cli.py)
     return app
 
 
@@ -99,8 +108,18 @@ def _lookup_request(body: dict) -> tuple:
 @api.post("/api/lookups")
 def create_lookup():
     identifier, priority, refresh = _lookup_request(_json_body())
-    lookup, _ = pipeline.start_lookup(identifier, priority, refresh)
+    lookup, created = pipeline.start_lookup(identifier, priority, refresh)
     status = 200 if lookup.status == lookups.LookupStatus.COMPLETE else 202
+    outcome = ("cached" if status == 200 else "started") if created else "joined"
+    with log_setup.bind(lookup_id=lookup.id):
+        log.info(
+            "lookup %s %s (%s, priority %d)",
+            outcome,
+            log_setup.mask_identifier(lookup.type, lookup.identifier),
+            lookup.type,
+            priority,
+            extra={"outcome": outcome, "lookup_type": lookup.type, "priority": priority},
+        )
     headers = {"Location": f"/api/lookups/{lookup.id}"}
     return json_response(lookup.encoded or lookup.to_dict(), status, headers)
 

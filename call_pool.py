@@ -8,6 +8,7 @@ token, a retry) still leaves as a task of its own, so no thread here ever sleeps
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from collections.abc import Callable
@@ -35,13 +36,18 @@ def _executor(size: int) -> ThreadPoolExecutor:
 
 
 def submit(app: Flask, size: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-    """Run `function(*args, **kwargs)` on a pool thread, inside an app context of `app`."""
+    """Run `function(*args, **kwargs)` on a pool thread, inside an app context of `app`.
+
+    It runs in a copy of the caller's context variables (pool threads do not inherit them), so
+    its log lines carry the caller's lookup and task (log_setup); what it binds stays its own.
+    """
+    context = contextvars.copy_context()
 
     def run() -> Any:
         with app.app_context():
             return function(*args, **kwargs)
 
-    return _executor(size).submit(run)
+    return _executor(size).submit(context.run, run)
 
 
 def start_cep_fetch(cep: str, start: Callable[[], Future]) -> None:

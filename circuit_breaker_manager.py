@@ -13,6 +13,7 @@ import pybreaker
 import redis
 from flask import current_app
 
+import metrics
 import redis_store
 from feature_flags import FeatureFlags
 from settings import Settings, SourceSettings
@@ -357,6 +358,13 @@ class LoggingListener(pybreaker.CircuitBreakerListener):
         logger.log(level, "breaker %s: %s -> %s", cb.name, getattr(old_state, "name", None), new_state.name)
 
 
+class MetricsListener(pybreaker.CircuitBreakerListener):
+    """Counts every state change (enrich_breaker_transitions_total), once in the cluster like the log."""
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        metrics.breaker_transition(cb.name or "", getattr(old_state, "name", "") or "", new_state.name)
+
+
 class BreakerManager:
     """The named breakers of every source in settings.sources, built on first use."""
 
@@ -367,7 +375,7 @@ class BreakerManager:
         self._settings = settings
         self._flags = flags
         self._breakers: dict[str, SharedCircuitBreaker] = {}
-        self._listener = LoggingListener()
+        self._listeners = [LoggingListener(), MetricsListener()]
 
     def breaker(self, source_name: str) -> SharedCircuitBreaker:
         """The source's breaker (raises KeyError for an unknown source)."""
@@ -379,7 +387,7 @@ class BreakerManager:
                 raise KeyError(f"unknown source {source_name!r} (known sources: {known})")
             storage = RedisBreakerStorage(self._redis, self._settings, source_name)
             probes = self._settings.breaker_half_open_probes
-            breaker = SharedCircuitBreaker(storage, source, probes, [self._listener])
+            breaker = SharedCircuitBreaker(storage, source, probes, list(self._listeners))
             breaker = self._breakers.setdefault(source_name, breaker)
         return breaker
 

@@ -10,6 +10,7 @@ import orjson
 import redis
 from flask import current_app
 
+import metrics
 import redis_store
 from extensions import extension
 from pipeline import FETCH_TASK, celery_priority, send_task
@@ -57,6 +58,7 @@ class DeadLetters:
             pipe.lpush(self.list_key, entry_id)
             pipe.ltrim(self.list_key, 0, self.settings.dead_letter_max - 1)
             pipe.execute()
+        metrics.dead_letter_added(source)
         return entry_id
 
     def get(self, entry_id: str) -> dict | None:

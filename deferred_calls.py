@@ -20,6 +20,7 @@ import orjson
 import redis
 
 import redis_store
+import status_history
 from settings import Settings
 
 log = logging.getLogger("deferred")
@@ -57,14 +58,28 @@ class DeferredCalls:
         options: dict | None = None,
         call_id: str | None = None,
         pipe: redis.client.Pipeline | None = None,
+        rate_limit_wait: bool = False,
     ) -> None:
         """Send task `task` with `args` (and apply_async `options`) at `due_at` (epoch seconds).
 
         `call_id` names a call that may be cancelled later (same task, args and options); with
-        `pipe`, the add rides along with that pipeline's round trip.
+        `pipe`, the add rides along with that pipeline's round trip.  A `rate_limit_wait` (a call
+        waiting for its source's token) is counted in the status history, in the same round trip.
         """
         member = self._member(call_id or uuid.uuid4().hex, task, args, options)
-        (pipe or self.redis).zadd(self.key, {member: due_at})
+        if not rate_limit_wait:
+            (pipe or self.redis).zadd(self.key, {member: due_at})
+            return
+        if pipe is not None:
+            pipe.zadd(self.key, {member: due_at})
+            status_history.add_counts(pipe, self.settings, {"rate_limit_waits": 1})
+            return
+        with self.redis.pipeline(transaction=False) as own:
+            own.zadd(self.key, {member: due_at})
+            status_history.add_counts(own, self.settings, {"rate_limit_waits": 1})
+            added, *_ = own.execute(raise_on_error=False)  # only the add's own error matters
+        if isinstance(added, Exception):
+            raise added
 
     def cancel(self, call_id: str, task: str, args: list, options: dict | None = None) -> bool:
         """Drop a call added with `call_id` before it is sent; False if it is gone already."""

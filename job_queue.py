@@ -24,12 +24,21 @@ sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from celery import Celery, Task, shared_task  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
-from celery.signals import beat_init, worker_ready, worker_shutdown  # noqa: E402
+from celery.signals import (  # noqa: E402
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_ready,
+    worker_shutdown,
+)
 from flask import Flask  # noqa: E402
 
+import log_setup  # noqa: E402
 import maintenance  # noqa: E402
+import metrics  # noqa: E402
 import pipeline  # noqa: E402
 import redis_broker  # noqa: E402
+import status_history  # noqa: E402
 from deferred_calls import DeferredCalls, Dispatcher  # noqa: E402
 from lookups import LookupStore, SourceState  # noqa: E402
 from settings import Settings  # noqa: E402
@@ -132,6 +141,12 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": settings.health_check_interval,
                 "options": {"priority": 0},
             },
+            # One gauge sample per status-history bucket (history reads sample too, so beat is optional).
+            "status-sample": {
+                "task": "job_queue.sample_status",
+                "schedule": status_history.BUCKET_SECONDS,
+                "options": {"priority": 0},
+            },
         },
         "beat_schedule_filename": f"{settings.data_dir}/celerybeat-schedule",
         "timezone": "UTC",
@@ -178,6 +193,12 @@ def cleanup() -> dict:
 def health_check() -> dict:
     """Beat: Redis, workers, breakers and quotas; the result shows in /api/status."""
     return maintenance.health_check()
+
+
+@shared_task(name="job_queue.sample_status", ignore_result=True)
+def sample_status() -> bool:
+    """Beat: queue depth, breaker states and cache totals into the status history's current bucket."""
+    return status_history.sample()
 
 
 # Celery states for a fetch task, read off its source's state in the lookup record.  The task
@@ -253,6 +274,23 @@ def _start_dispatcher(sender=None, **_) -> None:
     log.info("deferred-call dispatcher started on %s", hostname)
 
 
+@worker_ready.connect
+def _serve_metrics(sender=None, **_) -> None:
+    """Every worker serves its own /metrics (WORKER_METRICS_HOST:WORKER_METRICS_PORT; port 0: none)."""
+    settings: Settings = sender.app.settings
+    metrics.serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port, sender.hostname)
+
+
+@task_prerun.connect
+def _task_started(task_id=None, task=None, **_) -> None:
+    metrics.task_started(task.name, task_id)
+
+
+@task_postrun.connect
+def _task_finished(task_id=None, task=None, state=None, **_) -> None:
+    metrics.task_finished(task.name, task_id, state)
+
+
 @worker_shutdown.connect
 def _stop_dispatcher(**_) -> None:
     for dispatcher in _dispatchers:
@@ -273,3 +311,5 @@ def init_app(app: Flask, celery: LookupCelery | None = None) -> LookupCelery:
 
 
 celery_app = LookupCelery(Settings.from_env())
+# `celery worker|beat` log in LOG_FORMAT, each task's lines with its id and lookup (log_setup).
+log_setup.connect_celery(lambda: celery_app.settings)

@@ -24,6 +24,8 @@ def commands(settings: Settings) -> dict[str, list[str]]:
     """The command line of each child process."""
     gunicorn = str(BIN / "gunicorn")
     celery = str(BIN / "celery")
+    # Celery prints its startup banner to stdout, outside logging: in JSON mode every line is JSON.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     return {
         "sandbox": [
             gunicorn,
@@ -42,6 +44,8 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         ],
         "web": [
             gunicorn,
+            "-c",
+            str(ROOT / "gunicorn_config.py"),  # one /metrics for all workers (multiprocess mode)
             "-k",
             "gevent",
             "--no-control-socket",
@@ -57,11 +61,12 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         ],
         "worker": [
             celery,
+            *quiet,
             "-A",
             "job_queue",
             "worker",
             "--loglevel",
-            "INFO",
+            settings.log_level,
             "-P",
             "threads",
             "-c",
@@ -71,11 +76,12 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         ],
         "beat": [
             celery,
+            *quiet,
             "-A",
             "job_queue",
             "beat",
             "--loglevel",
-            "INFO",
+            settings.log_level,
             "-s",
             str(Path(settings.data_dir) / "celerybeat-schedule"),
         ],
@@ -84,7 +90,9 @@ def commands(settings: Settings) -> dict[str, list[str]]:
 
 def main() -> int:
     settings = Settings.from_env()
-    env = dict(os.environ)
+    # gunicorn_config.py sets it for the web app's processes only; a worker or beat must never
+    # write its metrics into the web app's directory.
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     redis_server = None
     if not settings.redis_url:
         redis_server = EmbeddedRedis(settings.embedded_redis_port, Path(settings.data_dir) / "redis")

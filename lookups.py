@@ -15,6 +15,7 @@ import redis
 from flask import current_app
 
 import redis_store
+import status_history
 from api_errors import encode_json
 from settings import Settings
 
@@ -164,14 +165,14 @@ return {1, newly, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
 """
 
 # KEYS[1] lookup hash.  ARGV: new status, result json, now.  Complete happens once; partial
-# only from queued/running.  Returns 1 when this call made the change.
+# only from queued/running.  Returns {status before, created_at} when this call made the change, else 0.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'complete' then return 0 end
 if ARGV[1] == 'partial' and status == 'partial' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2])
 if ARGV[1] == 'complete' then redis.call('HSET', KEYS[1], 'completed_at', ARGV[3]) end
-return 1
+return {status, redis.call('HGET', KEYS[1], 'created_at') or ''}
 """
 
 
@@ -292,6 +293,7 @@ class LookupStore:
             for source, task_id in lookup.tasks.items():
                 registry = {"name": "job_queue.fetch_source", "lookup_id": lookup.id, "source": source}
                 pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+            status_history.add_counts(pipe, self.settings, {"started": 1})
             if also is not None:
                 also(pipe)
             if claim:
@@ -348,6 +350,7 @@ class LookupStore:
                     self._bodies_written.clear()
                 self._bodies_written[digest] = time.monotonic()
             pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
+            status_history.add_counts(pipe, self.settings, {"answered": 1})
             pipe.execute()
         lookup.encoded = head[:-1] + b"," + inner + b"}"
         return lookup.encoded
@@ -432,12 +435,21 @@ class LookupStore:
         return bool(applied), bool(newly), int(done), int(total)
 
     def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
-        """Move to `partial` or `complete` with the merged result; True if this call did it."""
-        return bool(
-            self._finish(
-                keys=[self.record_key(lookup_id)], args=[str(status), orjson.dumps(result), time.time()]
-            )
+        """Move to `partial` or `complete` with the merged result; True if this call did it.
+
+        The lookup's first answer (from queued or running) is counted in the status history with its
+        latency since creation; a partial lookup completing later is not counted again.
+        """
+        now = time.time()
+        changed = self._finish(
+            keys=[self.record_key(lookup_id)], args=[str(status), orjson.dumps(result), now]
         )
+        if not changed:
+            return False
+        before, created_at = changed
+        if before in (b"queued", b"running") and created_at:
+            status_history.count_finished(self.redis, self.settings, str(status), now - float(created_at))
+        return True
 
     def delete_older_than(self, cutoff: float, event_key: Callable[[str], str]) -> int:
         """Beat cleanup: delete lookups created before `cutoff` with their task entries and event logs.

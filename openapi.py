@@ -45,6 +45,9 @@ ADMIN_DISABLED = _error("the admin API is off: ADMIN_TOKEN is unset")
 TOO_LARGE = _error("body larger than MAX_REQUEST_BYTES")
 ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
 
+INTEGERS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+NUMBERS_OR_NULL = {"type": "array", "items": NUMBER_OR_NULL}
+
 SCHEMAS = {
     "Error": {
         "type": "object",
@@ -190,6 +193,50 @@ SCHEMAS = {
             "success_threshold": {"type": "integer"},
         },
     },
+    "StatusHistory": {
+        "type": "object",
+        "required": [
+            "time",
+            "minutes",
+            "bucket_seconds",
+            "buckets",
+            "lookups_per_second",
+            "lookups_answered",
+            "lookups_started",
+            "lookups_finished",
+            "p95_ms",
+            "cache_hit_rate",
+            "queue_depth",
+            "rate_limit_waits",
+            "breakers",
+        ],
+        "properties": {
+            "time": {"type": "number"},
+            "minutes": {"type": "integer", "minimum": 1, "maximum": 60},
+            "bucket_seconds": {"type": "integer", "minimum": 1},
+            "buckets": {"type": "array", "items": {"type": "integer"}},
+            "lookups_per_second": {"type": "array", "items": {"type": "number", "minimum": 0}},
+            "lookups_answered": INTEGERS,
+            "lookups_started": INTEGERS,
+            "lookups_finished": INTEGERS,
+            "p95_ms": NUMBERS_OR_NULL,
+            "cache_hit_rate": NUMBERS_OR_NULL,
+            "queue_depth": {"type": "array", "items": {"type": "integer", "nullable": True}},
+            "rate_limit_waits": INTEGERS,
+            "breakers": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "array",
+                    # null: no sample in that bucket (OpenAPI 3.0 wants null in a nullable enum).
+                    "items": {
+                        "type": "string",
+                        "enum": ["closed", "half-open", "open", None],
+                        "nullable": True,
+                    },
+                },
+            },
+        },
+    },
 }
 
 PATHS = {
@@ -327,6 +374,24 @@ PATHS = {
             },
         }
     },
+    "/api/status/history": {
+        "get": {
+            "summary": "The status page's charts: one point per 10 s bucket, cluster-wide, oldest first",
+            "parameters": [
+                {
+                    "name": "minutes",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 60, "default": 15},
+                }
+            ],
+            "responses": {
+                "200": _json("the series", "StatusHistory"),
+                "400": _error("minutes is not an integer from 1 to 60"),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
     "/api/openapi.json": {
         "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.0", {"type": "object"})}}
     },
@@ -345,6 +410,22 @@ PATHS = {
         "get": {
             "summary": "Redis reachable and a worker heartbeat fresh",
             "responses": {"200": _json("ready", "Readiness"), "503": _json("not ready", "Readiness")},
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics: every gunicorn worker's, and the cluster state read from Redis",
+            "description": "Always 200: with Redis unreachable the processes' metrics and `enrich_redis_up 0`. "
+            "OpenMetrics when the Accept header asks for it (Prometheus does).",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text exposition format",
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
+                }
+            },
         }
     },
     "/api/admin/cache/invalidate": {

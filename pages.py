@@ -217,6 +217,17 @@ def script_strings() -> dict[str, str]:
         "updated_at": _("Updated at {time}"),
         "status_unreachable": _("Status unavailable ({reason}); trying again"),
         "ago": _("{time} ({seconds} s ago)"),
+        # status page charts (status_charts.js)
+        "chart_latest": _("{chart}: now {value}"),
+        "chart_no_data": _("{chart}: no data yet"),
+        "chart_breakers": _("{chart}: {states}"),
+        "breaker_now": _("{source} {state}"),
+        "breaker_none": _("no sample"),
+        "per_second": _("{value}/s"),
+        "minutes_ago": _("{minutes} min ago"),
+        "now": _("now"),
+        "charts_updated": _("Charts updated at {time}"),
+        "charts_unreachable": _("Charts unavailable ({reason}); trying again"),
     }
 
 

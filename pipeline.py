@@ -17,6 +17,8 @@ from flask import current_app
 
 import call_pool
 import cross_checks
+import log_setup
+import metrics
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
 from extensions import extension
@@ -60,6 +62,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
 
     Returns (lookup, created_now).  A fully cached lookup is returned complete.
     """
+    began = time.time()
     settings = extension("settings")
     store = extension("lookups")
     kind = str(identifier.type)
@@ -92,6 +95,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         lookup.completed_at = now
         lookup.result, versions = _cached_result(lookup, cached, prefetched_cep)
         store.create_answered(lookup, versions)
+        metrics.lookup_finished(kind, "cached", began)
         return lookup, True
 
     missing = [name for name in names if name not in cached]
@@ -192,6 +196,8 @@ def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) 
     return True
 
 
+# Its log lines name the lookup, the source and the source's own task id (as /api/lookups reports it).
+@log_setup.bind_arguments(lookup_id="lookup_id", source="source_name", task_id="call_id")
 def run_source_call(
     lookup_id: str,
     source_name: str,
@@ -228,8 +234,17 @@ def run_source_call(
         return {"source": source_name, "state": "already_settled"}
 
     def record(result: SourceResult) -> dict:
+        log.info(  # one line per call of a source
+            "source %s: %s (%s ms, attempt %d)",
+            source_name,
+            result.state,
+            result.elapsed_ms,
+            result.attempts,
+            extra={"state": str(result.state), "elapsed_ms": result.elapsed_ms, "attempts": result.attempts},
+        )
         if not settle(lookup_id, result, replace_settled=requeue) and requeue:
-            log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, value, lookup_id)
+            masked = log_setup.mask_identifier(kind, value)
+            log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, masked, lookup_id)
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 
     limiter = extension("rate_limiter")
@@ -238,7 +253,9 @@ def run_source_call(
     slot_options = {**options, "priority": 0}
 
     def wait_for_slot(due: float) -> dict:
-        extension("deferred").add(due, FETCH_TASK, [*args, attempt, True, requeue], slot_options)
+        extension("deferred").add(
+            due, FETCH_TASK, [*args, attempt, True, requeue], slot_options, rate_limit_wait=True
+        )
         return record(
             SourceResult(
                 source_name,
@@ -252,6 +269,7 @@ def run_source_call(
     if not reserved:
         reservation = limiter.reserve(source_name)
         if not reservation.granted:
+            metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
             return record(
                 SourceResult(
                     source_name,
@@ -262,6 +280,7 @@ def run_source_call(
                 )
             )
         if reservation.wait > 0:
+            metrics.rate_limit_delay(source_name, "reserved", reservation.wait)
             return wait_for_slot(time.time() + reservation.wait)
 
     source = extension("sources")[source_name]
@@ -279,13 +298,14 @@ def run_source_call(
         wait = limiter.admit(source_name)
         if wait > 0:
             raise Paced(wait)
-        return source.fetch(identifier)
+        return metrics.timed_fetch(source_name, source.fetch, identifier)
 
     try:
         data = extension("breakers").call(source_name, admitted_fetch, identifier)
     except Paced as paced:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
         # limit allows.  Keep the token and go a little later, ahead of new work.
+        metrics.rate_limit_delay(source_name, "paced", paced.wait)
         return wait_for_slot(time.time() + paced.wait)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
@@ -309,6 +329,7 @@ def run_source_call(
             )
         )
     except BreakerOpen as error:
+        metrics.source_request(source_name, "breaker_open")
         stale = cache.get_stale(kind, source_name, value)
         if stale is not None:
             state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
@@ -338,6 +359,8 @@ def run_source_call(
         )
     except (TransientError, BreakerUnavailable) as error:
         message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
+        if isinstance(error, BreakerUnavailable):
+            metrics.source_request(source_name, "breaker_unavailable")
         if attempt + 1 > settings.retry_max:
             extension("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
             return record(
@@ -456,11 +479,17 @@ def _company_cep(
             last_error = f"{source.name} is rate limited"
             continue
         try:
-            data = extension("breakers").call(source.name, source.fetch, identifier)
+            data = extension("breakers").call(
+                source.name, metrics.timed_fetch, source.name, source.fetch, identifier
+            )
         except NotFound:
             cache.set("cep", source.name, cep, None, found=False)
             return None, "not_found"
         except (SourceError, BreakerOpen, BreakerUnavailable) as error:
+            if not isinstance(error, SourceError):  # no request went out
+                metrics.source_request(
+                    source.name, "breaker_open" if isinstance(error, BreakerOpen) else "breaker_unavailable"
+                )
             last_error = f"{source.name}: {getattr(error, 'message', error)}"
             continue
         cache.set("cep", source.name, cep, data, found=True)
@@ -483,6 +512,16 @@ def _merged_result(lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple
     return {"data": merged, "checks": checks}
 
 
+# A complete lookup none of whose sources gave an answer (data, "not found" or a stale copy) failed.
+_ANSWERED = frozenset({SourceState.OK, SourceState.NOT_FOUND, SourceState.STALE})
+
+
+def _outcome(lookup: Lookup, status: LookupStatus) -> str:
+    if status == LookupStatus.PARTIAL:
+        return "partial"
+    return "complete" if any(r.state in _ANSWERED for r in lookup.sources.values()) else "failed"
+
+
 def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     """Merge and cross-check; `complete` once every source settled, `partial` at the deadline.
 
@@ -499,7 +538,16 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     lookup.result = _merged_result(lookup)
     if not store.finish(lookup_id, status, lookup.result):
         return None
+    if lookup.status != LookupStatus.PARTIAL:  # counted once: the first answer the person gets
+        metrics.lookup_finished(lookup.type, _outcome(lookup, status), lookup.created_at)
     lookup.status = status
+    log.info(
+        "lookup %s: %d of %d sources settled",
+        status,
+        lookup.done,
+        len(lookup.sources),
+        extra={"lookup_id": lookup_id, "status": str(status)},
+    )
     events = extension("events")
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()

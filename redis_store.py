@@ -15,6 +15,7 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
     {p}:deadletters, {p}:deadletter:{id}                           failed calls (lookups)
     {p}:events:{lookup_id}, {p}:events (pub/sub channel)           per-lookup event logs, their announcements (sse_streaming)
     {p}:health, {p}:cleanup, {p}:workers                           last beat reports, worker heartbeats (maintenance)
+    {p}:history:{bucket start}                                     status page counters and gauges per 10 s (status_history)
     {p}:LIMITER/client/{address}/...                               per-client lookup limit (client_limits, flask-limiter)
     {p}:celery:*                                                   Celery broker queues and results (job_queue)
 """

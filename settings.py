@@ -92,6 +92,9 @@ class Settings:
     log_format: str = "text"  # text (for people) or json (one object a line, for collectors)
     log_level: str = "INFO"
     worker_metrics_port: int = 9101  # each Celery worker serves its own /metrics here; 0 turns it off
+    # Address of the workers' /metrics: loopback by default, like HOST; 0.0.0.0 when a Prometheus on
+    # another machine scrapes them (production).
+    worker_metrics_host: str = "127.0.0.1"
     metrics_dir: str = ""  # gunicorn multiprocess metrics files; empty: DATA_DIR/metrics
 
     # Feature flags: these are the defaults; a value set at run time (admin API, `flask flags`)
@@ -183,6 +186,9 @@ class Settings:
             raise ValueError("setting SOURCES_MODE must be 'sandbox' or 'live'")
         if values["log_format"] not in ("text", "json"):
             raise ValueError("setting LOG_FORMAT must be 'text' or 'json'")
+        values["log_level"] = str(values["log_level"]).upper()  # Celery, gunicorn and logging all take it
+        if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("setting LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         settings = cls(**values)
         sources = {name: settings._source(environ, name) for name in SOURCE_NAMES}
         return replace(settings, sources=overrides.get("sources", sources))

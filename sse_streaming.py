@@ -33,6 +33,7 @@ import redis
 from flask import Response, current_app, request
 from flask_sse import Message, ServerSentEventsBlueprint
 
+import metrics
 import redis_store
 from api_errors import ApiError
 from extensions import extension
@@ -108,6 +109,7 @@ class EventLog:
             kinds = ", ".join(event_type for event_type, _ in events)
             log.warning("publish of %s for lookup %s failed: %s", kinds, lookup_id, error)
             return None
+        metrics.events_published([event_type for event_type, _ in events])
         return event_id.decode()
 
     def read_after(self, lookup_id: str, after: str = "0-0") -> list[Message]:
@@ -167,6 +169,7 @@ class EventHub:
         listener = Listener(lookup_id)
         with self._lock:
             self._listeners.setdefault(lookup_id, set()).add(listener)
+        metrics.stream_opened()
         self._ready.wait(self.settings.redis_socket_timeout)
         return listener
 
@@ -174,10 +177,13 @@ class EventHub:
         """Forget a stream (idempotent)."""
         with self._lock:
             followers = self._listeners.get(listener.lookup_id)
-            if followers is not None:
+            known = followers is not None and listener in followers
+            if known:
                 followers.discard(listener)
                 if not followers:
                     del self._listeners[listener.lookup_id]
+        if known:  # a second close of the same stream must not count it twice
+            metrics.stream_closed()
 
     def stats(self) -> dict:
         with self._lock:

@@ -42,7 +42,8 @@ class Stack:
         host, port = sandbox_url.rsplit("//", 1)[1].split(":")
         self.tmp = tmp
         self.env = {
-            **os.environ,
+            # gunicorn_config.py sets it for the web processes alone (as in production)
+            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
             "REDIS_URL": redis_url,
             "KEY_PREFIX": f"s{uuid.uuid4().hex[:10]}",
             "SANDBOX_HOST": host,
@@ -51,6 +52,7 @@ class Stack:
             "ADMIN_TOKEN": "test-admin-token",
             "PYTHONUNBUFFERED": "1",
             "LOOKUP_RATE_LIMIT": "off",  # the per-client limit has its own tests
+            "WORKER_METRICS_PORT": "0",  # many workers at once: a test that wants metrics names a port
             **{k: str(v) for k, v in env.items()},
         }
         self.settings = Settings.from_env(self.env)
@@ -80,6 +82,10 @@ class Stack:
         self.processes[name] = (process, log)
         return process
 
+    def _celery_quiet(self) -> list[str]:
+        # As the launcher: no startup banner (printed outside logging) when every line is JSON.
+        return ["--quiet"] if self.settings.log_format == "json" else []
+
     def start_worker(self, name: str = "w1", concurrency: int = 8) -> subprocess.Popen:
         """A Celery worker node; returns once it reports its heartbeat."""
         hostname = f"{name}@{self.env['KEY_PREFIX']}"
@@ -87,6 +93,7 @@ class Stack:
             name,
             [
                 str(BIN / "celery"),
+                *self._celery_quiet(),
                 "-A",
                 "job_queue",
                 "worker",
@@ -119,6 +126,7 @@ class Stack:
             "beat",
             [
                 str(BIN / "celery"),
+                *self._celery_quiet(),
                 "-A",
                 "job_queue",
                 "beat",
@@ -129,18 +137,20 @@ class Stack:
             ],
         )
 
-    def start_web(self, port: int | None = None) -> str:
-        """gunicorn with one gevent worker serving app:create_app(); returns its base URL."""
+    def start_web(self, port: int | None = None, workers: int = 1) -> str:
+        """gunicorn with gevent workers (one unless told) serving app:create_app(); returns its base URL."""
         port = port or free_port()
         process = self._spawn(
             "web",
             [
                 str(BIN / "gunicorn"),
+                "-c",
+                str(ROOT / "gunicorn_config.py"),
                 "-k",
                 "gevent",
                 "--no-control-socket",
                 "-w",
-                "1",
+                str(workers),
                 "-b",
                 f"127.0.0.1:{port}",
                 "--worker-connections",

@@ -10,12 +10,22 @@ import sys
 import psutil
 import requests
 from conftest import ROOT, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_redis import free_port
 
 
+def _samples(url: str) -> dict:
+    text = requests.get(url, timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
-    port, sandbox_port, redis_port = free_port(), free_port(), free_port()
+    port, sandbox_port, redis_port, metrics_port = free_port(), free_port(), free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     env.update(
         PORT=str(port),
@@ -23,6 +33,7 @@ def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
         EMBEDDED_REDIS_PORT=str(redis_port),
         DATA_DIR=str(tmp_path / "var"),
         KEY_PREFIX="launcher",
+        WORKER_METRICS_PORT=str(metrics_port),
     )
     log = (tmp_path / "launcher.log").open("wb")
     launcher = subprocess.Popen(
@@ -49,6 +60,13 @@ def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
             message="a lookup through the launched stack",
         )
         assert (tmp_path / "var" / "redis" / "appendonlydir").exists()  # AOF under DATA_DIR
+        # The web app's gunicorn runs with gunicorn_config.py: its workers share DATA_DIR/metrics.
+        assert list((tmp_path / "var" / "metrics").glob("*.db"))
+        web = _samples(f"http://127.0.0.1:{port}/metrics")
+        assert web[("enrich_cache_reads_total", (("result", "miss"), ("type", "cep")))] == 2  # its 2 sources
+        assert web[("enrich_redis_up", ())] == 1
+        worker = _samples(f"http://127.0.0.1:{metrics_port}/metrics")  # the worker's own port
+        assert worker[("enrich_lookups_total", (("outcome", "complete"), ("type", "cep")))] == 1
         children = psutil.Process(launcher.pid).children(recursive=True)
         assert len(children) >= 5  # valkey, sandbox, web, worker, beat (and their workers)
     finally:

@@ -43,7 +43,7 @@ def test_every_api_route_is_documented_and_every_documented_path_exists(app):
     routes = {
         (_flask_rule_to_openapi(rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
-        if rule.rule.startswith("/api/") or rule.rule in ("/healthz", "/readyz")
+        if rule.rule.startswith("/api/") or rule.rule in ("/healthz", "/readyz", "/metrics")
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     documented = {(path, method) for path, operations in DOCUMENT["paths"].items() for method in operations}

@@ -214,3 +214,51 @@ def test_the_status_page_shows_an_open_breaker_after_an_outage(make_stack, sandb
     assert page.locator('[data-breaker="brasilapi"][data-state="closed"]').count() == 1
     screenshot(page, "status-breaker-open")
     assert page.problems == []
+
+
+def _chart_points(page, name: str) -> int:
+    return int(page.get_attribute(f'.chart[data-chart="{name}"]', "data-points") or 0)
+
+
+def test_the_status_page_charts_lookups_latency_cache_queues_waits_and_breakers(
+    make_stack, sandbox, page, screenshot
+):
+    # ViaCEP at 30 calls a minute (one every 2 s): lookups sent together wait for its tokens.
+    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_VIACEP": "30"}, HEALTH_CHECK_INTERVAL="3600")
+    stack.start_worker()
+    stack.start_web()
+    opened = requests.post(
+        f"{stack.web_url}/api/admin/breakers/opencnpj/open",
+        headers={"Authorization": "Bearer test-admin-token"},
+        timeout=5,
+    )
+    assert opened.status_code == 200
+    ceps = [sandbox.known("cep", seed=40 + n) for n in range(4)]
+    for lookup_id in [stack.post_lookup(cep).json()["id"] for cep in ceps]:
+        stack.wait_status(lookup_id)
+
+    page.goto(stack.web_url + "/status")
+    page.wait_for_selector('.chart[data-chart="lookups_per_second"] polyline')
+    points = page.get_attribute('.chart[data-chart="lookups_per_second"] polyline', "points")
+    assert len(points.split()) >= 2
+    page.wait_for_selector('[data-breaker-band="opencnpj"] .band[data-state="open"]')
+    assert page.locator('[data-breaker-band="brasilapi"] .band[data-state="closed"]').count() >= 1
+    assert page.get_attribute('[data-breaker-band="opencnpj"]', "data-state") == "open"
+    assert _chart_points(page, "p95_ms") >= 1  # the finished lookups' latency
+    assert page.locator('.chart[data-chart="rate_limit_waits"] .chart-bar').count() >= 1
+
+    # Reads after the first sample: the next bucket's sample gives the cache hit rate (all hits here).
+    for cep in ceps:
+        assert stack.post_lookup(cep).status_code == 200
+    page.wait_for_selector('.chart[data-chart="cache_hit_rate"][data-latest="1"]', timeout=30_000)
+    assert _chart_points(page, "queue_depth") >= 2  # two buckets sampled by the page's own reads
+    label = page.get_attribute('.chart[data-chart="cache_hit_rate"] svg', "aria-label")
+    assert page.get_attribute('.chart[data-chart="cache_hit_rate"] svg', "role") == "img"
+    assert label.startswith("Taxa de acerto do cache: agora 100") and "%" in label  # pt-BR, with the value
+    breakers = page.get_attribute('.chart[data-chart="breakers"] svg', "aria-label")
+    assert "OpenCNPJ Aberto" in breakers and "BrasilAPI Fechado" in breakers
+    page.select_option("#charts-minutes", "5")  # a shorter window: the fresh stack's points spread out
+    page.wait_for_selector('#charts[data-minutes="5"]')
+    assert page.locator('[data-breaker-band="opencnpj"] .band[data-state="open"]').count() == 1
+    screenshot(page, "status")
+    assert page.problems == []

@@ -1,0 +1,48 @@
+"""gunicorn settings of the web app (`-c gunicorn_config.py`): one /metrics for all its workers.
+
+prometheus-client's multiprocess mode: each worker writes its metrics to files in one directory
+(PROMETHEUS_MULTIPROC_DIR, from METRICS_DIR, default DATA_DIR/metrics) and the worker that
+answers a scrape reads them all.  The variable is set here, in the master that loads this file
+before it forks (the app is imported in each worker, after the fork, unless --preload: either
+way after this), so prometheus-client sees it on import.  It is set for gunicorn's processes
+only: Celery workers serve their own metrics, usually on other machines.
+
+Not named gunicorn.conf.py, which gunicorn would load for every gunicorn started here (the
+sandbox's too).  Every command-line flag keeps its meaning: gunicorn's command line wins over
+a config file.  Module globals named like a gunicorn setting are read as settings (the logging
+ones below): everything else here starts with an underscore.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import shutil as _shutil
+import sys as _sys
+
+# The project's modules, wherever gunicorn was started from (--chdir), as job_queue.py does for celery.
+_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
+
+import log_setup as _log_setup  # noqa: E402
+from settings import Settings as _Settings  # noqa: E402
+
+# gunicorn's own lines (its master's too) in LOG_FORMAT, with the app's redaction (log_setup).
+logger_class = _log_setup.gunicorn_logger_class()
+loglevel = _Settings.from_env().log_level.lower()  # LOG_LEVEL, unless --log-level says otherwise
+
+_METRICS_DIR = _os.path.abspath(_Settings.from_env().effective_metrics_dir)
+_os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR
+# Now too, not only in on_starting: importing the app creates files there (--check-config, --preload).
+_os.makedirs(_METRICS_DIR, exist_ok=True)
+
+
+def on_starting(server) -> None:
+    """Before the first fork: start from an empty directory (files of a previous run would add up)."""
+    _shutil.rmtree(_METRICS_DIR, ignore_errors=True)
+    _os.makedirs(_METRICS_DIR, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:
+    """A worker exited: drop its files of live gauges (open streams, ...); its counters stay counted."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _METRICS_DIR)

@@ -17,6 +17,7 @@ import client_limits
 import dead_letters
 import feature_flags
 import job_queue
+import log_redaction
 import log_setup
 import lookups
 import maintenance
@@ -115,7 +116,7 @@ def create_lookup():
         log.info(
             "lookup %s %s (%s, priority %d)",
             outcome,
-            log_setup.mask_identifier(lookup.type, lookup.identifier),
+            log_redaction.mask_identifier(lookup.type, lookup.identifier),
             lookup.type,
             priority,
             extra={"outcome": outcome, "lookup_type": lookup.type, "priority": priority},

@@ -17,6 +17,7 @@ from flask import current_app
 
 import call_pool
 import cross_checks
+import log_redaction
 import log_setup
 import metrics
 from cache_manager import CacheEntry
@@ -243,7 +244,7 @@ def run_source_call(
             extra={"state": str(result.state), "elapsed_ms": result.elapsed_ms, "attempts": result.attempts},
         )
         if not settle(lookup_id, result, replace_settled=requeue) and requeue:
-            masked = log_setup.mask_identifier(kind, value)
+            masked = log_redaction.mask_identifier(kind, value)
             log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, masked, lookup_id)
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 

@@ -110,7 +110,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_max_retries": None,
         "redis_socket_timeout": 5,
         "redis_max_connections": 4,  # result backend pool
-        "broker_pool_limit": 4,  # producer connections per process
+        "broker_pool_limit": settings.broker_pool_limit,  # producer connections per process
         "redis_socket_connect_timeout": 2,
         "redis_retry_on_timeout": True,
         "redis_backend_health_check_interval": 10,

@@ -152,6 +152,9 @@ class Settings:
     defer_horizon: float = 900.0
     deferred_poll_interval: float = 0.2
     visibility_timeout: int = 120
+    # Broker connections per process for sending tasks and control commands.  4 serve the service;
+    # Flower needs more (its concurrent inspect calls deadlock on 4: README, Deploy).
+    broker_pool_limit: int = 4
     worker_concurrency: int = 16
     cep_prefetch: bool = True  # fetch a company's CEP as soon as one company source names it
     worker_heartbeat_ttl: int = 60

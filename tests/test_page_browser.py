@@ -212,6 +212,7 @@ def test_the_status_page_shows_an_open_breaker_after_an_outage(make_stack, sandb
         stack.post_lookup(sandbox.known("cnpj", seed=30 + seed))
     page.wait_for_selector('[data-breaker="opencnpj"][data-state="open"]', timeout=20_000)
     assert page.locator('[data-breaker="brasilapi"][data-state="closed"]').count() == 1
+    page.wait_for_selector('[data-breaker-band="opencnpj"][data-state="open"]')  # the charts' next poll
     screenshot(page, "status-breaker-open")
     assert page.problems == []
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+from conftest import FAST_LIMITS, wait_for
 
 import status_history
 from app import create_app
@@ -227,6 +228,33 @@ def test_beat_samples_every_bucket_ahead_of_lookups(settings):
         "schedule": BUCKET_SECONDS,
         "options": {"priority": 0},
     }
+
+
+def test_a_real_worker_counts_its_finishes_and_beat_samples_without_any_read(make_stack, sandbox):
+    stack = make_stack(**FAST_LIMITS)
+    stack.start_worker()
+    stack.start_web()
+    cep = sandbox.known("cep", seed=60)
+    stack.wait_status(stack.post_lookup(cep).json()["id"])
+    assert stack.post_lookup(cep).status_code == 200  # now from the cache
+    client, settings = stack.app.extensions["redis"], stack.settings
+    assert not any(
+        client.hexists(k, "sampled_at") for k in client.scan_iter(match=f"{settings.key_prefix}:history:*")
+    )
+    stack.start_beat()
+    wait_for(
+        lambda: any(
+            client.hexists(k, "sampled_at")
+            for k in client.scan_iter(match=f"{settings.key_prefix}:history:*")
+        ),
+        timeout=30,
+        message="beat's sample",
+    )
+    totals = _totals(client, settings)
+    assert totals["started"] == totals["answered"] == totals["finished:complete"] == 1
+    assert sum(n for field, n in totals.items() if field.startswith("latency:")) == 1
+    body = stack.get("/api/status/history?minutes=2").json()
+    assert [p for p in body["p95_ms"] if p is not None] and sum(body["lookups_finished"]) == 1
 
 
 # -- Redis down ----------------------------------------------------------------------------

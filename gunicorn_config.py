@@ -9,8 +9,8 @@ only: Celery workers serve their own metrics, usually on other machines.
 
 Not named gunicorn.conf.py, which gunicorn would load for every gunicorn started here (the
 sandbox's too).  Every command-line flag keeps its meaning: gunicorn's command line wins over
-a config file.  Module globals named like a gunicorn setting are read as settings (the logging
-ones below): everything else here starts with an underscore.
+a config file.  Module globals named like a gunicorn setting are read as settings (logging,
+workers, bind below): everything else here starts with an underscore.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ _sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
 import log_setup as _log_setup  # noqa: E402
 from settings import Settings as _Settings  # noqa: E402
 
+_settings = _Settings.from_env()
+
 # gunicorn's own lines (its master's too) in LOG_FORMAT, with the app's redaction (log_setup).
 logger_class = _log_setup.gunicorn_logger_class()
-loglevel = _Settings.from_env().log_level.lower()  # LOG_LEVEL, unless --log-level says otherwise
+loglevel = _settings.log_level.lower()  # LOG_LEVEL, unless --log-level says otherwise
+# WEB_WORKERS, HOST and PORT (or PROFILE's), unless -w / -b say otherwise.
+workers = _settings.web_workers
+bind = [f"{_settings.host}:{_settings.port}"]
 
-_METRICS_DIR = _os.path.abspath(_Settings.from_env().effective_metrics_dir)
+_METRICS_DIR = _os.path.abspath(_settings.effective_metrics_dir)
 _os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR
 # Now too, not only in on_starting: importing the app creates files there (--check-config, --preload).
 _os.makedirs(_METRICS_DIR, exist_ok=True)

@@ -9,7 +9,7 @@ build (its transport's client is already gone), raises AttributeError, which esc
 `ignore_errors`, and the worker exits with "Unrecoverable error" instead of reconnecting
 (tests/faults/test_redis_outage.py catches it).  Skipping that push loses nothing: each of those
 tasks is also in the unacked index in Redis, and the visibility-timeout sweep (job_queue sets it
-to a fifth of VISIBILITY_TIMEOUT) redelivers it.  job_queue installs this transport for `redis://`.
+to a fifth of VISIBILITY_TIMEOUT) redelivers it.  job_queue installs this transport for `redis://` and `rediss://`.
 
 Result backend: Celery's subscribes to every sent task's result channel so that a caller could
 block on `.get()`; nothing here ever does (task states are read with GET by /api/tasks), yet each
@@ -59,5 +59,6 @@ def result_backend_url(redis_url: str) -> str:
 
 
 def install() -> None:
-    """Make `redis://` broker URLs use this transport in this process."""
-    TRANSPORT_ALIASES["redis"] = f"{__name__}:Transport"
+    """Make `redis://` and `rediss://` (TLS) broker URLs use this transport in this process."""
+    for scheme in ("redis", "rediss"):
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"

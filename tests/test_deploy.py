@@ -233,9 +233,10 @@ def test_the_units_commands_use_launcher_options_with_the_same_values():
     launched = launcher.commands(Settings.from_env({}, log_format="json"))
     host = Host(Path("/var/lib"), {}, "9101")
     env = {"WEB_WORKERS": "4", "HOST": "127.0.0.1", "PORT": "8000", "DATA_DIR": "/var/lib/enrich"}
-    # Left out on purpose: the settings reach the process another way (job_queue's Celery config
-    # for the concurrency, log_setup for LOG_LEVEL), so PROFILE keeps its say.
-    omitted = {"web": set(), "worker": {"-c", "--loglevel"}, "beat": {"--loglevel"}}
+    # Left out on purpose: the settings reach the process another way (gunicorn_config.py for the
+    # web's workers and address, job_queue's Celery config for the concurrency, log_setup for
+    # LOG_LEVEL), so PROFILE keeps its say.
+    omitted = {"web": {"-w", "-b"}, "worker": {"-c", "--loglevel"}, "beat": {"--loglevel"}}
     same_value = {"-k", "--worker-connections", "--graceful-timeout", "-A", "-P"}
     for kind, unit_name in zip(("web", "worker", "beat"), UNITS, strict=True):
         unit = Unit.read(unit_name)
@@ -285,7 +286,6 @@ def test_the_env_example_sets_only_real_settings_and_loads():
     settings = Settings.from_env(values)
     profile = PROFILES[settings.profile]
     assert settings.profile == "production" and settings.sources_mode == "live"
-    # The values the web unit's command line needs, spelled out, must be the profile's own.
     assert settings.web_workers == profile["web_workers"] and settings.log_format == profile["log_format"]
 
 

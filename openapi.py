@@ -39,6 +39,12 @@ def _json(description: str, schema: str | dict) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _json_body(schema: str | dict) -> dict:
+    """A required JSON request body (a schema's name, or the schema itself)."""
+    schema = {"$ref": f"#/components/schemas/{schema}"} if isinstance(schema, str) else schema
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 UNAVAILABLE = _error("Redis unreachable")
 UNAUTHORIZED = _error("missing or wrong bearer token")
 ADMIN_DISABLED = _error("the admin API is off: ADMIN_TOKEN is unset")
@@ -243,10 +249,7 @@ PATHS = {
     "/api/lookups": {
         "post": {
             "summary": "Start a lookup (or answer it from the cache)",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LookupRequest"}}},
-            },
+            "requestBody": _json_body("LookupRequest"),
             "responses": {
                 "200": _json("complete, from the cache", "Lookup"),
                 "202": {
@@ -432,22 +435,17 @@ PATHS = {
         "post": {
             "summary": 'Invalidate: {"all": true} (generation bump), {"type"} or {"type", "identifier"}',
             "security": [{"bearer": []}],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "all": {"type": "boolean", "enum": [True]},
-                                "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
-                                "identifier": {"type": "string"},
-                            },
-                        }
-                    }
-                },
-            },
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "all": {"type": "boolean", "enum": [True]},
+                        "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+                        "identifier": {"type": "string"},
+                    },
+                }
+            ),
             "responses": {
                 "200": _json("done", {"type": "object"}),
                 "400": _error("bad request"),
@@ -513,19 +511,14 @@ PATHS = {
                     "schema": {"type": "string", "enum": ["rate_limiting", "circuit_breaker", "cache"]},
                 }
             ],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["enabled"],
-                            "additionalProperties": False,
-                            "properties": {"enabled": {"type": "boolean", "nullable": True}},
-                        }
-                    }
-                },
-            },
+            "requestBody": _json_body(
+                {
+                    "type": "object",
+                    "required": ["enabled"],
+                    "additionalProperties": False,
+                    "properties": {"enabled": {"type": "boolean", "nullable": True}},
+                }
+            ),
             "responses": {
                 "200": _json("the flag now", "Flag"),
                 "400": _error("bad body"),

@@ -65,6 +65,20 @@ def redis_client(settings):
 
 
 @pytest.fixture
+def app(settings, redis_client):
+    """An in-process app on the test Redis (no worker); `redis_client` deletes its keys afterwards.
+
+    Test modules that need other settings (an admin token, ...) define an `app` of their own.
+    """
+    from app import create_app
+
+    app = create_app(settings)
+    yield app
+    app.extensions["celery"].close()
+    app.extensions["redis"].close()
+
+
+@pytest.fixture
 def make_stack(redis_url, sandbox_url, tmp_path):
     """Factory of service deployments (own key prefix, settings from keyword env values)."""
     from stack import Stack
@@ -91,12 +105,7 @@ FAST_LIMITS = {
 @pytest.fixture(scope="module")
 def running_stack(redis_url, sandbox_url, tmp_path_factory):
     """One web process and one worker shared by a test module (fast limits)."""
-    from stack import Stack
+    from stack import started
 
-    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("stack"), **FAST_LIMITS)
-    try:
-        stack.start_worker()
-        stack.start_web()
+    with started(redis_url, sandbox_url, tmp_path_factory.mktemp("stack"), **FAST_LIMITS) as stack:
         yield stack
-    finally:
-        stack.stop()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -213,3 +215,15 @@ class Stack:
             return body if body["status"] in statuses else None
 
         return _wait(done, timeout, f"lookup {lookup_id} to reach {statuses}")
+
+
+@contextlib.contextmanager
+def started(redis_url: str, sandbox_url: str, tmp: Path, **env: str) -> Iterator[Stack]:
+    """A stack with one worker and one web process running; everything stopped at the end."""
+    stack = Stack(redis_url, sandbox_url, tmp, **env)
+    try:
+        stack.start_worker()
+        stack.start_web()
+        yield stack
+    finally:
+        stack.stop()

@@ -25,15 +25,6 @@ CEP = "01310100"
 
 
 @pytest.fixture
-def app(settings, redis_client):
-    """The app on the test Redis (no worker); `redis_client` deletes its keys afterwards."""
-    app = create_app(settings)
-    yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
-
-
-@pytest.fixture
 def run(app):
     """Invoke a `flask` command line on the app: run("cache", "stats") -> click's Result."""
     runner = app.test_cli_runner()

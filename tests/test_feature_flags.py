@@ -128,16 +128,11 @@ def test_admin_api_lists_and_sets_flags(settings, redis_client):
 @pytest.fixture(scope="module")
 def flag_stack(redis_url, sandbox_url, tmp_path_factory):
     """Web and worker re-reading flags every 0.2 s; ReceitaWS at one call a minute."""
-    from stack import Stack
+    from stack import started
 
     limits = {**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": "1", "FLAGS_REFRESH_INTERVAL": "0.2"}
-    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("flags"), **limits)
-    try:
-        stack.start_worker()
-        stack.start_web()
+    with started(redis_url, sandbox_url, tmp_path_factory.mktemp("flags"), **limits) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _set_flag(stack, name: str, enabled: bool | None) -> None:

@@ -14,15 +14,10 @@ FINAL_STATES = ("ok", "not_found", "error", "stale", "circuit_open", "rate_limit
 
 @pytest.fixture(scope="module")
 def stack(redis_url, sandbox_url, tmp_path_factory):
-    from stack import Stack
+    from stack import started
 
-    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("page"), **FAST_LIMITS)
-    try:
-        stack.start_worker()
-        stack.start_web()
+    with started(redis_url, sandbox_url, tmp_path_factory.mktemp("page"), **FAST_LIMITS) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def submit(page, identifier: str) -> None:

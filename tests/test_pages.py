@@ -16,7 +16,6 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from flask_babel import force_locale, gettext
 
-from app import create_app
 from pages import CONTENT_SECURITY_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +38,6 @@ def compiled_catalog():
         with mo.open("wb") as target:
             write_mo(target, catalog)
     return mo
-
-
-@pytest.fixture
-def app(settings, redis_client):
-    app = create_app(settings)
-    yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
 
 
 @pytest.fixture

@@ -301,15 +301,10 @@ def test_a_closed_stream_is_released_by_the_next_heartbeat(web, sandbox):
 
 @pytest.fixture(scope="module")
 def stack(redis_url, sandbox_url, tmp_path_factory):
-    from stack import Stack
+    from stack import started
 
-    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("stack"), **FAST_LIMITS)
-    try:
-        stack.start_worker()
-        stack.start_web()
+    with started(redis_url, sandbox_url, tmp_path_factory.mktemp("stack"), **FAST_LIMITS) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_a_real_lookup_streams_every_source_then_complete(stack, sandbox):

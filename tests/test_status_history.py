@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -19,17 +18,8 @@ from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_
 from settings import Settings
 from status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
 
-ADMIN_TOKEN = "history-admin"
 CNPJ = "11222333000181"
 COMPANY = {"cnpj": CNPJ, "razao_social": "ACME LTDA", "situacao_cadastral": "ATIVA", "endereco": {}}
-
-
-@pytest.fixture
-def app(settings, redis_client):
-    app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN))
-    yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
 
 
 @pytest.fixture

@@ -92,8 +92,10 @@ def _start(
     )
     if worker:
         command = commands["worker"]
-        command[command.index("--loglevel") + 1] = "WARNING"  # a line per task would cost CPU too
-        processes.spawn("worker", command, env)
+        # A line per task and per source call would cost CPU too (LOG_LEVEL: log_setup keeps the
+        # more verbose of it and --loglevel).
+        command[command.index("--loglevel") + 1] = "WARNING"
+        processes.spawn("worker", command, {**env, "LOG_LEVEL": "WARNING"})
     processes.spawn("web", commands["web"], env)
     web_url = f"http://{settings.host}:{settings.port}"
     ready = f"{web_url}/readyz" if worker else f"{web_url}/healthz"

@@ -252,6 +252,18 @@ largest single item (about 30%), then the event hub and gunicorn. Meeting 5x wou
 remaining CPU per lookup: fewer Python round trips per source call (the bucket, breaker and state change in one
 script), an HTTP client lighter than requests, and the lookup task's message written by the web process in the
 same pipeline as its record.
+
+What observability costs here (issue 6: Prometheus counters and histograms per source call and task, the status
+page's 10 s buckets, log context per task and source call; the worker runs at `LOG_LEVEL=WARNING` here as before,
+the web at INFO with one line per lookup started), on one machine within the hour of 2026-12-01: this benchmark at
+commit 6bdee60 (before) gave 72.8 lookups/s (2.44x its serial run) in one full run; three full runs after gave
+54.8, 56.4 and 64.3 (1.87x–2.14x, the last is the table above); three interleaved 14 s runs of 64 clients each
+gave 64.2 before against 56.3 after on average (48–65: the machine's speed swings that much). Somewhere between
+nothing and a sixth of the throughput, then; about a tenth on the interleaved runs. py-spy (`--gil`) puts the service's own metrics,
+history and log-context code at about 5% of the worker's samples; the rest is the extra Redis work (one more
+round trip per finished lookup for its history bucket, two more commands in the POST's pipeline) on two cores
+that Valkey shares. Folding the history counts into the record's own Lua would win back that round trip.
+Reproduce the "before": `git worktree add /tmp/before 6bdee60` and run this script there.
 """
 
 

@@ -73,6 +73,16 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     return app
 
 
+def close_app(app: Flask) -> None:
+    """Stop the app's background threads (near cache, event hub) and close its connections."""
+    near = app.extensions["cache"].near
+    if near is not None:
+        near.stop()
+    app.extensions["event_hub"].stop()
+    app.extensions["celery"].close()
+    app.extensions["redis"].close()
+
+
 def _json_body() -> dict:
     if not request.is_json:
         raise ApiError(400, "invalid_request", "send a JSON object with Content-Type: application/json")

@@ -141,12 +141,6 @@ def celery_config(settings: Settings) -> dict:
                 "schedule": settings.health_check_interval,
                 "options": {"priority": 0},
             },
-            # One gauge sample per status-history bucket (history reads sample too, so beat is optional).
-            "status-sample": {
-                "task": "job_queue.sample_status",
-                "schedule": status_history.BUCKET_SECONDS,
-                "options": {"priority": 0},
-            },
         },
         "beat_schedule_filename": f"{settings.data_dir}/celerybeat-schedule",
         "timezone": "UTC",
@@ -193,12 +187,6 @@ def cleanup() -> dict:
 def health_check() -> dict:
     """Beat: Redis, workers, breakers and quotas; the result shows in /api/status."""
     return maintenance.health_check()
-
-
-@shared_task(name="job_queue.sample_status", ignore_result=True)
-def sample_status() -> bool:
-    """Beat: queue depth, breaker states and cache totals into the status history's current bucket."""
-    return status_history.sample()
 
 
 # Celery states for a fetch task, read off its source's state in the lookup record.  The task
@@ -266,6 +254,10 @@ def _start_dispatcher(sender=None, **_) -> None:
         if time.monotonic() - last_beat[0] >= 5:
             maintenance.record_worker_heartbeat(flask_app, hostname)
             flask_app.extensions["cache"].flush_counts()  # counters waiting for this worker's next read
+            # Gauges into the status history's current bucket, every 5 s so no 10 s bucket is
+            # missed; the first worker to sample a bucket wins (status_history.sample).
+            with flask_app.app_context():
+                status_history.sample()
             last_beat[0] = time.monotonic()
 
     dispatcher = Dispatcher(deferred, send, celery.settings.deferred_poll_interval, on_tick=heartbeat)

@@ -158,7 +158,8 @@ def _write_sample(pipe: redis.client.Pipeline, key: str, gauges: Mapping[str, An
 
 
 def sample(now: float | None = None) -> bool:
-    """Beat: sample the gauges into the current bucket unless it has a sample already.
+    """Sample the gauges into the current bucket unless it has one already (every worker's
+    dispatcher calls this every 5 s, and every history read does).
 
     Returns True when this call wrote one; a Redis failure is logged and skipped (False).
     """

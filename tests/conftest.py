@@ -70,12 +70,11 @@ def app(settings, redis_client):
 
     Test modules that need other settings (an admin token, ...) define an `app` of their own.
     """
-    from app import create_app
+    from app import close_app, create_app
 
     app = create_app(settings)
     yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    close_app(app)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import hmac
 
 import pytest
 
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from lookups import new_lookup_id
 from pages import SECURITY_HEADERS
@@ -18,16 +18,11 @@ ADMIN_TOKEN = "access-admin-token"
 CNPJ = "11222333000181"
 
 
-def _close(app) -> None:
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
-
-
 @pytest.fixture
 def app(settings, redis_client):
     app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN, lookup_rate_limit="3/minute"))
     yield app
-    _close(app)
+    close_app(app)
 
 
 def test_the_admin_token_is_compared_in_constant_time(app, monkeypatch):
@@ -98,7 +93,7 @@ def test_a_503_carries_the_security_headers_and_admin_off_is_a_403():
         down = client.get("/api/lookups/anything")
         admin = client.get("/api/admin/dead-letters", headers={"Authorization": "Bearer "})
     finally:
-        _close(app)
+        close_app(app)
     assert (down.status_code, admin.status_code) == (503, 403)
     assert admin.get_json()["error"] == "admin_disabled" and "ADMIN_TOKEN" in admin.get_json()["message"]
     for response in (down, admin):

@@ -16,7 +16,7 @@ import pytest
 from flask.testing import FlaskClient
 
 import maintenance
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from identifiers import cnpj_check_digits
 from settings import Settings
@@ -67,17 +67,12 @@ def _build(settings: Settings):
     return app
 
 
-def _close(app) -> None:
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
-
-
 @pytest.fixture
 def app(settings, redis_client):
     """The app on the test Redis with an admin token; `redis_client` deletes its keys afterwards."""
     app = _build(dataclasses.replace(settings, admin_token=ADMIN_TOKEN))
     yield app
-    _close(app)
+    close_app(app)
 
 
 @pytest.fixture
@@ -589,7 +584,7 @@ def test_admin_is_off_when_admin_token_is_unset(settings, redis_client, method, 
             assert_error(response, 403, "admin_disabled")
             assert "WWW-Authenticate" not in response.headers  # no credentials can help
     finally:
-        _close(app)
+        close_app(app)
 
 
 def test_invalidate_all_bumps_the_generation_so_a_cached_lookup_is_queued_again(app, client):
@@ -728,7 +723,7 @@ def down_client():
     settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="tdown")
     app = _build(settings)
     yield app.test_client()
-    _close(app)
+    close_app(app)
 
 
 def timed(call):
@@ -763,7 +758,7 @@ def hung_client():
         port = listener.getsockname()[1]
         app = _build(Settings.from_env({}, redis_url=f"redis://127.0.0.1:{port}/0", key_prefix="thung"))
         yield app.test_client()
-        _close(app)
+        close_app(app)
 
 
 def test_api_answers_503_within_the_socket_timeout_when_redis_hangs(hung_client):

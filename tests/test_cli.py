@@ -14,7 +14,7 @@ from conftest import FAST_LIMITS
 
 import maintenance
 import pipeline
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from feature_flags import FeatureFlags
 from settings import Settings
@@ -350,8 +350,7 @@ def down_app():
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     app = create_app(Settings.from_env({}, redis_url=url, key_prefix="tdown"))
     yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    close_app(app)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from settings import Settings
 
@@ -26,8 +26,7 @@ def make_app(settings, redis_client):
 
     yield make
     for app in apps:
-        app.extensions["celery"].close()
-        app.extensions["redis"].close()
+        close_app(app)
 
 
 def post(client, address="10.0.0.1", **headers):
@@ -63,8 +62,7 @@ def test_a_limit_set_in_the_environment_applies(settings, redis_client):
         assert [post(client).status_code for _ in range(3)] == [400] * 3
         assert_rate_limited(post(client), "3 per 1 minute")
     finally:
-        app.extensions["celery"].close()
-        app.extensions["redis"].close()
+        close_app(app)
     # Counted under the service's key prefix, like every other key.
     keys = [key.decode() for key in redis_client.keys("*LIMITER*")]
     assert keys and all(key.startswith(f"{settings.key_prefix}:LIMITER/client/10.0.0.1/") for key in keys)
@@ -106,8 +104,7 @@ def test_the_limit_is_shared_by_every_web_process(make_app):
         assert post(first.test_client()).status_code == 429
         assert post(second.test_client()).status_code == 429
     finally:
-        second.extensions["celery"].close()
-        second.extensions["redis"].close()
+        close_app(second)
 
 
 def test_x_forwarded_for_counts_only_behind_trusted_proxies(make_app):
@@ -149,8 +146,7 @@ def test_with_redis_down_the_limit_counts_in_memory_and_lookups_get_their_503(ca
             response = client.post("/api/lookups", json={"identifier": "11222333000181"})
             answers.append((response, time.monotonic() - started))
     finally:
-        app.extensions["celery"].close()
-        app.extensions["redis"].close()
+        close_app(app)
     assert [response.status_code for response, _ in answers] == [503, 503, 429]
     assert answers[0][0].get_json()["error"] == "unavailable"
     assert all(elapsed < 1.0 for _, elapsed in answers), answers

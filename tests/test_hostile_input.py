@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app import create_app
+from app import close_app, create_app
 
 HOSTILE_IDENTIFIERS = {
     "script tag": "<script>alert(1)</script>",
@@ -36,8 +36,7 @@ def client(settings, redis_client):
     assert settings.max_request_bytes == 64 * 1024  # the default
     app = create_app(settings)
     yield app.test_client()
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    close_app(app)
 
 
 def assert_clear_error(response, statuses=(400,)):
@@ -171,8 +170,7 @@ ADMIN = {"Authorization": "Bearer hostile-test-token"}
 def admin_client(settings, redis_client):
     app = create_app(dataclasses.replace(settings, admin_token="hostile-test-token"))
     yield app.test_client()
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    close_app(app)
 
 
 @pytest.mark.parametrize("value", HOSTILE_IDENTIFIERS.values(), ids=HOSTILE_IDENTIFIERS.keys())

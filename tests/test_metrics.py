@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from identifiers import parse
 from lookups import SourceResult, SourceState
@@ -48,11 +48,6 @@ def scrape_url(url: str) -> list:
     return parse_samples(response.text)
 
 
-def _close(app) -> None:
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
-
-
 @pytest.fixture
 def app(settings, redis_client, sandbox_url):
     """An in-process app on the test Redis whose sources are the sandbox's (no worker)."""
@@ -68,7 +63,7 @@ def app(settings, redis_client, sandbox_url):
     )
     app = create_app(on_sandbox)
     yield app
-    _close(app)
+    close_app(app)
 
 
 # -- in process: the pipeline's paths -------------------------------------------------------
@@ -198,7 +193,7 @@ def test_with_redis_down_the_scrape_answers_with_redis_up_zero():
         assert "python_info" in names and "enrich_event_streams_open" in names  # the process's own
         assert "enrich_breaker_state" not in names and "enrich_queue_depth" not in names
     finally:
-        _close(app)
+        close_app(app)
 
 
 # -- real processes: a Celery worker's port, gunicorn with two workers ----------------------

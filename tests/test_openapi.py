@@ -13,17 +13,12 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from openapi import DOCUMENT
 from settings import Settings
 
 ADMIN_TOKEN = "openapi-admin-token"
-
-
-def _close(app) -> None:
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
 
 
 @pytest.fixture
@@ -32,7 +27,7 @@ def app(settings, redis_client):
     # A fresh worker heartbeat, so /readyz can answer 200 and any 5xx from it is a failure.
     redis_client.zadd(f"{settings.key_prefix}:workers", {f"openapi@{settings.key_prefix}": time.time() + 600})
     yield app
-    _close(app)
+    close_app(app)
 
 
 def _flask_rule_to_openapi(rule: str) -> str:
@@ -121,4 +116,4 @@ def test_with_redis_down_and_admin_off_every_answer_is_documented(path, method):
         # 503 is a documented answer here; _run still fails on any 500.
         _run(app, path, method, GenerationMode.POSITIVE, 8, excluded=[not_a_server_error])
     finally:
-        _close(app)
+        close_app(app)

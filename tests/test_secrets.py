@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from app import create_app
+from app import close_app, create_app
 from embedded_redis import free_port
 from settings import Settings
 
@@ -43,8 +43,7 @@ def test_secrets_stay_out_of_logs_and_bodies(settings, redis_client, caplog, red
     try:
         bodies = [response.get_data(as_text=True) for response in _calls(app.test_client())]
     finally:
-        app.extensions["celery"].close()
-        app.extensions["redis"].close()
+        close_app(app)
     assert bodies and caplog.records
     for secret in (ADMIN_TOKEN, REDIS_PASSWORD):
         assert not [body for body in bodies if secret in body]
@@ -67,8 +66,7 @@ def test_a_500_on_an_admin_call_logs_neither_the_token_nor_the_request_headers(
             "/api/admin/dead-letters", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
         )
     finally:
-        app.extensions["celery"].close()
-        app.extensions["redis"].close()
+        close_app(app)
     assert response.status_code == 500 and response.get_json()["error"] == "internal_error"
     assert "dead-letter list is corrupt" in caplog.text  # the failure is logged...
     assert ADMIN_TOKEN not in caplog.text and ADMIN_TOKEN not in response.get_data(

@@ -10,10 +10,9 @@ import redis
 from conftest import FAST_LIMITS, wait_for
 
 import status_history
-from app import create_app
+from app import close_app, create_app
 from deferred_calls import DeferredCalls
 from embedded_redis import free_port
-from job_queue import celery_config
 from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
 from settings import Settings
 from status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
@@ -211,16 +210,7 @@ def test_the_hit_rate_is_the_change_of_the_cache_totals_since_the_sample_before(
     assert _history(app, now=now + BUCKET_SECONDS)["cache_hit_rate"][-1] is None
 
 
-def test_beat_samples_every_bucket_ahead_of_lookups(settings):
-    entry = celery_config(settings)["beat_schedule"]["status-sample"]
-    assert entry == {
-        "task": "job_queue.sample_status",
-        "schedule": BUCKET_SECONDS,
-        "options": {"priority": 0},
-    }
-
-
-def test_a_real_worker_counts_its_finishes_and_beat_samples_without_any_read(make_stack, sandbox):
+def test_a_real_worker_counts_its_finishes_and_samples_every_bucket_without_any_read(make_stack, sandbox):
     stack = make_stack(**FAST_LIMITS)
     stack.start_worker()
     stack.start_web()
@@ -228,18 +218,14 @@ def test_a_real_worker_counts_its_finishes_and_beat_samples_without_any_read(mak
     stack.wait_status(stack.post_lookup(cep).json()["id"])
     assert stack.post_lookup(cep).status_code == 200  # now from the cache
     client, settings = stack.app.extensions["redis"], stack.settings
-    assert not any(
-        client.hexists(k, "sampled_at") for k in client.scan_iter(match=f"{settings.key_prefix}:history:*")
-    )
-    stack.start_beat()
-    wait_for(
-        lambda: any(
-            client.hexists(k, "sampled_at")
-            for k in client.scan_iter(match=f"{settings.key_prefix}:history:*")
-        ),
-        timeout=30,
-        message="beat's sample",
-    )
+
+    def sampled() -> int:
+        keys = client.scan_iter(match=f"{settings.key_prefix}:history:*")
+        return sum(bool(client.hexists(key, "sampled_at")) for key in keys)
+
+    # Nothing read the history: the worker's dispatcher samples each 10 s bucket on its own.
+    first = wait_for(sampled, timeout=30, message="the worker's first sample")
+    wait_for(lambda: sampled() > first, timeout=30, message="a sample of the next bucket")
     totals = _totals(client, settings)
     assert totals["started"] == totals["answered"] == totals["finished:complete"] == 1
     assert sum(n for field, n in totals.items() if field.startswith("latency:")) == 1
@@ -260,8 +246,7 @@ def down_app():
     )
     app = create_app(settings)
     yield app
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    close_app(app)
 
 
 def test_with_redis_down_counters_and_samples_are_skipped_and_logged_once(down_app, caplog, monkeypatch):

@@ -164,15 +164,28 @@ end
 return {1, newly, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
 """
 
-# KEYS[1] lookup hash.  ARGV: new status, result json, now.  Complete happens once; partial
-# only from queued/running.  Returns {status before, created_at} when this call made the change, else 0.
+# KEYS[1] lookup hash, KEYS[2] the status history's current bucket.  ARGV: new status, result
+# json, now, the bucket's TTL, the outcome's field, then the latency bins' upper bounds (ms).
+# Complete happens once; partial only from queued/running.  Returns 1 when this call made the
+# change (and, for a first answer, counted it with its latency in the bucket), else 0.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'complete' then return 0 end
 if ARGV[1] == 'partial' and status == 'partial' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2])
 if ARGV[1] == 'complete' then redis.call('HSET', KEYS[1], 'completed_at', ARGV[3]) end
-return {status, redis.call('HGET', KEYS[1], 'created_at') or ''}
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '')
+if created and (status == 'queued' or status == 'running') then
+  local ms = (tonumber(ARGV[3]) - created) * 1000
+  local bin = 'latency:inf'
+  for i = 6, #ARGV do
+    if ms <= tonumber(ARGV[i]) then bin = 'latency:' .. ARGV[i]; break end
+  end
+  redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+  redis.call('HINCRBY', KEYS[2], bin, 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return 1
 """
 
 
@@ -437,19 +450,24 @@ class LookupStore:
     def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
         """Move to `partial` or `complete` with the merged result; True if this call did it.
 
-        The lookup's first answer (from queued or running) is counted in the status history with its
-        latency since creation; a partial lookup completing later is not counted again.
+        The lookup's first answer (from queued or running) is counted in the status history's
+        current bucket with its latency since creation, by the same script (status_history's bins):
+        a partial lookup completing later is not counted again.
         """
         now = time.time()
-        changed = self._finish(
-            keys=[self.record_key(lookup_id)], args=[str(status), orjson.dumps(result), now]
+        bucket = status_history.bucket_key(self.settings, status_history.bucket_start(now))
+        args = [
+            str(status),
+            orjson.dumps(result),
+            now,
+            status_history.BUCKET_TTL_SECONDS,
+            f"finished:{status}",
+        ]
+        return bool(
+            self._finish(
+                keys=[self.record_key(lookup_id), bucket], args=args + list(status_history.LATENCY_BOUNDS_MS)
+            )
         )
-        if not changed:
-            return False
-        before, created_at = changed
-        if before in (b"queued", b"running") and created_at:
-            status_history.count_finished(self.redis, self.settings, str(status), now - float(created_at))
-        return True
 
     def delete_older_than(self, cutoff: float, event_key: Callable[[str], str]) -> int:
         """Beat cleanup: delete lookups created before `cutoff` with their task entries and event logs.

@@ -126,13 +126,6 @@ def count(
         return False
 
 
-def count_finished(client: redis.Redis, settings: Settings, outcome: str, latency_seconds: float) -> bool:
-    """A lookup gave its first answer (`complete` or `partial`) `latency_seconds` after it was created."""
-    return count(
-        client, settings, {f"finished:{outcome}": 1, latency_field(max(0.0, latency_seconds) * 1000): 1}
-    )
-
-
 # -- gauges --------------------------------------------------------------------------------
 
 

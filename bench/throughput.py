@@ -260,9 +260,9 @@ commit 6bdee60 (before) gave 72.8 lookups/s (2.44x its serial run) in one full r
 54.8, 56.4 and 64.3 (1.87x–2.14x, the last is the table above); three interleaved 14 s runs of 64 clients each
 gave 64.2 before against 56.3 after on average (48–65: the machine's speed swings that much). Somewhere between
 nothing and a sixth of the throughput, then; about a tenth on the interleaved runs. py-spy (`--gil`) puts the service's own metrics,
-history and log-context code at about 5% of the worker's samples; the rest is the extra Redis work (one more
-round trip per finished lookup for its history bucket, two more commands in the POST's pipeline) on two cores
-that Valkey shares. Folding the history counts into the record's own Lua would win back that round trip.
+history and log-context code at about 5% of the worker's samples; the rest is the extra Redis work (a round
+trip per finished lookup for its history bucket, two more commands in the POST's pipeline) on two cores that
+Valkey shares. Since these runs the finished lookup's history count rides in the record's own finish script.
 Reproduce the "before": `git worktree add /tmp/before 6bdee60` and run this script there.
 """
 

@@ -29,6 +29,9 @@ FLAGS = {
 }
 
 
+FAILURE_BACKOFF = 5.0  # seconds before a process tries Redis again after a failed read
+
+
 class UnknownFlag(ValueError):
     """A flag name the service does not have."""
 
@@ -71,7 +74,9 @@ class FeatureFlags:
                 if now - self._warned_at > 30:
                     log.warning("feature flags unreadable, keeping the last values: %s", error)
                     self._warned_at = now
-                self._read_at = now  # retried after the interval, not on every call
+                # Retried after FAILURE_BACKOFF, not every interval: each try may wait out the socket
+                # timeout, which would otherwise add to a request's time once a second per process.
+                self._read_at = now + max(0.0, FAILURE_BACKOFF - self.settings.flags_refresh_interval)
                 return self._stored
             self._stored = {
                 field.decode(): value == b"1" for field, value in raw.items() if field.decode() in FLAGS

@@ -16,7 +16,6 @@ workers, bind below): everything else here starts with an underscore.
 from __future__ import annotations
 
 import os as _os
-import shutil as _shutil
 import sys as _sys
 
 # The project's modules, wherever gunicorn was started from (--chdir), as job_queue.py does for celery.
@@ -41,9 +40,15 @@ _os.makedirs(_METRICS_DIR, exist_ok=True)
 
 
 def on_starting(server) -> None:
-    """Before the first fork: start from an empty directory (files of a previous run would add up)."""
-    _shutil.rmtree(_METRICS_DIR, ignore_errors=True)
+    """Before the first fork: drop a previous run's metrics files (they would add up).
+
+    Only prometheus-client's own `*.db` files go: METRICS_DIR may be set to a directory that holds
+    other things (DATA_DIR itself, with the embedded Redis's files).
+    """
     _os.makedirs(_METRICS_DIR, exist_ok=True)
+    for name in _os.listdir(_METRICS_DIR):
+        if name.endswith(".db"):
+            _os.remove(_os.path.join(_METRICS_DIR, name))
 
 
 def child_exit(server, worker) -> None:

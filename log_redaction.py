@@ -85,6 +85,10 @@ class RedactFilter(logging.Filter):
             return True
         clean = redact(message)
         if clean != message:
+            # A mapping of args (gunicorn's access-log atoms) is kept aside for the JSON `http`
+            # object (the formatters redact every value they print); the message is final now.
+            if isinstance(record.args, dict):
+                record.access_atoms = record.args
             record.msg, record.args = clean, None
         return True
 

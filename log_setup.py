@@ -122,7 +122,7 @@ class JsonLogFormatter(JsonFormatter):
 
     def __init__(self, process: str) -> None:
         super().__init__(
-            reserved_attrs=[*RESERVED_ATTRS, "taskName", *CONTEXT_FIELDS], json_ensure_ascii=False
+            reserved_attrs=[*RESERVED_ATTRS, "taskName", *CONTEXT_FIELDS, "access_atoms"], json_ensure_ascii=False
         )
         self.process_kind = process
 
@@ -138,8 +138,9 @@ class JsonLogFormatter(JsonFormatter):
         for name in CONTEXT_FIELDS:
             if (value := getattr(record, name, None)) is not None:
                 log_data[name] = value
-        if record.name == "gunicorn.access" and isinstance(record.args, dict):
-            log_data["http"] = {field: record.args.get(atom) for field, atom in _ACCESS_ATOMS.items()}
+        atoms = getattr(record, "access_atoms", None) or record.args  # access_atoms: redacted away
+        if record.name == "gunicorn.access" and isinstance(atoms, dict):
+            log_data["http"] = {field: atoms.get(atom) for field, atom in _ACCESS_ATOMS.items()}
         log_data.update(message_dict)  # exc_info and stack_info as strings, or a dict logged as the message
         merge_record_extra(record, log_data, reserved=self._skip_fields)  # fields given with `extra=`
 

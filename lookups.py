@@ -320,7 +320,10 @@ class LookupStore:
         claimed = replies[-1] if claim else True
         if claimed:
             return None
-        return self.claim_inflight(lookup.type, lookup.identifier, lookup.id)
+        running = self.claim_inflight(lookup.type, lookup.identifier, lookup.id)
+        if running is not None:  # it joins that one: not a lookup started after all
+            status_history.count(self.redis, self.settings, {"started": -1})
+        return running
 
     def _claim_ttl(self) -> int:
         return int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)

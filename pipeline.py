@@ -432,7 +432,9 @@ def _call_pool_size() -> int:
 
 def _start_cep_fetch(cep: str | None) -> None:
     """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
-    if not cep or not extension("settings").cep_prefetch:
+    # The fetch hands its answer to finalize through the cache: with the cache off it would only
+    # be a second call of the CEP source.
+    if not cep or not extension("settings").cep_prefetch or not extension("cache").enabled:
         return
     app, size = current_app._get_current_object(), _call_pool_size()
     call_pool.start_cep_fetch(cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False))

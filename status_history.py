@@ -6,8 +6,8 @@ web process and every worker on any machine adds to the same buckets.  Two kinds
 - counters, added where things happen (`add_counts`, usually riding along with a round trip the
   caller makes anyway): lookups answered from the cache or started, lookups finished with a latency
   histogram in fixed bins (a p95 per bucket is computed from its counts), rate-limit waits;
-- gauges, sampled once per bucket (`sample`: beat every 10 s, and every history read, so the page
-  works without beat): queue depth, each breaker's state, the cache's cumulative hit/miss totals
+- gauges, sampled once per bucket (`sample`: every worker's dispatcher every 5 s, and every history
+  read): queue depth, each breaker's state, the cache's cumulative hit/miss totals
   (a bucket's hit rate is the change of those totals since the sample before).  HSETNX: the first
   sampler of a bucket wins, so several samplers never fight.  A read shows the current bucket's
   gauges as they are at that moment.
@@ -30,6 +30,7 @@ from flask import Blueprint, request
 import maintenance
 import redis_store
 from api_errors import ApiError, json_response
+from circuit_breaker_manager import BreakerUnavailable
 from extensions import extension
 from settings import Settings
 
@@ -165,7 +166,7 @@ def sample(now: float | None = None) -> bool:
         with client.pipeline(transaction=False) as pipe:
             _write_sample(pipe, key, _gauges(), now)
             return bool(pipe.execute()[0])
-    except redis.RedisError as error:
+    except (redis.RedisError, BreakerUnavailable) as error:  # breakers wrap Redis errors
         _warn("status history sample", error)
         return False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
@@ -11,7 +13,7 @@ from app import create_app
 from cache_manager import Cache
 from circuit_breaker_manager import BreakerManager, BreakerOpen
 from embedded_redis import free_port
-from feature_flags import FeatureFlags, UnknownFlag
+from feature_flags import FAILURE_BACKOFF, FeatureFlags, UnknownFlag
 from rate_limiter import RateLimiter
 from settings import Settings
 
@@ -58,6 +60,14 @@ def test_flags_keep_their_last_values_while_redis_is_down(settings, redis_client
     flags.redis = offline.redis  # the same process, now cut off from Redis
     flags._read_at = float("-inf")
     assert flags.enabled("cache") is False
+
+
+def test_after_a_failed_read_a_process_waits_before_trying_redis_again(settings):
+    down = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="down")
+    flags = FeatureFlags(redis_store.connect(down), down)  # re-reads every second while Redis answers
+    assert flags.enabled("cache") is True
+    # Each try can cost a request the socket timeout while Redis hangs: the next one waits 5 s.
+    assert flags._read_at - time.monotonic() > FAILURE_BACKOFF - down.flags_refresh_interval - 1
 
 
 def test_cache_flag_off_makes_every_read_miss_and_skips_writes(settings, redis_client):
@@ -157,6 +167,14 @@ def test_cache_flag_sends_a_cached_identifier_upstream_without_a_restart(flag_st
         done = flag_stack.wait_status(started["id"])
         assert done["sources"]["viacep"]["state"] == "ok" and done["sources"]["viacep"]["cached"] is False
         assert sandbox.served("viacep") > served
+        sandbox.reset()
+        company = sandbox.identifiers("cnpj", 1, seed=304)[0]
+        done = flag_stack.wait_status(flag_stack.post_lookup(company).json()["id"])
+        assert {check["name"] for check in done["checks"]} >= {"cep_valid", "cep_matches_city"}
+        stats = sandbox.stats()["upstreams"]
+        # One CNPJ call and one CEP call for the cross-check: with nothing cached, a CEP fetched
+        # early could not hand its answer on, so none is.
+        assert stats["brasilapi"]["requests"] + stats["viacep"]["requests"] == 2
     finally:
         _set_flag(flag_stack, "cache", None)
     wait_for(lambda: flag_stack.post_lookup(cep).status_code == 200, timeout=10, message="the cache back")

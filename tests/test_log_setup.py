@@ -278,3 +278,24 @@ def test_log_settings_are_checked_and_the_celery_command_lines_follow_them():
         assert line[line.index("--loglevel") + 1] == "WARNING" and line[1] == "--quiet"
         assert "--quiet" not in development[name]
         assert development[name][development[name].index("--loglevel") + 1] == "INFO"
+
+
+def test_a_redacted_access_line_keeps_its_http_object_with_the_values_redacted(capture):
+    logger, stream = capture("json", "web")
+    access = logging.getLogger("gunicorn.access")
+    atoms = {"m": "GET", "U": "/lookups/111.444.777-35", "s": "200", "D": "1200", "B": "5", "h": "127.0.0.1"}
+    record = access.makeRecord(
+        "gunicorn.access", logging.INFO, __file__, 1, "%(m)s %(U)s 100%% %(s)s", atoms, None
+    )
+    logger.handle(record)
+    (line,) = _json_lines(stream.getvalue())
+    assert "777" not in stream.getvalue() and line["message"] == "GET /lookups/111.***.***-35 100% 200"
+    assert line["http"] == {
+        "method": "GET",
+        "path": "/lookups/111.***.***-35",
+        "status": "200",
+        "duration_us": "1200",
+        "bytes": "5",
+        "remote": "127.0.0.1",
+    }
+    assert "access_atoms" not in line

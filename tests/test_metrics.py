@@ -3,6 +3,7 @@ their own, the cluster state comes from Redis, a scrape survives Redis down, the
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -322,3 +323,17 @@ def test_every_alert_fires_in_the_rule_unit_tests():
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
+
+
+def test_gunicorn_start_removes_only_the_metrics_files_of_a_previous_run(tmp_path, monkeypatch):
+    import importlib
+
+    import gunicorn_config
+
+    monkeypatch.setenv("METRICS_DIR", str(tmp_path))
+    # Loading the config sets this for gunicorn's processes: monkeypatch puts it back afterwards.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+    (tmp_path / "counter_123.db").write_bytes(b"old")
+    (tmp_path / "appendonly.aof").write_bytes(b"not ours")  # METRICS_DIR may share a directory
+    importlib.reload(gunicorn_config).on_starting(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appendonly.aof"]

@@ -92,6 +92,14 @@ def test_the_current_bucket_rate_is_per_second_of_the_bucket_so_far(app, setting
     assert history["lookups_per_second"][-2:] == [0.5, 2.0]  # 5 in a whole bucket; 4 in its first 2 s
 
 
+def test_a_request_that_joins_a_running_lookup_is_not_counted_as_started(app, redis_client):
+    store = app.extensions["lookups"]
+    first, second = _lookup(time.time()), _lookup(time.time())  # the same identifier
+    assert store.create(first, claim=True) is None
+    assert store.create(second, claim=True) == first.id  # joins the first
+    assert _totals(redis_client, app.extensions["settings"])["started"] == 1
+
+
 def test_a_first_finish_counts_the_latency_since_creation_once(app, redis_client):
     store = app.extensions["lookups"]
     quick, slow = _lookup(time.time() - 0.3), _lookup(time.time() - 20)

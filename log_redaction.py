@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import threading
 from typing import Any
@@ -73,24 +72,6 @@ def _mask_cpf(match: re.Match) -> str:
 
 
 redact = Redactor()
-
-
-class RedactFilter(logging.Filter):
-    """Redacts the message with its arguments merged in (the formatters redact whatever else they print)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed call is the handler's to report, not ours
-            return True
-        clean = redact(message)
-        if clean != message:
-            # A mapping of args (gunicorn's access-log atoms) is kept aside for the JSON `http`
-            # object (the formatters redact every value they print); the message is final now.
-            if isinstance(record.args, dict):
-                record.access_atoms = record.args
-            record.msg, record.args = clean, None
-        return True
 
 
 def redact_values(value: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pythonjsonlogger.core import RESERVED_ATTRS, merge_record_extra
 from pythonjsonlogger.json import JsonFormatter
 
-from log_redaction import RedactFilter, redact, redact_values
+from log_redaction import redact, redact_values
 from settings import Settings
 
 # Fields that follow one lookup across processes, in the order they are printed.
@@ -122,7 +122,7 @@ class JsonLogFormatter(JsonFormatter):
 
     def __init__(self, process: str) -> None:
         super().__init__(
-            reserved_attrs=[*RESERVED_ATTRS, "taskName", *CONTEXT_FIELDS, "access_atoms"], json_ensure_ascii=False
+            reserved_attrs=[*RESERVED_ATTRS, "taskName", *CONTEXT_FIELDS], json_ensure_ascii=False
         )
         self.process_kind = process
 
@@ -138,9 +138,8 @@ class JsonLogFormatter(JsonFormatter):
         for name in CONTEXT_FIELDS:
             if (value := getattr(record, name, None)) is not None:
                 log_data[name] = value
-        atoms = getattr(record, "access_atoms", None) or record.args  # access_atoms: redacted away
-        if record.name == "gunicorn.access" and isinstance(atoms, dict):
-            log_data["http"] = {field: atoms.get(atom) for field, atom in _ACCESS_ATOMS.items()}
+        if record.name == "gunicorn.access" and isinstance(record.args, dict):
+            log_data["http"] = {field: record.args.get(atom) for field, atom in _ACCESS_ATOMS.items()}
         log_data.update(message_dict)  # exc_info and stack_info as strings, or a dict logged as the message
         merge_record_extra(record, log_data, reserved=self._skip_fields)  # fields given with `extra=`
 
@@ -169,11 +168,14 @@ def formatter(settings: Settings, process: str) -> logging.Formatter:
 
 
 def adopt(handler: logging.Handler, settings: Settings, process: str) -> None:
-    """Give a handler (ours, or a library's) the service's format, context and redaction."""
+    """Give a handler (ours, or a library's) the service's format, context and redaction.
+
+    Both formatters redact everything they print (message, arguments, traceback, fields), so no
+    filter redacts the record itself first.
+    """
     handler.setFormatter(formatter(settings, process))
-    for kind in (ContextFilter, RedactFilter):
-        if not any(isinstance(existing, kind) for existing in handler.filters):
-            handler.addFilter(kind())
+    if not any(isinstance(existing, ContextFilter) for existing in handler.filters):
+        handler.addFilter(ContextFilter())
 
 
 # -- setup ---------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from flask import Blueprint, Flask, request
 
 import admin
 import api_errors
+import batch_api
+import batches
 import cache_manager
 import circuit_breaker_manager
 import cli
@@ -57,11 +59,12 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     feature_flags.init_app(app)  # before the parts that obey the flags
     app.extensions["rate_limiter"] = RateLimiter(client, settings, app.extensions["flags"])
     app.extensions["deferred"] = DeferredCalls(client, settings)
-    for part in (cache_manager, circuit_breaker_manager, lookups, sse_streaming, dead_letters):
+    for part in (cache_manager, circuit_breaker_manager, lookups, sse_streaming, dead_letters, batches):
         part.init_app(app)
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
     app.register_blueprint(api)
+    batch_api.init_app(app)  # /api/batches
     app.register_blueprint(status_history.history_api)  # GET /api/status/history
     client_limits.init_app(app)  # after the api blueprint: it wraps POST /api/lookups
     app.register_blueprint(admin.admin)

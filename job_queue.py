@@ -31,7 +31,7 @@ from celery.signals import (  # noqa: E402
     worker_ready,
     worker_shutdown,
 )
-from flask import Flask  # noqa: E402
+from flask import Flask, current_app  # noqa: E402
 
 import log_setup  # noqa: E402
 import maintenance  # noqa: E402
@@ -160,9 +160,12 @@ def fetch_source(
     attempt: int = 0,
     reserved: bool = False,
     requeue: bool = False,
+    held_since: float = 0.0,
 ) -> dict:
     """Call one source for one lookup (never sleeps; waits go to the deferred set)."""
-    return pipeline.run_source_call(lookup_id, source, kind, value, priority, attempt, reserved, requeue)
+    return pipeline.run_source_call(
+        lookup_id, source, kind, value, priority, attempt, reserved, requeue, held_since
+    )
 
 
 @shared_task(name="job_queue.fetch_lookup", ignore_result=True, store_errors_even_if_ignored=True)
@@ -175,6 +178,12 @@ def fetch_lookup(lookup_id: str, kind: str, value: str, priority: int, call_ids:
 def finalize_lookup(lookup_id: str, at_deadline: bool = False) -> str | None:
     """Merge and cross-check a lookup (at its deadline, or when its last source settled)."""
     return pipeline.finalize(lookup_id, at_deadline)
+
+
+@shared_task(name="job_queue.batch_step", ignore_result=True, store_errors_even_if_ignored=True)
+def batch_step(batch_id: str) -> str:
+    """A bulk batch's step: collect its items' answers, start the next ones, publish progress."""
+    return current_app.extensions["batches"].step(batch_id)
 
 
 @shared_task(name="job_queue.cleanup")

@@ -50,7 +50,8 @@ def queue_depths() -> dict[str, int]:
 
 def cleanup() -> dict:
     """Delete lookups past retention (with their event logs and task ids), old cache generations,
-    single-flight locks of vanished lookups, dead-letter ids of expired entries, stale workers."""
+    single-flight locks of vanished lookups, dead-letter ids of expired entries, batches past
+    their retention, stale workers."""
     settings = extension("settings")
     started = time.time()
     result = {
@@ -60,6 +61,7 @@ def cleanup() -> dict:
         "cache_entries": extension("cache").delete_old_generations(),
         "locks": extension("lookups").delete_stale_inflight(),
         "dead_letters": extension("dead_letters").prune(),
+        "batches": extension("batches").delete_older_than(started - settings.batch_retention),
         "workers": int(
             extension("redis").zremrangebyscore(
                 _key("workers"), "-inf", started - 10 * settings.worker_heartbeat_ttl
@@ -81,6 +83,8 @@ def health_check() -> dict:
     breakers = {name: status.to_dict() for name, status in extension("breakers").status_all().items()}
     quotas = extension("rate_limiter").status_all()
     workers = live_workers()
+    # A batch whose step chain broke (its worker lost) gets a new step (batches.BatchStore.status).
+    running_batches = [extension("batches").status(batch_id) for batch_id in extension("batches").running_ids()]
     problems = [f"breaker {name} is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
     if not workers:
         problems.append("no live worker")
@@ -92,6 +96,7 @@ def health_check() -> dict:
         "workers": workers,
         "breakers": breakers,
         "quotas": quotas,
+        "batches_running": sum(1 for batch in running_batches if batch is not None),
     }
     client.set(_key("health"), orjson.dumps(report))
     log.info("health check: %s", "healthy" if not problems else "; ".join(problems))

@@ -43,8 +43,16 @@ _CACHED_RESULTS: dict[tuple, dict] = {}
 CACHED_RESULTS_MAX = 10_000
 
 
+# A bulk batch's items (batches.py) run below every interactive priority (the API's are 1..10),
+# and their calls keep each source's interactive reserve of tokens (rate_limiter.py).
+BATCH_PRIORITY = 0
+
+
 def celery_priority(priority: int) -> int:
-    """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first)."""
+    """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first).
+
+    A batch item (BATCH_PRIORITY) shares the lowest level with priority 1.
+    """
     return 10 - max(1, min(10, priority))
 
 
@@ -53,7 +61,7 @@ def send_task(name: str, args: list, options: dict) -> None:
     extension("celery").send_task(name, args=args, **options)
 
 
-def _from_cache(entry: CacheEntry) -> SourceResult:
+def result_from_cache(entry: CacheEntry) -> SourceResult:
     state = SourceState.OK if entry.found else SourceState.NOT_FOUND
     return SourceResult(entry.source, state, data=entry.data, cached=True, stale=entry.stale, elapsed_ms=0.0)
 
@@ -89,7 +97,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         deadline_at=now + settings.lookup_deadline,
         sources={name: SourceResult(name, SourceState.PENDING) for name in names},
     )
-    lookup.sources.update({name: _from_cache(entry) for name, entry in cached.items()})
+    lookup.sources.update({name: result_from_cache(entry) for name, entry in cached.items()})
 
     if len(cached) == len(names):
         lookup.status = LookupStatus.COMPLETE
@@ -208,6 +216,7 @@ def run_source_call(
     attempt: int = 0,
     reserved: bool = False,
     requeue: bool = False,
+    held_since: float = 0.0,
     *,
     call_id: str | None = None,
     settled_checked: bool = False,
@@ -217,7 +226,8 @@ def run_source_call(
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
     and this function returns at once.  Returns a small dict describing what happened.
     `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
-    the caller has just seen this source unsettled.
+    the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
+    first held back to keep the interactive reserve (it skips the source after BATCH_SOURCE_WAIT).
     """
     settings = extension("settings")
     store = extension("lookups")
@@ -267,8 +277,37 @@ def run_source_call(
             )
         )
 
+    batch = priority == BATCH_PRIORITY
     if not reserved:
-        reservation = limiter.reserve(source_name)
+        reservation = limiter.reserve(source_name, batch=batch)
+        if reservation.held:
+            # A batch call that would eat into the interactive reserve: ask again when a token
+            # beyond it should exist, without holding one, or skip this source past its wait.
+            held_since = held_since or time.time()
+            due = time.time() + reservation.wait
+            if due - held_since > settings.batch_source_wait:
+                metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
+                return record(
+                    SourceResult(
+                        source_name,
+                        SourceState.RATE_LIMITED,
+                        attempts=attempt,
+                        error="skipped: the source's tokens are kept for interactive lookups "
+                        f"(next one in {reservation.wait:.1f}s)",
+                    )
+                )
+            extension("deferred").add(
+                due, FETCH_TASK, [*args, attempt, False, requeue, held_since], options, rate_limit_wait=True
+            )
+            return record(
+                SourceResult(
+                    source_name,
+                    SourceState.RATE_LIMITED,
+                    scheduled_at=due,
+                    attempts=attempt,
+                    error="waiting: the source's tokens are kept for interactive lookups",
+                )
+            )
         if not reservation.granted:
             metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
             return record(
@@ -390,7 +429,7 @@ def run_source_call(
         )
     cache.set(kind, source_name, value, data, found=True)
     if kind == "cnpj":
-        _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"))
+        _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), batch)
     return record(
         SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1)
     )
@@ -430,14 +469,16 @@ def _call_pool_size() -> int:
     return max(4, extension("settings").worker_concurrency * 4)
 
 
-def _start_cep_fetch(cep: str | None) -> None:
+def _start_cep_fetch(cep: str | None, batch: bool = False) -> None:
     """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
     # The fetch hands its answer to finalize through the cache: with the cache off it would only
     # be a second call of the CEP source.
     if not cep or not extension("settings").cep_prefetch or not extension("cache").enabled:
         return
     app, size = current_app._get_current_object(), _call_pool_size()
-    call_pool.start_cep_fetch(cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False))
+    call_pool.start_cep_fetch(
+        cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False, batch=batch)
+    )
 
 
 def _current_task_id() -> str | None:
@@ -453,10 +494,12 @@ def _company_cep(
     fetch: bool = True,
     prefetched: dict[str, CacheEntry] | None = None,
     wait_running: bool = True,
+    batch: bool = False,
 ) -> tuple[dict | None, str | None]:
     """The CEP data for a company's address: from cache, else (with `fetch`) one call to a CEP source now.
 
-    `prefetched`: this CEP's cache entries, already read along with the company's.
+    `prefetched`: this CEP's cache entries, already read along with the company's.  `batch`: for a
+    batch item, whose calls keep the interactive reserve of tokens.
     """
     cache = extension("cache")
     sources = sources_for("cep", extension("sources"))
@@ -478,7 +521,7 @@ def _company_cep(
     for source in sources:
         if source.name in entries:
             continue
-        if not limiter.reserve(source.name, horizon=0).granted or limiter.admit(source.name) > 0:
+        if not limiter.reserve(source.name, horizon=0, batch=batch).granted or limiter.admit(source.name) > 0:
             last_error = f"{source.name} is rate limited"
             continue
         try:
@@ -510,7 +553,8 @@ def _merged_result(lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple
                 _COMPANY_CEPS.clear()
             _COMPANY_CEPS[lookup.identifier] = cep
         prefetched = prefetched_cep[1] if prefetched_cep and prefetched_cep[0] == cep else None
-        cep_data, cep_error = _company_cep(cep, fetch_cep, prefetched) if cep else (None, None)
+        batch = lookup.priority == BATCH_PRIORITY
+        cep_data, cep_error = _company_cep(cep, fetch_cep, prefetched, batch=batch) if cep else (None, None)
         checks = cross_checks.company_checks(merged, cep_data, cep_error) + checks
     return {"data": merged, "checks": checks}
 

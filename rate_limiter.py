@@ -16,6 +16,11 @@ in one second against a limit of 20).  So every call, right before it goes out, 
 log of starts per source (`admit`): it goes ahead only while the last second holds fewer than
 rate + burst starts and the last minute fewer than the per-minute rate + burst; otherwise it
 waits a little longer, keeping its token.
+
+Bulk batches (batches.py) share the buckets under one more rule: a batch item's call takes a token
+only while more than BATCH_TOKEN_RESERVE tokens would remain, and never reserves ahead.  The bucket
+holds burst + reserve tokens, so an interactive lookup arriving during a batch finds the reserve
+at once; the log of starts keeps the upstream's view as it was (its caps do not grow with it).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from feature_flags import FeatureFlags
 from settings import Settings
 
 # KEYS[2] the start log: a sorted set of call starts scored by Redis time.  A call may start
-# while it holds fewer than ARGV[5] starts in the last second and fewer than ARGV[6] in the last
-# minute (ARGV[7]: a unique member name).  Returns 0 and logs the start, or the seconds to wait.
+# while it holds fewer than ARGV[6] starts in the last second and fewer than ARGV[7] in the last
+# minute (ARGV[8]: a unique member name; ARGV[1..5] are the bucket's, unused here).  Returns 0
+# and logs the start, or the seconds to wait.
 _ADMIT = """
 local function start_wait(log_key, now, per_second, per_minute)
   redis.call('ZREMRANGEBYSCORE', log_key, '-inf', now - 60)
@@ -51,18 +57,20 @@ local function start_wait(log_key, now, per_second, per_minute)
   return 0
 end
 local function log_start(log_key, now)
-  redis.call('ZADD', log_key, now, ARGV[7])
+  redis.call('ZADD', log_key, now, ARGV[8])
   redis.call('EXPIRE', log_key, 61)
 end
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
-local wait = start_wait(KEYS[2], now, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local wait = start_wait(KEYS[2], now, tonumber(ARGV[6]), tonumber(ARGV[7]))
 if wait == 0 then log_start(KEYS[2], now) end
 return tostring(wait)
 """
 
-# KEYS[1] bucket.  ARGV: rate per second, burst, horizon seconds, dry run (1 = only look).
-# Returns {granted (1/0), wait seconds as string, tokens after as string}.
+# KEYS[1] bucket.  ARGV: rate per second, capacity, horizon seconds, dry run (1 = only look), keep
+# (empty: may reserve ahead; a number: take a token only while more than that many remain, never
+# reserve ahead).  Returns {granted (1/0), wait seconds as string, tokens after as string, held (1/0)}:
+# a held call was refused by `keep` and may ask again after `wait`.
 _ACQUIRE = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
@@ -72,17 +80,20 @@ local tokens = tonumber(bucket[1]) or burst
 local last = tonumber(bucket[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
 if ARGV[4] == '1' then
-  return {0, '0', tostring(tokens)}
+  return {0, '0', tostring(tokens), 0}
+end
+if ARGV[5] ~= '' and tokens - 1 < tonumber(ARGV[5]) then
+  return {0, tostring((tonumber(ARGV[5]) + 1 - tokens) / rate), tostring(tokens), 1}
 end
 local after = tokens - 1
 local wait = 0
 if after < 0 then wait = -after / rate end
 if wait > horizon then
-  return {0, tostring(wait), tostring(tokens)}
+  return {0, tostring(wait), tostring(tokens), 0}
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(after), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - after) / rate * 1000) + 1000)
-return {1, tostring(wait), tostring(after)}
+return {1, tostring(wait), tostring(after), 0}
 """
 
 
@@ -92,12 +103,14 @@ class Reservation:
 
     `granted` with `wait` 0: call now.  `granted` with `wait` > 0: a token is reserved; call
     after `wait` seconds without asking again.  Not granted: the next token is further away
-    than the horizon (`wait` says how far); nothing was reserved.
+    than the horizon (`wait` says how far); nothing was reserved.  `held`: a batch call refused
+    because taking a token would leave no more than the interactive reserve; nothing was taken.
     """
 
     granted: bool
     wait: float
     tokens: float
+    held: bool = False  # refused to keep the interactive reserve (`reserve(keep=...)`): ask again after `wait`
 
 
 class RateLimiter:
@@ -113,19 +126,29 @@ class RateLimiter:
     def _key(self, source: str) -> str:
         return redis_store.key(self.settings, "ratelimit", source)
 
-    def _args(self, source: str, horizon: float, dry_run: bool) -> tuple[list[str], list]:
+    def capacity(self, source: str) -> int:
+        """Tokens the bucket holds when full: the burst plus the reserve kept for interactive lookups."""
+        return self.settings.sources[source].burst + max(0, self.settings.batch_token_reserve)
+
+    def _args(
+        self, source: str, horizon: float, dry_run: bool, keep: float | None = None
+    ) -> tuple[list[str], list]:
         limits = self.settings.sources[source]
         rate = limits.rate_per_minute / 60.0
+        # The log of starts caps what the upstream sees whatever the bucket holds (its reserve
+        # included): floor, so 2.85 a minute is never 4 starts in a minute against a quota of 3.
         per_second = math.ceil(rate) + limits.burst
-        per_minute = math.ceil(limits.rate_per_minute) + limits.burst
+        per_minute = math.floor(limits.rate_per_minute) + limits.burst
         keys = [self._key(source), redis_store.key(self.settings, "ratelimit", source, "starts")]
         unique = secrets.token_hex(8)
-        return keys, [rate, limits.burst, horizon, "1" if dry_run else "0", per_second, per_minute, unique]
+        dry = "1" if dry_run else "0"
+        kept = "" if keep is None else keep
+        return keys, [rate, self.capacity(source), horizon, dry, kept, per_second, per_minute, unique]
 
-    def _run(self, source: str, horizon: float, dry_run: bool) -> Reservation:
-        keys, args = self._args(source, horizon, dry_run)
-        granted, wait, tokens = self._script(keys=keys, args=args)
-        return Reservation(bool(int(granted)), float(wait), float(tokens))
+    def _run(self, source: str, horizon: float, dry_run: bool, keep: float | None = None) -> Reservation:
+        keys, args = self._args(source, horizon, dry_run, keep)
+        granted, wait, tokens, held = self._script(keys=keys, args=args)
+        return Reservation(bool(int(granted)), float(wait), float(tokens), bool(int(held)))
 
     @property
     def enabled(self) -> bool:
@@ -139,11 +162,17 @@ class RateLimiter:
         keys, args = self._args(source, 0, False)
         return float(self._admit(keys=keys, args=args))
 
-    def reserve(self, source: str, horizon: float | None = None) -> Reservation:
-        """Take or reserve one token of `source`; never reserves further ahead than `horizon`."""
+    def reserve(self, source: str, horizon: float | None = None, batch: bool = False) -> Reservation:
+        """Take or reserve one token of `source`; never reserves further ahead than `horizon`.
+
+        `batch`: a bulk batch's call takes a token only while more than BATCH_TOKEN_RESERVE remain
+        and never reserves ahead (`held` with the wait until one would be free), so interactive
+        lookups always find the reserve.
+        """
         if not self.enabled:
-            return Reservation(True, 0.0, float(self.settings.sources[source].burst))
-        return self._run(source, self.settings.defer_horizon if horizon is None else horizon, False)
+            return Reservation(True, 0.0, float(self.capacity(source)))
+        horizon = self.settings.defer_horizon if horizon is None else horizon
+        return self._run(source, horizon, False, max(0, self.settings.batch_token_reserve) if batch else None)
 
     def tokens(self, source: str) -> float:
         """Tokens available now (negative: that many calls are already reserved ahead)."""
@@ -155,6 +184,7 @@ class RateLimiter:
             name: {
                 "rate_per_minute": limits.rate_per_minute,
                 "burst": limits.burst,
+                "batch_reserve": max(0, self.settings.batch_token_reserve),
                 "tokens": round(self.tokens(name), 3),
             }
             for name, limits in self.settings.sources.items()

@@ -50,6 +50,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "breaker_success_threshold": 2,
         "near_cache_size": 50_000,
         "lookup_rate_limit": "60/minute",
+        "batch_concurrency": 16,
+        "batch_token_reserve": 2,
     },
     "high-load": {
         "log_format": "json",
@@ -65,6 +67,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "near_cache_size": 200_000,
         "lookup_rate_limit": "600/minute",
         "sse_heartbeat_interval": 30.0,
+        "batch_max_rows": 10_000,
+        "batch_concurrency": 32,
+        "batch_token_reserve": 4,
     },
 }
 
@@ -166,6 +171,18 @@ class Settings:
     # later stream gets the snapshot and a `complete` made from the record, so the log need not
     # be kept for the record's two days (it was half of Redis's memory per lookup).
     event_log_ttl_after_complete: int = 120
+
+    # Bulk batches (batches.py)
+    batch_max_rows: int = 10_000  # input rows a batch may have (invalid and duplicate rows count)
+    batch_max_bytes: int = 4 * 1024 * 1024  # body of POST /api/batches (others: MAX_REQUEST_BYTES)
+    batch_concurrency: int = 8  # batch items in flight across the cluster, all batches together
+    # Tokens of each source's bucket kept for interactive lookups: a batch item's call takes one
+    # only while more would remain (rate_limiter.py).
+    batch_token_reserve: int = 2
+    batch_source_wait: float = 5.0  # longest a batch call waits for a token; then it skips the source
+    batch_item_timeout: float = 120.0  # an item not complete by then settles with what it has
+    batch_poll_interval: float = 0.2  # how often a running batch collects answers and starts items
+    batch_retention: float = 7 * 86400.0  # a batch and its results are kept this long
 
     sources: dict[str, SourceSettings] = field(default_factory=dict, compare=False)
 

@@ -25,7 +25,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -325,16 +325,33 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
 
     def stream(self, lookup_id: str) -> Response:
         """`GET /api/lookups/<id>/events`: snapshot, replay after Last-Event-ID, then live events."""
+        lookups = extension("lookups")
+        return self.stream_channel(
+            lookup_id,
+            lambda: lookup.to_dict() if (lookup := lookups.get(lookup_id)) is not None else None,
+            lambda snapshot: snapshot["status"] == "complete",
+            "no lookup with this id (unknown or expired)",
+        )
+
+    def stream_channel(
+        self,
+        channel: str,
+        snapshot_of: Callable[[], dict | None],
+        finished: Callable[[dict], bool],
+        not_found: str,
+    ) -> Response:
+        """A stream of one event log (a lookup's, a batch's): `snapshot_of()` (None: 404), the
+        events after Last-Event-ID, then live ones until a final event.  When `finished(snapshot)`,
+        the missed events and a closing `complete` go out at once and the stream ends."""
         after = _last_event_id()
-        lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
-        if lookup is None:
-            raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
+        snapshot = snapshot_of() if len(channel) <= 80 else None
+        if snapshot is None:
+            raise ApiError(404, "not_found", not_found)
         hub, events = extension("event_hub"), extension("events")
         heartbeat = extension("settings").sse_heartbeat_interval
-        snapshot = lookup.to_dict()
-        if snapshot["status"] == "complete":
-            return self._finished_response(snapshot, events.read_after(lookup_id, after))
-        listener = hub.listen(lookup_id)
+        if finished(snapshot):
+            return self._finished_response(snapshot, events.read_after(channel, after))
+        listener = hub.listen(channel)
 
         def generate() -> Iterator[str]:
             yield _snapshot_event(snapshot)

@@ -1,0 +1,180 @@
+"""The bulk batch API: `POST /api/batches`, its status, events, cancel and streamed results.
+
+The routes only read the request and shape the answer; batches.py holds the batch itself and
+batch_input.py reads what was uploaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterator
+
+import orjson
+from flask import Blueprint, Response, request, stream_with_context
+
+import batch_input
+from api_errors import ApiError, json_response
+from batches import CSV_COLUMNS, BatchStore
+from extensions import extension
+
+batch_api = Blueprint("batch_api", __name__)
+log = logging.getLogger("api")
+
+CSV_TYPES = ("text/csv", "text/plain", "application/csv", "application/vnd.ms-excel")
+
+
+def _store() -> BatchStore:
+    return extension("batches")
+
+
+def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
+    """The batch in the request (JSON, a CSV body or a multipart `file`) and a name for it."""
+    settings = extension("settings")
+    request.max_content_length = settings.batch_max_bytes  # a batch is bigger than other requests
+    rows = settings.batch_max_rows
+    mimetype = request.mimetype
+    try:
+        if request.is_json:
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict) or "identifiers" not in body:
+                raise ApiError(
+                    400, "invalid_request", 'send {"identifiers": [...]} (strings or {identifier, type})'
+                )
+            name = body.get("name") if isinstance(body.get("name"), str) else ""
+            return batch_input.parse_json(body["identifiers"], rows), name
+        if mimetype == "multipart/form-data":
+            upload = request.files.get("file")
+            if upload is None:
+                raise ApiError(400, "invalid_request", "send the CSV in the multipart field `file`", "file")
+            return batch_input.parse_csv(batch_input.decode(upload.read()), rows), upload.filename or ""
+        if mimetype in CSV_TYPES:
+            return batch_input.parse_csv(batch_input.decode(request.get_data()), rows), ""
+    except batch_input.BatchRejected as error:
+        raise ApiError(400, "invalid_batch", str(error)) from error
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        "send application/json {identifiers: [...]}, a text/csv body, or multipart/form-data with `file`",
+    )
+
+
+@batch_api.post("/api/batches")
+def create_batch():
+    parsed, name = _parse_upload()
+    if not parsed.unique and not parsed.invalid:
+        raise ApiError(400, "invalid_batch", "the batch holds no identifiers")
+    body = _store().create(parsed, name)
+    body["invalid"] = [entry.to_dict() for entry in parsed.invalid]
+    return json_response(body, 202, {"Location": body["links"]["self"]})
+
+
+def _status(batch_id: str) -> dict:
+    body = _store().status(batch_id)
+    if body is None:
+        raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
+    return body
+
+
+@batch_api.get("/api/batches/<batch_id>")
+def get_batch(batch_id: str):
+    return json_response(_status(batch_id))
+
+
+@batch_api.delete("/api/batches/<batch_id>")
+def cancel_batch(batch_id: str):
+    status = _store().cancel(batch_id) if len(batch_id) <= 64 else None
+    if status is None:
+        raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
+    body = _status(batch_id)
+    if status == "complete":
+        raise ApiError(409, "conflict", "the batch is already complete; nothing is left to cancel")
+    log.info("batch %s cancelled: %d items not started", batch_id, body["counts"]["cancelled"])
+    return json_response(body)
+
+
+@batch_api.get("/api/batches/<batch_id>/events")
+def batch_events(batch_id: str):
+    """SSE: `snapshot` (the status), `progress` after each change, `complete` at the end
+    (its `status` says complete or cancelled)."""
+    from sse_streaming import sse  # the blueprint that owns the event streams
+
+    return sse.stream_channel(
+        BatchStore.channel(batch_id),
+        lambda: _store().status(batch_id),
+        lambda snapshot: snapshot["finished_at"] is not None,
+        "no batch with this id (unknown or expired)",
+    )
+
+
+def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for row in rows:
+        fields = row["fields"]
+        writer.writerow(
+            [
+                row["line"],
+                row["input"],
+                row["type"] or "",
+                row["identifier"] or "",
+                row["state"],
+                *(_cell(fields.get(column)) for column in CSV_COLUMNS[5:15]),
+                ";".join(f"{name}={state}" for name, state in row["sources"].items()),
+                row["error"] or "",
+                row["lookup_id"] or "",
+            ]
+        )
+        count += 1
+        if count % 200 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _jsonl_lines(rows: Iterator[dict]) -> Iterator[bytes]:
+    chunk: list[bytes] = []
+    for row in rows:
+        chunk.append(orjson.dumps(row))
+        if len(chunk) == 200:
+            yield b"\n".join(chunk) + b"\n"
+            chunk = []
+    if chunk:
+        yield b"\n".join(chunk) + b"\n"
+
+
+@batch_api.get("/api/batches/<batch_id>/results")
+def batch_results(batch_id: str):
+    """One row per input line, in input order, streamed as it is read from Redis."""
+    fmt = request.args.get("format", "csv")
+    if fmt not in ("csv", "jsonl"):
+        raise ApiError(400, "invalid_request", "format must be csv or jsonl", "format")
+    if not _store().exists(batch_id):
+        raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
+    rows = _store().rows(batch_id)
+    if fmt == "csv":
+        body, mimetype = _csv_lines(rows), "text/csv"
+    else:
+        body, mimetype = _jsonl_lines(rows), "application/x-ndjson"
+    response = Response(stream_with_context(body), mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="batch-{batch_id}.{fmt}"'
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def init_app(app) -> None:
+    app.register_blueprint(batch_api)

@@ -1,0 +1,629 @@
+"""Bulk batches: thousands of identifiers looked up at the lowest priority, with progress and results.
+
+A batch is read by batch_input.py into one entry per input line; its distinct identifiers are
+its *items*.  Items already cached settle when the batch is created.  The rest wait in the
+batch's queue and are started as ordinary lookups (pipeline.start_lookup) at BATCH_PRIORITY, a
+few at a time: a *step* task (job_queue.batch_step, every BATCH_POLL_INTERVAL while the batch
+runs) collects the answers of the items in flight and starts new ones while the cluster holds
+fewer than BATCH_CONCURRENCY batch items in flight.  Feeding them this way, not queueing
+10,000 tasks at once, is what keeps interactive lookups fast: the broker never holds more batch
+work than a few worker threads, a cancel only has to empty the batch's queue, and an item's
+lookup deadline starts when it really starts.  Its source calls also keep each source's
+interactive reserve of tokens (rate_limiter.py) and skip a source that cannot give them one
+within BATCH_SOURCE_WAIT.
+
+Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
+- the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`;
+- `:lines` a list, one JSON `[line, input, item key or "", reason]` per input line, in order;
+- `:queue` item keys not started yet; `:running` item key -> "lookup id|started at";
+- `:items` item key -> its summary JSON once settled (state, main fields, sources, error).
+`{prefix}:batches` indexes batches by creation time; `{prefix}:batches:inflight` holds every
+batch's items in flight (the cluster-wide BATCH_CONCURRENCY).  Every change of counts is one
+Lua script, so two steps that ever overlap (a redelivered task) cannot count an item twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import redis
+
+import batch_input
+import cross_checks
+import pipeline
+import redis_store
+from extensions import extension
+from identifiers import Identifier, IdentifierType
+from lookups import Lookup, LookupStatus, SourceState
+from settings import Settings
+from sources import sources_for
+
+log = logging.getLogger("batches")
+
+STEP_TASK = "job_queue.batch_step"
+ITEM_STATES = ("pending", "running", "found", "not_found", "partial", "failed", "cancelled")
+SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
+# The main fields of a row, by type, as the merged lookup result names them (`endereco.x`: nested).
+MAIN_FIELDS = {
+    "cnpj": (
+        "razao_social",
+        "nome_fantasia",
+        "situacao_cadastral",
+        "endereco.logradouro",
+        "endereco.bairro",
+        "endereco.municipio",
+        "endereco.uf",
+        "endereco.cep",
+    ),
+    "cep": ("logradouro", "bairro", "municipio", "uf", "cep"),
+    "cpf": ("valido", "regiao_fiscal"),
+}
+CSV_COLUMNS = (
+    "line",
+    "input",
+    "type",
+    "identifier",
+    "state",
+    "razao_social",
+    "nome_fantasia",
+    "situacao_cadastral",
+    "logradouro",
+    "bairro",
+    "municipio",
+    "uf",
+    "cep",
+    "valido",
+    "regiao_fiscal",
+    "sources",
+    "error",
+    "lookup_id",
+)
+CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
+ROWS_CHUNK = 500  # input lines read per round trip while results stream out
+STEP_LOCK_SECONDS = 30
+
+# KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
+# started before this (lost), ttl.  Moves up to (cap - in flight) keys from the queue into running.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {} end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[4])
+if room <= 0 then return {} end
+local items = redis.call('LPOP', KEYS[2], room)
+if not items then return {} end
+for _, key in ipairs(items) do
+  redis.call('HSET', KEYS[3], key, '|' .. ARGV[2])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3] .. '|' .. key)
+end
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'n:pending', -#items)
+redis.call('HINCRBY', KEYS[1], 'n:running', #items)
+return items
+"""
+
+# KEYS: batch hash, running, items, inflight.  ARGV: item key, summary json, state, inflight member.
+# Settles an item in flight once (0 when another step already did).
+_SETTLE = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'n:running', -1)
+redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[3], 1)
+redis.call('ZREM', KEYS[4], ARGV[4])
+return 1
+"""
+
+# KEYS: batch hash, queue.  ARGV: now.  The items not started yet become cancelled.
+# Returns the batch's status after the call ('' when unknown).
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status ~= 'running' then return status end
+local left = redis.call('LLEN', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('HINCRBY', KEYS[1], 'n:pending', -left)
+redis.call('HINCRBY', KEYS[1], 'n:cancelled', left)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
+return 'cancelled'
+"""
+
+# KEYS: batch hash.  ARGV: now.  Marks the batch finished once nothing is pending or in flight;
+# returns 1 when this call did (a running batch becomes complete, a cancelled one stays cancelled).
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'finished_at') then return 0 end
+local pending = tonumber(redis.call('HGET', KEYS[1], 'n:pending') or '0')
+local running = tonumber(redis.call('HGET', KEYS[1], 'n:running') or '0')
+if pending > 0 or running > 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'complete')
+end
+redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])
+return 1
+"""
+
+
+def item_key(identifier: Identifier) -> str:
+    return f"{identifier.type}:{identifier.value}"
+
+
+def _identifier(key: str) -> Identifier:
+    kind, _, value = key.partition(":")
+    return Identifier(type=IdentifierType(kind), value=value)
+
+
+def _field(data: dict, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def main_fields(kind: str, data: dict | None) -> dict[str, Any]:
+    """The fields a results row shows for this type (named without their `endereco.`)."""
+    if not data:
+        return {}
+    return {path.rsplit(".", 1)[-1]: _field(data, path) for path in MAIN_FIELDS.get(kind, ())}
+
+
+def summarize(kind: str, sources: dict, data: dict | None, complete: bool, lookup_id: str | None) -> dict:
+    """An item's outcome from its lookup's sources and merged data.
+
+    found: some source answered with data (partial: and some never settled); not_found: the
+    sources that answered all said "no such identifier"; failed: nobody answered.
+    """
+    states = {name: str(result.state) for name, result in sources.items()}
+    if data:
+        state = "found" if complete else "partial"
+    elif complete and any(result.state == SourceState.NOT_FOUND for result in sources.values()):
+        state = "not_found"
+    else:
+        state = "failed"
+    errors = [
+        f"{name}: {result.error}"
+        for name, result in sources.items()
+        if result.error and result.state not in (SourceState.OK, SourceState.STALE)
+    ]
+    error = "; ".join(errors) if state in ("failed", "partial") else None
+    return {
+        "state": state,
+        "fields": main_fields(kind, data),
+        "sources": states,
+        "error": error,
+        "lookup_id": lookup_id,
+    }
+
+
+def _summary_of(lookup: Lookup, complete: bool) -> dict:
+    data = (lookup.result or {}).get("data")
+    if data is None and not complete:
+        data = cross_checks.merge(lookup.type, lookup.sources)
+    return summarize(lookup.type, lookup.sources, data, complete, lookup.id)
+
+
+class BatchStore:
+    """Batches in Redis: creation, status, cancel, results, and the step that feeds their items."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._claim = client.register_script(_CLAIM)
+        self._settle = client.register_script(_SETTLE)
+        self._cancel = client.register_script(_CANCEL)
+        self._finish = client.register_script(_FINISH)
+
+    # -- keys ------------------------------------------------------------------------------
+    def key(self, batch_id: str, part: str | None = None) -> str:
+        parts = ("batch", batch_id) if part is None else ("batch", batch_id, part)
+        return redis_store.key(self.settings, *parts)
+
+    def _keys(self, batch_id: str, *parts: str) -> list[str]:
+        return [self.key(batch_id, part or None) for part in parts]
+
+    @property
+    def index_key(self) -> str:
+        return redis_store.key(self.settings, "batches")
+
+    @property
+    def inflight_key(self) -> str:
+        return redis_store.key(self.settings, "batches", "inflight")
+
+    @property
+    def ttl(self) -> int:
+        return max(1, int(self.settings.batch_retention))
+
+    @staticmethod
+    def channel(batch_id: str) -> str:
+        """The batch's event log and stream (sse_streaming), beside the lookups' own."""
+        return f"batch.{batch_id}"
+
+    # -- creation --------------------------------------------------------------------------
+    def create(self, parsed: batch_input.ParsedBatch, name: str = "") -> dict:
+        """Store a parsed batch, settle its cached items, queue the rest; returns its status."""
+        batch_id = secrets.token_urlsafe(16)
+        now = time.time()
+        unique = parsed.unique
+        cached = self._cached_summaries(unique)
+        queued = [item_key(identifier) for identifier in unique if item_key(identifier) not in cached]
+        counts = {state: 0 for state in ITEM_STATES}
+        counts["pending"] = len(queued)
+        for summary in cached.values():
+            counts[summary["state"]] += 1
+        valid = len(parsed.lines) - len(parsed.invalid)
+        fields = {
+            "status": "running",
+            "name": name[:200],
+            "created_at": now,
+            "total": len(unique),
+            "lines": len(parsed.lines),
+            "invalid": len(parsed.invalid),
+            "duplicates": valid - len(unique),
+            "cached": len(cached),
+            **{f"n:{state}": n for state, n in counts.items()},
+        }
+        ttl = self.ttl
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key(batch_id), mapping=fields)
+            lines_key, queue_key, items_key = self._keys(batch_id, "lines", "queue", "items")
+            for start in range(0, len(parsed.lines), 1000):
+                pipe.rpush(lines_key, *(self._line_entry(entry) for entry in parsed.lines[start : start + 1000]))
+            for start in range(0, len(queued), 1000):
+                pipe.rpush(queue_key, *queued[start : start + 1000])
+            if cached:
+                pipe.hset(items_key, mapping={k: orjson.dumps(v) for k, v in cached.items()})
+            for key in (self.key(batch_id), lines_key, queue_key, items_key):
+                pipe.expire(key, ttl)
+            pipe.zadd(self.index_key, {batch_id: now})
+            pipe.execute()
+        if not queued:
+            self._finish(keys=[self.key(batch_id)], args=[now])
+        log.info(
+            "batch %s created: %d lines, %d items (%d cached, %d invalid lines)",
+            batch_id,
+            len(parsed.lines),
+            len(unique),
+            len(cached),
+            len(parsed.invalid),
+            extra={"batch_id": batch_id, "items": len(unique), "cached": len(cached)},
+        )
+        if queued:
+            self.kick(batch_id)
+        return self.status(batch_id)
+
+    @staticmethod
+    def _line_entry(entry: batch_input.ValidLine | batch_input.InvalidLine) -> bytes:
+        if isinstance(entry, batch_input.ValidLine):
+            return orjson.dumps([entry.line, entry.value, item_key(entry.identifier), ""])
+        return orjson.dumps([entry.line, entry.value, "", entry.reason])
+
+    def _cached_summaries(self, unique: list[Identifier]) -> dict[str, dict]:
+        """Items every source of which is cached: settled now, from the cache alone (no lookup record)."""
+        all_sources = extension("sources")
+        cache = extension("cache")
+        summaries: dict[str, dict] = {}
+        for start in range(0, len(unique), CACHE_READ_CHUNK):
+            chunk = unique[start : start + CACHE_READ_CHUNK]
+            names = [
+                [s.name for s in sources_for(str(i.type), all_sources) if s.supports(i)] for i in chunk
+            ]
+            answers = cache.read([(str(i.type), n, i.value) for i, n in zip(chunk, names, strict=True)])
+            for identifier, wanted, entries in zip(chunk, names, answers, strict=True):
+                if not wanted or len(entries) < len(wanted):
+                    continue
+                results = {name: pipeline.result_from_cache(entries[name]) for name in wanted}
+                kind = str(identifier.type)
+                data = cross_checks.merge(kind, results)
+                summaries[item_key(identifier)] = summarize(kind, results, data, True, None)
+        return summaries
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, batch_id: str) -> bool:
+        return len(batch_id) <= 64 and bool(self.redis.exists(self.key(batch_id)))
+
+    def status(self, batch_id: str) -> dict | None:
+        """The API body of `GET /api/batches/<id>`; None when unknown or expired."""
+        if len(batch_id) > 64:
+            return None
+        raw = self.redis.hgetall(self.key(batch_id))
+        if not raw:
+            return None
+        values = {k.decode(): v.decode() for k, v in raw.items()}
+        counts = {state: max(0, int(values.get(f"n:{state}", 0))) for state in ITEM_STATES}
+        total = int(values["total"])
+        settled = sum(counts[state] for state in SETTLED_STATES)
+        body: dict[str, Any] = {
+            "id": batch_id,
+            "status": values["status"],
+            "name": values.get("name") or None,
+            "total": total,
+            "lines": int(values["lines"]),
+            "invalid": int(values["invalid"]),
+            "duplicates": int(values["duplicates"]),
+            "cached": int(values.get("cached", 0)),
+            "done": settled,
+            "counts": counts,
+            "created_at": float(values["created_at"]),
+            "cancelled_at": float(values["cancelled_at"]) if values.get("cancelled_at") else None,
+            "finished_at": float(values["finished_at"]) if values.get("finished_at") else None,
+        }
+        body.update(self._eta(batch_id, values, counts))
+        body["links"] = {
+            "self": f"/api/batches/{batch_id}",
+            "events": f"/api/batches/{batch_id}/events",
+            "results": f"/api/batches/{batch_id}/results",
+            "page": f"/batches/{batch_id}",
+        }
+        if not values.get("finished_at"):
+            self._kick_if_stalled(batch_id, values)
+        return body
+
+    def _eta(self, batch_id: str, values: dict, counts: dict) -> dict:
+        """Seconds left: the items left at the pace the sources' rate limits allow, or at the pace
+        measured lately when that is slower (the workers, the upstreams' latency, other traffic)."""
+        left = counts["pending"] + counts["running"]
+        if values.get("finished_at") or left == 0:
+            return {"eta_seconds": 0.0, "throughput_per_second": None, "rate_limit_per_second": None}
+        limit = self._rate_limit_pace(batch_id)
+        measured = None
+        then_t, then_done = float(values.get("pace_t", 0) or 0), int(values.get("pace_done", 0) or 0)
+        now = time.time()
+        done_now = sum(counts[state] for state in SETTLED_STATES) - int(values.get("cached", 0))
+        if then_t and now - then_t >= 2:
+            measured = max(0.0, (done_now - then_done) / (now - then_t))
+        paces = [pace for pace in (limit, measured) if pace]
+        eta = left / min(paces) if paces else None
+        return {
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+            "throughput_per_second": round(measured, 3) if measured is not None else None,
+            "rate_limit_per_second": round(limit, 3) if limit else None,
+        }
+
+    def _rate_limit_pace(self, batch_id: str) -> float | None:
+        """Items a second the rate limits allow for what is left, by the types in the queue.
+
+        An item waits for every source of its type that can give it a token within
+        BATCH_SOURCE_WAIT (the slowest of those paces it); a slower source is skipped.
+        """
+        sample = self.redis.lrange(self.key(batch_id, "queue"), 0, 99) or list(
+            self.redis.hkeys(self.key(batch_id, "running"))
+        )
+        kinds = [raw.decode().partition(":")[0] for raw in sample]
+        if not kinds:
+            return None
+        paces = {}
+        for kind in set(kinds):
+            rates = [
+                s.settings.rate_per_minute / 60.0
+                for s in sources_for(kind, extension("sources"))
+                if s.settings.rate_per_minute > 0
+            ]
+            waited = [rate for rate in rates if 1.0 / rate <= self.settings.batch_source_wait]
+            paces[kind] = min(waited or rates or [0.0])
+        # Seconds per item, averaged over the mix of types left.
+        per_item = sum(1.0 / paces[kind] if paces[kind] else 0.0 for kind in kinds) / len(kinds)
+        return 1.0 / per_item if per_item else None
+
+    def rows(self, batch_id: str) -> Iterator[dict]:
+        """One row per input line, in order, read ROWS_CHUNK lines at a time (never all at once)."""
+        status = (self.redis.hget(self.key(batch_id), "status") or b"").decode()
+        lines_key, items_key, running_key = self._keys(batch_id, "lines", "items", "running")
+        start = 0
+        while True:
+            chunk = [orjson.loads(raw) for raw in self.redis.lrange(lines_key, start, start + ROWS_CHUNK - 1)]
+            if not chunk:
+                return
+            keys = sorted({entry[2] for entry in chunk if entry[2]})
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(items_key, keys) if keys else pipe.ping()
+                pipe.hmget(running_key, keys) if keys else pipe.ping()
+                settled, running = pipe.execute()
+            summaries = dict(zip(keys, settled, strict=True)) if keys else {}
+            in_flight = dict(zip(keys, running, strict=True)) if keys else {}
+            for line, value, key, reason in chunk:
+                yield self._row(line, value, key, reason, summaries.get(key), in_flight.get(key), status)
+            start += ROWS_CHUNK
+
+    @staticmethod
+    def _row(line, value, key, reason, summary, in_flight, status) -> dict:
+        if not key:
+            return {"line": line, "input": value, "type": None, "identifier": None, "state": "invalid",
+                    "fields": {}, "sources": {}, "error": reason, "lookup_id": None}
+        kind, _, identifier = key.partition(":")
+        if summary is not None:
+            item = orjson.loads(summary)
+        else:
+            state = "running" if in_flight is not None else ("cancelled" if status == "cancelled" else "pending")
+            lookup_id = in_flight.decode().partition("|")[0] if in_flight else ""
+            item = {"state": state, "fields": {}, "sources": {}, "error": None, "lookup_id": lookup_id or None}
+        return {"line": line, "input": value, "type": kind, "identifier": identifier, **item}
+
+    # -- cancel and the step --------------------------------------------------------------------
+    def cancel(self, batch_id: str) -> str | None:
+        """Cancel the items not started yet (those in flight finish); the batch's status after, or None."""
+        status = self._cancel(keys=self._keys(batch_id, "", "queue"), args=[time.time()]).decode()
+        if not status:
+            return None
+        if status == "cancelled":
+            self._publish_progress(batch_id)
+            self._finish_if_done(batch_id)
+        return status
+
+    def kick(self, batch_id: str) -> None:
+        """Send the batch's step now (it runs at the lowest priority, like the items)."""
+        pipeline.send_task(STEP_TASK, [batch_id], {"priority": pipeline.celery_priority(pipeline.BATCH_PRIORITY)})
+
+    def _kick_if_stalled(self, batch_id: str, values: dict) -> None:
+        """A running batch whose step chain broke (a worker lost with it) gets a new step."""
+        last = float(values.get("stepped_at") or values["created_at"])
+        if time.time() - last > max(30.0, self.settings.batch_poll_interval * 20):
+            if self.redis.set(self.key(batch_id, "kicked"), 1, nx=True, ex=30):
+                log.warning("batch %s: no step for %.0f s; sending one", batch_id, time.time() - last)
+                self.kick(batch_id)
+
+    def step(self, batch_id: str) -> str:
+        """Collect answers of the items in flight, start new ones, publish progress; reschedule.
+
+        Runs in a worker (job_queue.batch_step).  One step per batch at a time (a lock); the
+        step that holds it schedules the next one.  Returns what it did (for the task's log).
+        """
+        lock = self.key(batch_id, "step")
+        token = secrets.token_hex(8)
+        if not self.redis.set(lock, token, nx=True, ex=STEP_LOCK_SECONDS):
+            return "busy"
+        try:
+            if not self.redis.exists(self.key(batch_id)):
+                return "gone"
+            before = self.redis.hmget(self.key(batch_id), [f"n:{state}" for state in ITEM_STATES])
+            self._collect(batch_id)
+            self._start_items(batch_id)
+            self._note_pace(batch_id)
+            after = self.redis.hmget(self.key(batch_id), [f"n:{state}" for state in ITEM_STATES])
+            if after != before:
+                self._publish_progress(batch_id)
+            if self._finish_if_done(batch_id):
+                return "finished"
+        finally:
+            if self.redis.get(lock) == token.encode():
+                self.redis.delete(lock)
+        extension("deferred").add(
+            time.time() + self.settings.batch_poll_interval,
+            STEP_TASK,
+            [batch_id],
+            {"priority": pipeline.celery_priority(pipeline.BATCH_PRIORITY)},
+        )
+        return "stepped"
+
+    def _collect(self, batch_id: str) -> None:
+        running = {
+            k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(batch_id, "running")).items()
+        }
+        if not running:
+            return
+        store = extension("lookups")
+        now = time.time()
+        started_ids = {key: value.partition("|")[0] for key, value in running.items()}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for lookup_id in started_ids.values():
+                if lookup_id:
+                    pipe.hget(store.record_key(lookup_id), "status")
+                    pipe.exists(store.answered_key(lookup_id))
+            replies = iter(pipe.execute())
+        for key, value in running.items():
+            lookup_id, _, started = value.partition("|")
+            if not lookup_id:
+                # Claimed by a step that stopped before starting it (a lost worker): start it now.
+                self._start(batch_id, key, float(started or now))
+                continue
+            status, answered = next(replies), next(replies)
+            timed_out = now - float(started or now) > self.settings.batch_item_timeout
+            if status == b"complete" or answered:
+                lookup = store.get(lookup_id)
+                if lookup is not None:
+                    self._settle_item(batch_id, key, _summary_of(lookup, True))
+                    continue
+            if status is None and not answered:
+                error = "its lookup expired before it completed"
+                self._settle_item(batch_id, key, {**_failed(error), "lookup_id": lookup_id})
+            elif timed_out:
+                lookup = store.get(lookup_id)
+                if lookup is not None:
+                    self._settle_item(batch_id, key, _summary_of(lookup, False))
+
+    def _start_items(self, batch_id: str) -> None:
+        now = time.time()
+        claimed = self._claim(
+            keys=self._keys(batch_id, "", "queue", "running") + [self.inflight_key],
+            args=[
+                max(1, self.settings.batch_concurrency),
+                now,
+                batch_id,
+                now - self.settings.batch_item_timeout * 2,
+                self.ttl,
+            ],
+        )
+        for raw in claimed:
+            self._start(batch_id, raw.decode(), now)
+
+    def _start(self, batch_id: str, key: str, started: float) -> None:
+        lookup, _ = pipeline.start_lookup(_identifier(key), pipeline.BATCH_PRIORITY)
+        if lookup.status == LookupStatus.COMPLETE:  # cached since the batch was created
+            self._settle_item(batch_id, key, _summary_of(lookup, True))
+        else:
+            self.redis.hset(self.key(batch_id, "running"), key, f"{lookup.id}|{started}")
+
+    def _settle_item(self, batch_id: str, key: str, summary: dict) -> bool:
+        return bool(
+            self._settle(
+                keys=self._keys(batch_id, "", "running", "items") + [self.inflight_key],
+                args=[key, orjson.dumps(summary), summary["state"], f"{batch_id}|{key}"],
+            )
+        )
+
+    def _note_pace(self, batch_id: str) -> None:
+        """Keep a sample (time, items done) some 5-30 s old for the measured throughput."""
+        key = self.key(batch_id)
+        values = self.redis.hmget(key, ["pace_t", "pace_t2", "pace_done2", "cached", *(f"n:{s}" for s in SETTLED_STATES)])
+        now = time.time()
+        done = sum(int(v or 0) for v in values[4:]) - int(values[3] or 0)
+        if not values[0]:
+            self.redis.hset(key, mapping={"pace_t": now, "pace_done": done, "pace_t2": now, "pace_done2": done})
+        elif now - float(values[1]) >= 5:
+            # The newer sample becomes the one measured from; the current state the newer one.
+            self.redis.hset(
+                key,
+                mapping={"pace_t": values[1], "pace_done": values[2], "pace_t2": now, "pace_done2": done},
+            )
+        self.redis.hset(key, "stepped_at", now)
+
+    def _finish_if_done(self, batch_id: str) -> bool:
+        if not self._finish(keys=[self.key(batch_id)], args=[time.time()]):
+            return False
+        status = self.status(batch_id)
+        if status is not None:
+            log.info(
+                "batch %s %s: %s",
+                batch_id,
+                status["status"],
+                ", ".join(f"{n} {state}" for state, n in status["counts"].items() if n),
+                extra={"batch_id": batch_id, "status": status["status"]},
+            )
+            extension("events").publish(self.channel(batch_id), "complete", status)
+        return True
+
+    def _publish_progress(self, batch_id: str) -> None:
+        status = self.status(batch_id)
+        if status is not None:
+            extension("events").publish(self.channel(batch_id), "progress", status)
+
+    # -- housekeeping ------------------------------------------------------------------------------
+    def delete_older_than(self, cutoff: float) -> int:
+        """Beat cleanup: batches created before `cutoff`, with all their keys."""
+        removed = 0
+        while True:
+            ids = [i.decode() for i in self.redis.zrangebyscore(self.index_key, "-inf", cutoff, start=0, num=200)]
+            if not ids:
+                return removed
+            for batch_id in ids:
+                parts = ("", "lines", "queue", "running", "items", "step", "kicked")
+                self.redis.unlink(*self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id)))
+                removed += 1
+            self.redis.zrem(self.index_key, *ids)
+
+    def running_ids(self) -> list[str]:
+        """Batches still running (newest first, at most 1,000): for the health check's re-kick."""
+        ids = [raw.decode() for raw in self.redis.zrevrange(self.index_key, 0, 999)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hmget(self.key(batch_id), ["status", "finished_at"])
+            states = pipe.execute()
+        return [i for i, (status, finished) in zip(ids, states, strict=True) if status and not finished]
+
+
+def _failed(error: str) -> dict:
+    return {"state": "failed", "fields": {}, "sources": {}, "error": error, "lookup_id": None}
+
+
+def init_app(app) -> None:
+    app.extensions["batches"] = BatchStore(app.extensions["redis"], app.extensions["settings"])

@@ -65,7 +65,7 @@ def init_app(app: Flask) -> None:
         return error_response(
             429,
             "rate_limited",
-            f"too many lookups from this address (limit {error.limit.limit}); try again later",
+            f"too many requests from this address (limit {error.limit.limit}); try again later",
         )
 
     @app.errorhandler(HTTPException)

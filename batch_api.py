@@ -108,7 +108,9 @@ def batch_events(batch_id: str):
     )
 
 
-def _csv_lines(rows: Iterator[dict]) -> Iterator[str]:
+def csv_lines(rows: Iterator[dict]) -> Iterator[str]:
+    """Results rows as CSV (CSV_COLUMNS, a header first), a few hundred rows a chunk; `flask batch run`
+    writes them too."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
@@ -146,7 +148,8 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _jsonl_lines(rows: Iterator[dict]) -> Iterator[bytes]:
+def jsonl_lines(rows: Iterator[dict]) -> Iterator[bytes]:
+    """Results rows as JSON lines, a few hundred rows a chunk."""
     chunk: list[bytes] = []
     for row in rows:
         chunk.append(orjson.dumps(row))
@@ -167,9 +170,9 @@ def batch_results(batch_id: str):
         raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
     rows = _store().rows(batch_id)
     if fmt == "csv":
-        body, mimetype = _csv_lines(rows), "text/csv"
+        body, mimetype = csv_lines(rows), "text/csv"
     else:
-        body, mimetype = _jsonl_lines(rows), "application/x-ndjson"
+        body, mimetype = jsonl_lines(rows), "application/x-ndjson"
     response = Response(stream_with_context(body), mimetype=mimetype)
     response.headers["Content-Disposition"] = f'attachment; filename="batch-{batch_id}.{fmt}"'
     response.headers["Cache-Control"] = "no-store"

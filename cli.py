@@ -1,4 +1,5 @@
-"""The `flask` command line: lookups, queues and health here, the admin twins in cli_admin.
+"""The `flask` command line: lookups, queues and health here, the admin twins in cli_admin, batches
+in cli_batch.
 
 Registered on the app by `init_app`, so `flask --app app <command>` finds them.  Exit codes:
 0 done, 1 a failed lookup or check (or Redis unreachable), 2 a usage error (click's own).
@@ -190,7 +191,8 @@ def health(strict: bool, as_json: bool) -> None:
 
 def init_app(app: Flask) -> None:
     """Register the commands on the app's `flask` command line."""
-    import cli_admin  # late: it uses this module's helpers
+    import cli_admin  # late: they use this module's helpers
+    import cli_batch
 
-    for command in (lookup, queue, health, *cli_admin.GROUPS):
+    for command in (lookup, queue, health, *cli_admin.GROUPS, cli_batch.batch):
         app.cli.add_command(command)

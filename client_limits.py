@@ -1,4 +1,4 @@
-"""Per-client rate limit on lookup creation: flask-limiter with its counters in the service's Redis.
+"""Per-client rate limits on lookup and batch creation: flask-limiter with its counters in the service's Redis.
 
 The counters live in Redis, so the limit holds across every web process and machine.  The
 client is the connection's address; behind `TRUSTED_PROXIES` reverse proxies it is taken from
@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 OFF = ("", "off", "none")
 LIMITED_ENDPOINT = "api.create_lookup"  # POST /api/lookups; reads and streams are not limited
+BATCH_ENDPOINT = "batch_api.create_batch"  # POST /api/batches, with BATCH_RATE_LIMIT
 
 
 def is_off(limit: str) -> bool:
@@ -23,7 +24,8 @@ def is_off(limit: str) -> bool:
 
 
 def init_app(app: Flask) -> None:
-    """Limit LIMITED_ENDPOINT (already registered) to LOOKUP_RATE_LIMIT per client address.
+    """Limit LIMITED_ENDPOINT (already registered) to LOOKUP_RATE_LIMIT per client address, and
+    BATCH_ENDPOINT to BATCH_RATE_LIMIT.
 
     One Limiter per app, kept in app.extensions["client_limiter"]: flask-limiter's Limiter holds
     one storage, so a module-level one shared by several apps (tests, tools) would count every
@@ -33,9 +35,15 @@ def init_app(app: Flask) -> None:
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
-    if is_off(settings.lookup_rate_limit):
+    limits = {
+        endpoint: limit
+        for endpoint, limit in ((LIMITED_ENDPOINT, settings.lookup_rate_limit), (BATCH_ENDPOINT, settings.batch_rate_limit))
+        if not is_off(limit)
+    }
+    if not limits:
         return
-    parse_many(settings.lookup_rate_limit)  # a typo fails at start-up, not as a 500 per request
+    for limit in limits.values():
+        parse_many(limit)  # a typo fails at start-up, not as a 500 per request
     limiter = Limiter(
         key_func=get_remote_address,
         storage_uri=settings.effective_redis_url,
@@ -51,10 +59,14 @@ def init_app(app: Flask) -> None:
         # Redis unreachable: each process counts in memory (one Redis timeout, then a backend
         # check at growing intervals) and the request goes on to its own defined answer, a 503;
         # never a 500 from here.
-        in_memory_fallback=[settings.lookup_rate_limit],
+        # flask-limiter applies the fallback to every route while it lasts: the tighter per-lookup
+        # limit alone (a batch limit per hour would throttle every read).
+        in_memory_fallback=[limits.get(LIMITED_ENDPOINT) or limits[BATCH_ENDPOINT]],
         swallow_errors=True,
     )
     limiter.init_app(app)
     app.extensions["client_limiter"] = limiter
-    view = app.view_functions[LIMITED_ENDPOINT]
-    app.view_functions[LIMITED_ENDPOINT] = limiter.limit(settings.lookup_rate_limit)(view)
+    for endpoint, limit in limits.items():
+        # A scope of its own per endpoint: a batch does not use up the address's lookups.
+        view = app.view_functions[endpoint]
+        app.view_functions[endpoint] = limiter.limit(limit, scope=endpoint)(view)

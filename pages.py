@@ -1,10 +1,11 @@
-"""The browser pages (lookup page, status page), their language (pt_BR or en) and the security headers."""
+"""The browser pages (lookup, bulk batch and status pages), their language (pt_BR or en) and the security headers."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, has_request_context, render_template, request
-from flask_babel import Babel, get_locale
+from flask_babel import Babel, format_decimal, format_number, get_locale
 from flask_babel import gettext as _
+from flask_babel import pgettext
 
 from extensions import extension
 
@@ -228,6 +229,45 @@ def script_strings() -> dict[str, str]:
         "now": _("now"),
         "charts_updated": _("Charts updated at {time}"),
         "charts_unreachable": _("Charts unavailable ({reason}); trying again"),
+        # bulk batch page (batch.js)
+        "batch_uploading": _("Uploading {name}…"),
+        "batch_upload_failed": _("The batch could not be started (HTTP {status})"),
+        "batch_too_big": _("The file is too big ({size}); at most {max} are accepted"),
+        "batch_one_file": _("Drop one file at a time"),
+        "batch_started": _("Batch started: {total} identifiers to look up"),
+        "batch_load_failed": _("The batch could not be loaded (HTTP {status})"),
+        "batch_expired": _("This batch is unknown or has expired."),
+        "batch_status_running": _("Running"),
+        "batch_status_complete": pgettext("batch status", "Complete"),
+        "batch_status_cancelled": pgettext("batch status", "Cancelled"),
+        "batch_status_cancelling": _("Cancelling…"),
+        "batch_progress": _("{done} of {total} identifiers ({percent})"),
+        "batch_finished": _("Batch finished ({status}): {done} of {total} identifiers"),
+        "batch_started_at": _("started at {time}"),
+        "batch_cancel_confirm": _(
+            "Cancel this batch? The identifiers not started yet will not be looked up; "
+            "those in progress finish. The results so far stay available."
+        ),
+        "batch_cancel_failed": _("The batch could not be cancelled (HTTP {status})"),
+        "eta_estimating": _("Estimating…"),
+        "eta_finished": _("Finished"),
+        "eta_cancelling": _("Finishing the identifiers in progress"),
+        "eta_few_seconds": _("a few seconds"),
+        "eta_seconds": _("about {seconds} s"),
+        "eta_minutes": _("about {minutes} min"),
+        "eta_hours": _("about {hours} h {minutes} min"),
+        "throughput_measuring": _("Measuring…"),
+        "rate_limit_pace": _("the sources' rate limits allow {rate}"),
+        "invalid_more": _("The first {shown} of {count} invalid lines; the results file lists every line."),
+        "invalid_elsewhere": _("{count} invalid lines: the results file lists them (state “invalid”)."),
+        # reasons of invalid lines and refused files (the API's English text is the fallback)
+        "row_empty": _("The identifier is empty"),
+        "row_columns": _("Expected an identifier and an optional type, got {count} columns"),
+        "row_unknown_type": _("Unknown type {type}; use cnpj, cep or cpf"),
+        "row_type_choice": _("The type must be cnpj, cep or cpf"),
+        "too_many_rows": _("A batch holds at most {max} lines"),
+        "not_utf8": _("The file is not UTF-8 text"),
+        "no_identifiers": _("The file holds no identifiers"),
     }
 
 
@@ -262,6 +302,31 @@ def lookup_page(lookup_id: str):
     if lookup is None:
         return _render("not_found.html", status=404)
     return _render("index.html", lookup_id=lookup.id)
+
+
+def _batch_page(batch_id: str | None) -> Response:
+    settings = extension("settings")
+    return _render(
+        "batch.html",
+        batch_id=batch_id,
+        max_bytes=settings.batch_max_bytes,
+        max_rows=format_number(settings.batch_max_rows),
+        max_size=format_decimal(settings.batch_max_bytes / 1_048_576, "#,##0.#") + " MB",
+    )
+
+
+@pages.get("/batches")
+def batch_page():
+    """The bulk batch page: a CSV dropped or picked is posted to /api/batches, then followed."""
+    return _batch_page(None)
+
+
+@pages.get("/batches/<batch_id>")
+def batch_view(batch_id: str):
+    """The bulk batch page showing one batch (the script loads it and follows its stream)."""
+    if not extension("batches").exists(batch_id):
+        return _render("not_found.html", status=404, kind="batch")
+    return _batch_page(batch_id)
 
 
 @pages.get("/status")

@@ -173,6 +173,7 @@ class Settings:
     event_log_ttl_after_complete: int = 120
 
     # Bulk batches (batches.py)
+    batch_rate_limit: str = "30/hour"  # per client address, on POST /api/batches; "off" for none
     batch_max_rows: int = 10_000  # input rows a batch may have (invalid and duplicate rows count)
     batch_max_bytes: int = 4 * 1024 * 1024  # body of POST /api/batches (others: MAX_REQUEST_BYTES)
     batch_concurrency: int = 8  # batch items in flight across the cluster, all batches together

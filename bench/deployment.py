@@ -3,8 +3,9 @@
 Embedded Valkey on a free port; the sandbox, the web server and one Celery worker node with the
 project's own command lines (launcher.commands: gunicorn gevent with WEB_WORKERS workers, the
 threads pool with WORKER_CONCURRENCY threads), each in its own session (harness.Processes) and
-stopped with the benchmark.  Quotas, rate limits and the per-client limit are off.  Also the
-load generator (bench/http_load.py), always as a separate process.
+stopped with the benchmark.  Quotas, rate limits and the per-client limit are off (the first
+two kept with `real_limits`).  Also the load generator (bench/http_load.py), always as a
+separate process.
 """
 
 from __future__ import annotations
@@ -51,24 +52,38 @@ def _answers(url: str, expect: int = 200) -> bool:
 
 @contextlib.contextmanager
 def service(
-    tmp: Path, processes: Processes, sandbox_latency_ms: float, worker: bool = True
+    tmp: Path,
+    processes: Processes,
+    sandbox_latency_ms: float,
+    worker: bool = True,
+    real_limits: bool = False,
+    extra_env: dict | None = None,
 ) -> Iterator[Service]:
-    """Valkey, the sandbox at a fixed latency, the web server and (unless told not) one worker node."""
+    """Valkey, the sandbox at a fixed latency, the web server and (unless told not) one worker node.
+
+    `real_limits`: the sandbox keeps its upstreams' quotas and the service its default rate limits
+    (the per-client limit stays off); `extra_env` is applied last, to every process.
+    """
     redis = start_redis(tmp)
     try:
-        yield _start(tmp, processes, redis.url, sandbox_latency_ms, worker)
+        yield _start(tmp, processes, redis.url, sandbox_latency_ms, worker, real_limits, extra_env or {})
     finally:
         processes.stop_all()
         redis.stop()
 
 
 def _start(
-    tmp: Path, processes: Processes, redis_url: str, sandbox_latency_ms: float, worker: bool
+    tmp: Path,
+    processes: Processes,
+    redis_url: str,
+    sandbox_latency_ms: float,
+    worker: bool,
+    real_limits: bool = False,
+    extra_env: dict | None = None,
 ) -> Service:
     env = {
         **os.environ,
-        **NO_QUOTAS,
-        **NO_LIMITS,
+        **({} if real_limits else {**NO_QUOTAS, **NO_LIMITS}),
         "REDIS_URL": redis_url,
         "KEY_PREFIX": f"b{uuid.uuid4().hex[:8]}",
         "DATA_DIR": str(tmp),
@@ -77,6 +92,7 @@ def _start(
         "SANDBOX_LATENCY_MS": str(sandbox_latency_ms),
         "LOOKUP_RATE_LIMIT": "off",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     settings = Settings.from_env(env)
     commands = launcher.commands(settings)

@@ -170,6 +170,7 @@ class Load:
         self.timeout = arguments.timeout
         self.issued = 0
         self.latencies: list[float] = []
+        self.trace: list[tuple[float, float, str | None]] = []  # (due after start, seconds, lookup id)
         self.statuses: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.error_samples: list[str] = []
@@ -187,18 +188,21 @@ class Load:
         self.issued += 1
         return index, due
 
-    async def one(self, connection: Connection, body: bytes) -> None:
-        """One request, and with --follow the lookup it started, to its end."""
+    async def one(self, connection: Connection, body: bytes) -> str | None:
+        """One request, and with --follow the lookup it started, to its end; the lookup's id if followed."""
         status, content = await connection.request(self.method, self.path, body)
         self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
         if status >= 400:  # answered, but not a success: no latency sample
             raise Failed(f"HTTP {status}")
         if status == 202 and self.follow != "none":
-            links = json.loads(content)["links"]
+            answer = json.loads(content)
+            links = answer["links"]
             if self.follow == "sse":
                 await _follow_sse(self.host, self.port, links["events"])
             else:
                 await _follow_poll(connection, links["self"])
+            return answer.get("id")
+        return None
 
     async def worker(self) -> None:
         connection = Connection(self.host, self.port)
@@ -210,7 +214,7 @@ class Load:
                     await asyncio.sleep(delay)
                 body = self.bodies[index] if self.bodies is not None else self.body
                 try:
-                    await asyncio.wait_for(self.one(connection, body), self.timeout)
+                    lookup_id = await asyncio.wait_for(self.one(connection, body), self.timeout)
                 except (
                     OSError,
                     Failed,
@@ -227,6 +231,7 @@ class Load:
                         self.error_samples.append(f"{name}: {error}")
                     continue
                 self.latencies.append(time.perf_counter() - due)
+                self.trace.append((due - self.started, self.latencies[-1], lookup_id))
         finally:
             connection.close()
 
@@ -279,11 +284,20 @@ def main() -> None:
     parser.add_argument(
         "--samples", action="store_true", help="add every latency (ms, sorted) to the summary"
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="add every request as [s after the start it was due, ms, lookup id] in due order",
+    )
     arguments = parser.parse_args()
     load = Load(arguments)
     summary = asyncio.run(load.run(arguments.connections, arguments.seconds))
     if arguments.samples:
         summary["samples_ms"] = [round(value * 1000, 3) for value in sorted(load.latencies)]
+    if arguments.trace:
+        summary["trace"] = [
+            [round(at, 3), round(seconds * 1000, 3), lookup] for at, seconds, lookup in sorted(load.trace)
+        ]
     print(json.dumps(summary))
 
 

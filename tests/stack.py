@@ -53,7 +53,8 @@ class Stack:
             "DATA_DIR": str(tmp),
             "ADMIN_TOKEN": "test-admin-token",
             "PYTHONUNBUFFERED": "1",
-            "LOOKUP_RATE_LIMIT": "off",  # the per-client limit has its own tests
+            "LOOKUP_RATE_LIMIT": "off",  # the per-client limits have their own tests
+            "BATCH_RATE_LIMIT": "off",
             "WORKER_METRICS_PORT": "0",  # many workers at once: a test that wants metrics names a port
             **{k: str(v) for k, v in env.items()},
         }

@@ -163,3 +163,18 @@ def test_gunicorn_reads_the_limit_from_the_environment_and_answers_429_over_http
     assert answers[3].headers["X-RateLimit-Limit"] == "3"
     assert [stack.get("/api/lookups/nothing").status_code for _ in range(5)] == [404] * 5  # reads: unlimited
     assert stack.get("/healthz").status_code == 200
+
+
+def test_batch_creation_has_a_limit_of_its_own(make_app):
+    assert Settings.from_env({}).batch_rate_limit == "30/hour"
+    client = make_app(lookup_rate_limit="2/minute", batch_rate_limit="2/hour").test_client()
+
+    def batch(address="10.0.0.1"):
+        return client.post("/api/batches", json={"identifiers": []}, environ_base={"REMOTE_ADDR": address})
+
+    assert [batch().status_code for _ in range(2)] == [400, 400]  # an empty batch, counted all the same
+    over = batch()
+    assert over.status_code == 429 and "2 per 1 hour" in over.get_json()["message"]
+    assert batch("10.0.0.2").status_code == 400  # another client is not limited
+    # The lookups of the same address are counted apart.
+    assert [post(client).status_code for _ in range(3)] == [400, 400, 429]

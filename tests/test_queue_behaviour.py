@@ -30,8 +30,9 @@ def test_urgent_lookups_submitted_after_a_backlog_finish_first(make_stack, sandb
 
 
 def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, sandbox):
-    rate_per_minute = 240  # one call every 0.25 s, burst 1
-    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": str(rate_per_minute), "RETRY_MAX": "0"})
+    rate_per_minute = 240  # one call every 0.25 s, burst 1, no batch reserve: the bucket holds 1
+    limits = {"RATE_LIMIT_RECEITAWS": str(rate_per_minute), "BATCH_TOKEN_RESERVE": "0", "RETRY_MAX": "0"}
+    stack = make_stack(**{**FAST_LIMITS, **limits})
     sandbox.control("receitaws", quota_per_minute=rate_per_minute + 10)
     stack.start_worker("w1")
     stack.start_worker("w2")
@@ -65,11 +66,12 @@ def test_two_workers_share_one_rate_limit_and_a_wait_costs_no_retry(make_stack, 
 
 
 def test_lookup_turns_partial_at_its_deadline_and_complete_when_the_deferred_call_runs(make_stack, sandbox):
-    stack = make_stack(**{**FAST_LIMITS, "RATE_LIMIT_RECEITAWS": "12", "LOOKUP_DEADLINE": "1.0"})
+    limits = {"RATE_LIMIT_RECEITAWS": "12", "BATCH_TOKEN_RESERVE": "0", "LOOKUP_DEADLINE": "1.0"}
+    stack = make_stack(**{**FAST_LIMITS, **limits})
     stack.start_worker()
     stack.start_web()
     first, second = sandbox.identifiers("cnpj", 2, seed=41)
-    stack.wait_status(stack.post_lookup(first).json()["id"])  # takes ReceitaWS's only token
+    stack.wait_status(stack.post_lookup(first).json()["id"])  # takes ReceitaWS's only token (no reserve)
     lookup_id = stack.post_lookup(second).json()["id"]
     partial = stack.wait_status(lookup_id, statuses=("partial",), timeout=10)
     receitaws = partial["sources"]["receitaws"]

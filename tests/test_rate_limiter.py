@@ -12,11 +12,16 @@ from rate_limiter import RateLimiter
 from settings import Settings
 
 
-def _limiter(redis_url: str, prefix: str, rate: float, burst: int = 1) -> RateLimiter:
+def _limiter(redis_url: str, prefix: str, rate: float, burst: int = 1, reserve: int = 0) -> RateLimiter:
+    """A limiter whose bucket holds `burst` + `reserve` tokens (BATCH_TOKEN_RESERVE).
+
+    The bucket's own arithmetic is tested with no reserve; the reserve has tests of its own below.
+    """
     settings = Settings.from_env(
         {"RATE_LIMIT_RECEITAWS": str(rate), "RATE_BURST_RECEITAWS": str(burst)},
         redis_url=redis_url,
         key_prefix=prefix,
+        batch_token_reserve=reserve,
     )
     return RateLimiter(redis_store.connect(settings), settings)
 
@@ -24,6 +29,12 @@ def _limiter(redis_url: str, prefix: str, rate: float, burst: int = 1) -> RateLi
 @pytest.fixture
 def limiter(settings, redis_client) -> RateLimiter:
     return _limiter(settings.redis_url, settings.key_prefix, rate=60)
+
+
+@pytest.fixture
+def reserving(settings, redis_client) -> RateLimiter:
+    """60 a minute, burst 1, two tokens kept for interactive lookups: the bucket holds 3."""
+    return _limiter(settings.redis_url, settings.key_prefix, rate=60, reserve=2)
 
 
 def test_first_call_is_granted_at_once(limiter):
@@ -118,3 +129,55 @@ def test_per_minute_window_caps_starts_beyond_the_per_second_one(settings, redis
     assert started == 4
     wait = limiter.admit("receitaws")
     assert wait > 50  # the minute is full: the oldest start ages out about 60 s after it
+
+
+def test_a_full_bucket_holds_the_burst_and_the_interactive_reserve(reserving):
+    assert reserving.capacity("receitaws") == 3
+    assert reserving.tokens("receitaws") == pytest.approx(3.0)
+    waits = [reserving.reserve("receitaws").wait for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and 0.9 < waits[3] <= 1.0  # interactive calls use all of it
+
+
+def test_batch_calls_leave_the_reserve_to_interactive_ones(reserving):
+    first = reserving.reserve("receitaws", batch=True)
+    assert first.granted and first.wait == 0  # 3 -> 2 tokens
+    held = reserving.reserve("receitaws", batch=True)
+    assert not held.granted and held.held  # taking one more would leave fewer than 2
+    assert 0.9 < held.wait <= 1.0  # when the bucket next holds 3 (one token a second)
+    assert reserving.tokens("receitaws") == pytest.approx(2.0, abs=0.05)  # a held call takes nothing
+    # An interactive lookup arriving now finds the reserve at once, twice.
+    assert [reserving.reserve("receitaws").wait for _ in range(2)] == [0.0, 0.0]
+
+
+def test_batch_calls_never_reserve_ahead(reserving):
+    for _ in range(5):
+        reserving.reserve("receitaws")  # interactive calls: 3 now, 2 reserved ahead
+    held = reserving.reserve("receitaws", batch=True)
+    assert held.held and not held.granted
+    assert 4.9 < held.wait <= 5.0  # from -2 tokens back to 3
+    assert reserving.reserve("receitaws").wait == pytest.approx(3.0, abs=0.05)  # nothing was taken
+
+
+def test_with_no_reserve_a_batch_call_takes_the_last_token_but_never_one_ahead(settings, redis_client):
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":none", rate=60, reserve=0)
+    assert limiter.reserve("receitaws", batch=True).granted
+    held = limiter.reserve("receitaws", batch=True)
+    assert held.held and 0.9 < held.wait <= 1.0
+
+
+def test_the_log_of_starts_ignores_the_reserve(settings, redis_client):
+    """The reserve makes the bucket bigger, not the upstream's share: 3 a minute with burst 1 still
+    starts at most 3 + 1 calls in a minute, and a fractional 2.85 at most 2 + 1."""
+    for rate, allowed in ((3, 4), (2.85, 3)):
+        limiter = _limiter(settings.redis_url, f"{settings.key_prefix}:{rate}", rate=rate, reserve=4)
+        started = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            wait = limiter.admit("receitaws")
+            if wait > 1.0:
+                break  # the minute is full
+            if wait == 0:
+                started += 1
+            else:
+                time.sleep(wait)  # the limiter's own answer says when to come back
+        assert started == allowed, rate

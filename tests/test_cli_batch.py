@@ -1,0 +1,291 @@
+"""`flask batch` (cli_batch.py) end to end: the real `flask` command in a subprocess, a real Celery
+worker, the sandbox upstream over HTTP, Redis.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import FAST_LIMITS, wait_for
+
+import batch_api
+import batch_input
+from embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+FLASK = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "flask"
+
+# As tests/test_batches.py: ReceitaWS keeps its real limit (the sandbox's quota of 3 a minute).
+BATCH_ENV = {
+    **{name: value for name, value in FAST_LIMITS.items() if "RECEITAWS" not in name},
+    "BATCH_CONCURRENCY": "16",
+    "BATCH_POLL_INTERVAL": "0.05",
+    "BATCH_MAX_ROWS": "2000",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url, sandbox_url, tmp_path_factory):
+    """One worker on a key prefix of the module's own (the CLI needs no web process)."""
+    from stack import Stack
+
+    stack = Stack(redis_url, sandbox_url, tmp_path_factory.mktemp("cli-batch"), **BATCH_ENV)
+    try:
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_upstreams(sandbox):
+    """The sandbox without its quotas but ReceitaWS's (3 a minute), to match BATCH_ENV."""
+    for name in ("brasilapi", "opencnpj", "viacep"):
+        sandbox.control(name, quota_per_minute=None)
+    return sandbox
+
+
+def flask(
+    env: dict, *args: str, stdin: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`flask --app app ARGS` as a person runs it, with the deployment's environment."""
+    return subprocess.run(
+        [str(FLASK), "--app", "app", *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def store(stack):
+    return stack.app.extensions["batches"]
+
+
+def batch_ids(stack) -> set[str]:
+    return {raw.decode() for raw in stack.app.extensions["redis"].zrange(store(stack).index_key, 0, -1)}
+
+
+def status_of(stack, batch_id: str) -> dict | None:
+    with stack.app.app_context():
+        return store(stack).status(batch_id)
+
+
+def created_in_process(stack, identifiers: list) -> dict:
+    with stack.app.app_context():
+        return store(stack).create(batch_input.parse_json(identifiers, 2000), "in-process")
+
+
+def test_run_of_a_spreadsheet_csv_writes_one_row_per_input_line(stack, sandbox, tmp_path):
+    company, nobody = sandbox.known("cnpj", seed=201), sandbox.unknown("cnpj", seed=202)
+    cep = sandbox.known("cep", seed=203)
+    masked = f"{company[:2]}.{company[2:5]}.{company[5:8]}/{company[8:12]}-{company[12:]}"
+    rows = ["identifier;type", f"{company};cnpj", f"{cep};", "not-an-identifier;", f"{nobody};", f"{masked};"]
+    path = tmp_path / "clientes.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode())
+    before = batch_ids(stack)
+
+    result = flask(stack.env, "batch", "run", str(path))
+
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    (batch_id,) = batch_ids(stack) - before
+    results = list(csv.DictReader(io.StringIO(result.stdout.decode())))
+    assert [int(row["line"]) for row in results] == [2, 3, 4, 5, 6]
+    assert [row["state"] for row in results] == ["found", "found", "invalid", "not_found", "found"]
+    assert results[0]["razao_social"] and results[1]["municipio"]
+    assert results[4]["identifier"] == results[0]["identifier"] == company  # the duplicate answers alike
+    assert results[2]["input"] == "not-an-identifier" and results[2]["error"]
+    assert f"line 4: not-an-identifier: {results[2]['error']}\n" in stderr
+    assert f"batch {batch_id}: 3 items" in stderr  # the progress bar's label (no terminal here)
+    summary = (
+        r"complete: 5 lines, 3 items \(0 cached, 1 duplicate lines, 1 invalid lines\): 2 found, 1 not_found"
+    )
+    assert re.search(rf"\n{summary} in \d+ s \(batch {re.escape(batch_id)}\)\n$", stderr), stderr
+    # The very bytes GET /api/batches/<id>/results serves, and the file's name names the batch.
+    with stack.app.app_context():
+        served = "".join(batch_api.csv_lines(store(stack).rows(batch_id))).encode()
+    assert result.stdout == served
+    assert status_of(stack, batch_id)["name"] == "clientes.csv"
+
+
+def test_run_of_a_json_list_on_stdin_writes_jsonl_to_the_output_file(stack, sandbox, tmp_path):
+    ceps = sandbox.identifiers("cep", 30, seed=211)
+    output = tmp_path / "out" / "results.jsonl"
+    output.parent.mkdir()
+    items = [*ceps, {"identifier": ceps[0], "type": "cep"}, 42]
+
+    result = flask(
+        stack.env,
+        *("batch", "run", "-", "--name", "nightly", "--format", "jsonl", "--output", str(output)),
+        stdin=orjson.dumps(items),
+    )
+
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert result.stdout == b""  # the results went to the file
+    rows = [orjson.loads(line) for line in output.read_bytes().splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, 33))
+    assert {row["state"] for row in rows[:31]} <= {"found", "not_found"} and rows[31]["state"] == "invalid"
+    assert rows[30]["identifier"] == rows[0]["identifier"] and rows[30]["state"] == rows[0]["state"]
+    assert set(rows[0]) == {
+        "line",
+        "input",
+        "type",
+        "identifier",
+        "state",
+        "fields",
+        "sources",
+        "error",
+        "lookup_id",
+    }
+    assert "line 32: 42: each item must be a string or {identifier, type}\n" in stderr
+    assert "complete: 32 lines, 30 items" in stderr
+    batch_id = stderr.rsplit("(batch ", 1)[1].rstrip().rstrip(")")
+    assert status_of(stack, batch_id)["name"] == "nightly"
+
+
+def test_timeout_leaves_the_batch_running_then_status_and_cancel_act_on_it(stack, sandbox, tmp_path):
+    sandbox.control("viacep", latency_ms=500)
+    sandbox.control("brasilapi", latency_ms=500)
+    path = tmp_path / "ceps.csv"
+    path.write_text("\n".join(sandbox.identifiers("cep", 300, seed=221)) + "\n")
+
+    timed_out = flask(stack.env, "batch", "run", str(path), "--timeout", "1")
+
+    stderr = timed_out.stderr.decode()
+    assert timed_out.returncode == 1, stderr
+    assert timed_out.stdout == b""  # no results until the batch is finished
+    match = re.search(r"Error: timed out after 1 s with \d+/300 items done; batch (\S+) carries on", stderr)
+    assert match, stderr
+    batch_id = match[1]
+    shown = flask(stack.env, "batch", "status", batch_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    running = orjson.loads(shown.stdout)
+    assert running["status"] == "running" and running["finished_at"] is None and running["total"] == 300
+    human = flask(stack.env, "batch", "status", batch_id).stdout.decode()
+    assert human.startswith(f"batch {batch_id} (ceps.csv) running: ") and "ETA " in human
+
+    cancelled = flask(stack.env, "batch", "cancel", batch_id)
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    said = re.match(
+        rf"cancelled batch {batch_id}: (\d+) items not started are cancelled", cancelled.stdout.decode()
+    )
+    assert said and int(said[1]) > 150, cancelled.stdout
+    final = wait_for(
+        lambda: (s := status_of(stack, batch_id))["finished_at"] and s, 30, 0.1, "the batch to end"
+    )
+    assert final["status"] == "cancelled" and final["counts"]["cancelled"] == int(said[1])
+    again = flask(stack.env, "batch", "cancel", batch_id, "--json")
+    assert again.returncode == 0 and orjson.loads(again.stdout)["status"] == "cancelled"
+    results = flask(stack.env, "batch", "results", batch_id, "--format", "jsonl")
+    states = [orjson.loads(line)["state"] for line in results.stdout.splitlines()]
+    assert len(states) == 300 and states.count("cancelled") == final["counts"]["cancelled"]
+
+
+def test_ctrl_c_cancels_the_batch_and_exits_130(stack, sandbox, tmp_path):
+    sandbox.control("viacep", latency_ms=500)
+    sandbox.control("brasilapi", latency_ms=500)
+    path = tmp_path / "ceps.csv"
+    path.write_text("\n".join(sandbox.identifiers("cep", 300, seed=231)) + "\n")
+    before = batch_ids(stack)
+    process = subprocess.Popen(
+        [str(FLASK), "--app", "app", "batch", "run", str(path)],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        (batch_id,) = wait_for(lambda: batch_ids(stack) - before, 30, 0.05, "the batch to be created")
+        wait_for(lambda: status_of(stack, batch_id)["done"] >= 1, 30, 0.05, "an item done")
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+
+    assert process.returncode == 130, stderr.decode()
+    assert f"cancelled batch {batch_id}: " in stderr.decode() and stdout == b""
+    assert status_of(stack, batch_id)["status"] == "cancelled"
+
+
+def test_cancel_of_a_complete_batch_fails(stack):
+    done = created_in_process(stack, ["123"])  # only an invalid row: complete at once
+    assert done["status"] == "complete"
+
+    result = flask(stack.env, "batch", "cancel", done["id"])
+
+    assert result.returncode == 1
+    assert (
+        result.stderr.decode()
+        == f"Error: batch {done['id']} is already complete; nothing is left to cancel\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["status", "cancel", "results"])
+def test_an_unknown_batch_id_exits_1(stack, command):
+    result = flask(stack.env, "batch", command, "nosuchbatch")
+
+    assert result.returncode == 1
+    assert result.stderr.decode() == "Error: no batch with id 'nosuchbatch' (unknown or expired)\n"
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"", "the file holds no identifiers", id="empty"),
+        pytest.param(b"\xff\xfe1\n", "the file is not UTF-8 text", id="not-utf8"),
+        pytest.param(b"11222333000181\n" * 2001, "a batch holds at most 2,000 rows", id="too-many-rows"),
+        pytest.param(b'[{"identifier": ', "the file is not JSON", id="broken-json"),
+    ],
+)
+def test_a_file_the_api_would_refuse_is_a_usage_error(stack, tmp_path, content, message):
+    path = tmp_path / "batch.csv"
+    path.write_bytes(content)
+    before = batch_ids(stack)
+
+    result = flask(stack.env, "batch", "run", str(path))
+
+    assert result.returncode == 2, result.stderr
+    assert "Invalid value for 'FILE': " + message in result.stderr.decode()
+    assert batch_ids(stack) == before
+
+
+def test_run_without_a_live_worker_fails_and_creates_nothing(app, tmp_path):
+    path = tmp_path / "batch.csv"
+    path.write_text("11222333000181\n")
+
+    result = app.test_cli_runner().invoke(args=["batch", "run", str(path)])
+
+    assert result.exit_code == 1, result.output
+    assert "no live worker to run the batch" in result.stderr
+    assert app.extensions["redis"].zcard(app.extensions["batches"].index_key) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "FILE"], ["status", "x"], ["cancel", "x"], ["results", "x"]],
+    ids=" ".join,
+)
+def test_with_redis_down_each_command_says_so_in_one_line_and_exits_1(tmp_path, args):
+    path = tmp_path / "batch.csv"
+    path.write_text("11222333000181\n")
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": f"redis://:hunter2@127.0.0.1:{port}/0", "KEY_PREFIX": "tdown"}
+
+    result = flask(env, "batch", *(str(path) if arg == "FILE" else arg for arg in args), timeout=30)
+
+    assert result.returncode == 1
+    assert result.stderr.decode() == f"Error: Redis unreachable at redis://127.0.0.1:{port}/0\n"
+    assert result.stdout == b""

@@ -86,6 +86,7 @@ CSV_COLUMNS = (
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
 STEP_LOCK_SECONDS = 30
+STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
 # started before this (lost), ttl.  Moves up to (cap - in flight) keys from the queue into running.
@@ -243,6 +244,8 @@ class BatchStore:
     def create(self, parsed: batch_input.ParsedBatch, name: str = "") -> dict:
         """Store a parsed batch, settle its cached items, queue the rest; returns its status."""
         batch_id = secrets.token_urlsafe(16)
+        while batch_id.startswith("-"):  # `flask batch status <id>` would read it as an option
+            batch_id = secrets.token_urlsafe(16)
         now = time.time()
         unique = parsed.unique
         cached = self._cached_summaries(unique)
@@ -268,7 +271,9 @@ class BatchStore:
             pipe.hset(self.key(batch_id), mapping=fields)
             lines_key, queue_key, items_key = self._keys(batch_id, "lines", "queue", "items")
             for start in range(0, len(parsed.lines), 1000):
-                pipe.rpush(lines_key, *(self._line_entry(entry) for entry in parsed.lines[start : start + 1000]))
+                pipe.rpush(
+                    lines_key, *(self._line_entry(entry) for entry in parsed.lines[start : start + 1000])
+                )
             for start in range(0, len(queued), 1000):
                 pipe.rpush(queue_key, *queued[start : start + 1000])
             if cached:
@@ -305,9 +310,7 @@ class BatchStore:
         summaries: dict[str, dict] = {}
         for start in range(0, len(unique), CACHE_READ_CHUNK):
             chunk = unique[start : start + CACHE_READ_CHUNK]
-            names = [
-                [s.name for s in sources_for(str(i.type), all_sources) if s.supports(i)] for i in chunk
-            ]
+            names = [[s.name for s in sources_for(str(i.type), all_sources) if s.supports(i)] for i in chunk]
             answers = cache.read([(str(i.type), n, i.value) for i, n in zip(chunk, names, strict=True)])
             for identifier, wanted, entries in zip(chunk, names, answers, strict=True):
                 if not wanted or len(entries) < len(wanted):
@@ -428,15 +431,32 @@ class BatchStore:
     @staticmethod
     def _row(line, value, key, reason, summary, in_flight, status) -> dict:
         if not key:
-            return {"line": line, "input": value, "type": None, "identifier": None, "state": "invalid",
-                    "fields": {}, "sources": {}, "error": reason, "lookup_id": None}
+            return {
+                "line": line,
+                "input": value,
+                "type": None,
+                "identifier": None,
+                "state": "invalid",
+                "fields": {},
+                "sources": {},
+                "error": reason,
+                "lookup_id": None,
+            }
         kind, _, identifier = key.partition(":")
         if summary is not None:
             item = orjson.loads(summary)
         else:
-            state = "running" if in_flight is not None else ("cancelled" if status == "cancelled" else "pending")
+            state = (
+                "running" if in_flight is not None else ("cancelled" if status == "cancelled" else "pending")
+            )
             lookup_id = in_flight.decode().partition("|")[0] if in_flight else ""
-            item = {"state": state, "fields": {}, "sources": {}, "error": None, "lookup_id": lookup_id or None}
+            item = {
+                "state": state,
+                "fields": {},
+                "sources": {},
+                "error": None,
+                "lookup_id": lookup_id or None,
+            }
         return {"line": line, "input": value, "type": kind, "identifier": identifier, **item}
 
     # -- cancel and the step --------------------------------------------------------------------
@@ -452,13 +472,15 @@ class BatchStore:
 
     def kick(self, batch_id: str) -> None:
         """Send the batch's step now (it runs at the lowest priority, like the items)."""
-        pipeline.send_task(STEP_TASK, [batch_id], {"priority": pipeline.celery_priority(pipeline.BATCH_PRIORITY)})
+        pipeline.send_task(
+            STEP_TASK, [batch_id], {"priority": pipeline.celery_priority(pipeline.BATCH_PRIORITY)}
+        )
 
     def _kick_if_stalled(self, batch_id: str, values: dict) -> None:
         """A running batch whose step chain broke (a worker lost with it) gets a new step."""
         last = float(values.get("stepped_at") or values["created_at"])
-        if time.time() - last > max(30.0, self.settings.batch_poll_interval * 20):
-            if self.redis.set(self.key(batch_id, "kicked"), 1, nx=True, ex=30):
+        if time.time() - last > max(STALL_SECONDS, self.settings.batch_poll_interval * 50):
+            if self.redis.set(self.key(batch_id, "kicked"), 1, nx=True, ex=int(STALL_SECONDS)):
                 log.warning("batch %s: no step for %.0f s; sending one", batch_id, time.time() - last)
                 self.kick(batch_id)
 
@@ -471,10 +493,14 @@ class BatchStore:
         lock = self.key(batch_id, "step")
         token = secrets.token_hex(8)
         if not self.redis.set(lock, token, nx=True, ex=STEP_LOCK_SECONDS):
+            self._schedule_step(batch_id)  # the step holding the lock may be the one that ends the chain
             return "busy"
         try:
-            if not self.redis.exists(self.key(batch_id)):
+            finished_at = self.redis.hmget(self.key(batch_id), ["created_at", "finished_at"])
+            if finished_at[0] is None:
                 return "gone"
+            if finished_at[1] is not None:
+                return "finished"  # a step left over from a kick: the chain ends here
             before = self.redis.hmget(self.key(batch_id), [f"n:{state}" for state in ITEM_STATES])
             self._collect(batch_id)
             self._start_items(batch_id)
@@ -487,13 +513,19 @@ class BatchStore:
         finally:
             if self.redis.get(lock) == token.encode():
                 self.redis.delete(lock)
+        self._schedule_step(batch_id)
+        return "stepped"
+
+    def _schedule_step(self, batch_id: str) -> None:
+        # One deferred entry per batch (the same call id, task and args make the same member): a
+        # second chain started by a kick merges into this one instead of doubling the steps.
         extension("deferred").add(
             time.time() + self.settings.batch_poll_interval,
             STEP_TASK,
             [batch_id],
             {"priority": pipeline.celery_priority(pipeline.BATCH_PRIORITY)},
+            call_id=f"batch-step:{batch_id}",
         )
-        return "stepped"
 
     def _collect(self, batch_id: str) -> None:
         running = {
@@ -564,11 +596,15 @@ class BatchStore:
     def _note_pace(self, batch_id: str) -> None:
         """Keep a sample (time, items done) some 5-30 s old for the measured throughput."""
         key = self.key(batch_id)
-        values = self.redis.hmget(key, ["pace_t", "pace_t2", "pace_done2", "cached", *(f"n:{s}" for s in SETTLED_STATES)])
+        values = self.redis.hmget(
+            key, ["pace_t", "pace_t2", "pace_done2", "cached", *(f"n:{s}" for s in SETTLED_STATES)]
+        )
         now = time.time()
         done = sum(int(v or 0) for v in values[4:]) - int(values[3] or 0)
         if not values[0]:
-            self.redis.hset(key, mapping={"pace_t": now, "pace_done": done, "pace_t2": now, "pace_done2": done})
+            self.redis.hset(
+                key, mapping={"pace_t": now, "pace_done": done, "pace_t2": now, "pace_done2": done}
+            )
         elif now - float(values[1]) >= 5:
             # The newer sample becomes the one measured from; the current state the newer one.
             self.redis.hset(
@@ -602,12 +638,16 @@ class BatchStore:
         """Beat cleanup: batches created before `cutoff`, with all their keys."""
         removed = 0
         while True:
-            ids = [i.decode() for i in self.redis.zrangebyscore(self.index_key, "-inf", cutoff, start=0, num=200)]
+            ids = [
+                i.decode() for i in self.redis.zrangebyscore(self.index_key, "-inf", cutoff, start=0, num=200)
+            ]
             if not ids:
                 return removed
             for batch_id in ids:
                 parts = ("", "lines", "queue", "running", "items", "step", "kicked")
-                self.redis.unlink(*self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id)))
+                self.redis.unlink(
+                    *self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id))
+                )
                 removed += 1
             self.redis.zrem(self.index_key, *ids)
 

@@ -37,7 +37,10 @@ def init_app(app: Flask) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
     limits = {
         endpoint: limit
-        for endpoint, limit in ((LIMITED_ENDPOINT, settings.lookup_rate_limit), (BATCH_ENDPOINT, settings.batch_rate_limit))
+        for endpoint, limit in (
+            (LIMITED_ENDPOINT, settings.lookup_rate_limit),
+            (BATCH_ENDPOINT, settings.batch_rate_limit),
+        )
         if not is_off(limit)
     }
     if not limits:

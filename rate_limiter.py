@@ -110,7 +110,7 @@ class Reservation:
     granted: bool
     wait: float
     tokens: float
-    held: bool = False  # refused to keep the interactive reserve (`reserve(keep=...)`): ask again after `wait`
+    held: bool = False  # refused to keep the interactive reserve: ask again after `wait`
 
 
 class RateLimiter:

@@ -159,7 +159,9 @@ def test_cancel_stops_the_items_not_started(stack, sandbox):
 def test_batch_events_stream_progress_until_complete(stack, sandbox):
     ceps = sandbox.identifiers("cep", 40, seed=101)
     body = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": ceps}, timeout=10).json()
-    events = [r for r in read_all(f"{stack.web_url}{body['links']['events']}", timeout=60) if isinstance(r, Event)]
+    events = [
+        r for r in read_all(f"{stack.web_url}{body['links']['events']}", timeout=60) if isinstance(r, Event)
+    ]
     types = [event.type for event in events]
     assert types[0] == "snapshot" and types[-1] == "complete"
     final = orjson.loads(events[-1].data)
@@ -167,8 +169,14 @@ def test_batch_events_stream_progress_until_complete(stack, sandbox):
     progress = [orjson.loads(event.data)["done"] for event in events if event.type == "progress"]
     assert progress == sorted(progress)
     # A stream opened after the end gets the snapshot and `complete` at once.
-    late = [r for r in read_all(f"{stack.web_url}{body['links']['events']}", timeout=10) if isinstance(r, Event)]
-    assert [event.type for event in late] == ["snapshot", *([] if len(late) == 2 else ["progress"] * (len(late) - 2)), "complete"]
+    late = [
+        r for r in read_all(f"{stack.web_url}{body['links']['events']}", timeout=10) if isinstance(r, Event)
+    ]
+    assert [event.type for event in late] == [
+        "snapshot",
+        *([] if len(late) == 2 else ["progress"] * (len(late) - 2)),
+        "complete",
+    ]
 
 
 def test_bad_batches_are_refused_with_a_clear_error(stack):

@@ -182,6 +182,7 @@ def status():
             "workers": maintenance.live_workers(),
             "cache": extension("cache").stats(),
             "dead_letters": extension("dead_letters").count(),
+            "batches": extension("batches").cluster_stats(),
             "flags": {name: flag["enabled"] for name, flag in extension("flags").all().items()},
             "health_check": maintenance.last_report("health"),
             "cleanup": maintenance.last_report("cleanup"),

@@ -651,14 +651,31 @@ class BatchStore:
                 removed += 1
             self.redis.zrem(self.index_key, *ids)
 
-    def running_ids(self) -> list[str]:
-        """Batches still running (newest first, at most 1,000): for the health check's re-kick."""
+    def _unfinished(self) -> list[tuple[str, int]]:
+        """(id, items pending) of the batches not finished (the newest 1,000 batches looked at)."""
         ids = [raw.decode() for raw in self.redis.zrevrange(self.index_key, 0, 999)]
         with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids:
-                pipe.hmget(self.key(batch_id), ["status", "finished_at"])
+                pipe.hmget(self.key(batch_id), ["status", "finished_at", "n:pending"])
             states = pipe.execute()
-        return [i for i, (status, finished) in zip(ids, states, strict=True) if status and not finished]
+        return [
+            (batch_id, int(pending or 0))
+            for batch_id, (status, finished, pending) in zip(ids, states, strict=True)
+            if status and not finished
+        ]
+
+    def running_ids(self) -> list[str]:
+        """Batches not finished yet: for the health check's re-kick of a stalled one."""
+        return [batch_id for batch_id, _ in self._unfinished()]
+
+    def cluster_stats(self) -> dict[str, int]:
+        """For /api/status and /metrics: batches not finished, their items waiting, items in flight."""
+        unfinished = self._unfinished()
+        return {
+            "running": len(unfinished),
+            "items_pending": sum(pending for _, pending in unfinished),
+            "items_in_flight": int(self.redis.zcard(self.inflight_key)),
+        }
 
 
 def _failed(error: str) -> dict:

@@ -101,6 +101,19 @@ def _cache() -> Iterator[Metric]:
         yield GaugeMetricFamily("enrich_redis_used_memory_bytes", "Memory Redis reports in use", value=memory)
 
 
+def _batches() -> Iterator[Metric]:
+    stats = extension("batches").cluster_stats()
+    yield GaugeMetricFamily("enrich_batches_running", "Bulk batches not finished", value=stats["running"])
+    yield GaugeMetricFamily(
+        "enrich_batch_items_pending", "Items of running batches not started yet", value=stats["items_pending"]
+    )
+    yield GaugeMetricFamily(
+        "enrich_batch_items_in_flight",
+        "Batch items whose lookups run now, all batches together (at most BATCH_CONCURRENCY)",
+        value=stats["items_in_flight"],
+    )
+
+
 READERS: tuple[tuple[str, Callable[[], Iterator[Metric]]], ...] = (
     ("breakers", _breakers),
     ("rate limits", _rate_limits),
@@ -108,6 +121,7 @@ READERS: tuple[tuple[str, Callable[[], Iterator[Metric]]], ...] = (
     ("dead letters", _dead_letters),
     ("workers", _workers),
     ("cache", _cache),
+    ("batches", _batches),
 )
 
 

@@ -157,6 +157,24 @@ def test_rate_limit_waits_are_counted_per_source_and_reason(app, sandbox):
 # -- in process: the cluster state read from Redis ------------------------------------------
 
 
+def test_batches_are_seen_by_the_scrape_and_the_status(app, sandbox):
+    import batch_input
+
+    with app.app_context():  # no worker: the batch stays queued
+        batch = app.extensions["batches"].create(
+            batch_input.parse_json(sandbox.identifiers("cep", 3, seed=29), 10)
+        )
+    samples = scrape(app)
+    assert value(samples, "enrich_batches_running") == 1
+    assert value(samples, "enrich_batch_items_pending") == 3
+    assert value(samples, "enrich_batch_items_in_flight") == 0
+    status = app.test_client().get("/api/status").get_json()["batches"]
+    assert status == {"running": 1, "items_pending": 3, "items_in_flight": 0}
+    with app.app_context():
+        app.extensions["batches"].cancel(batch["id"])
+    assert value(scrape(app), "enrich_batches_running") == 0
+
+
 def test_the_scrape_reports_breakers_queues_tokens_and_dead_letters_from_redis(app, sandbox):
     added_before = value(scrape(app), "enrich_dead_letters_added_total", source="viacep")
     with app.app_context():

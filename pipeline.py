@@ -120,7 +120,9 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     )
     if running is not None:
         joined = store.get(running)
-        if joined is not None:
+        # A person does not join a batch item's lookup: its calls run at the lowest priority and
+        # skip a source rather than touch the interactive reserve.  Theirs runs beside it.
+        if joined is not None and not (joined.priority == BATCH_PRIORITY < priority):
             store.discard(lookup)
             _cancel_deadline(lookup.id, priority)
             return joined, False

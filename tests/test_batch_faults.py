@@ -131,3 +131,20 @@ def test_profiles_and_defaults_of_the_batch_settings(reserve):
         Settings.from_env({"PROFILE": "high-load"}).batch_concurrency
         > Settings.from_env({}).batch_concurrency
     )
+
+
+def test_a_person_does_not_join_a_batch_items_lookup_but_a_batch_item_joins_theirs(app, sandbox):
+    import pipeline
+    from identifiers import parse
+
+    first, second = (parse(value) for value in sandbox.identifiers("cep", 2, seed=131))
+    with app.app_context():  # no worker: the lookups stay running
+        item, _ = pipeline.start_lookup(first, pipeline.BATCH_PRIORITY)
+        person, created = pipeline.start_lookup(first, 5)
+        assert created and person.id != item.id  # the person's own lookup, at their priority
+        again, created = pipeline.start_lookup(first, pipeline.BATCH_PRIORITY)
+        assert not created and again.id == item.id  # batch items still share one lookup
+
+        someone, _ = pipeline.start_lookup(second, 5)
+        rider, created = pipeline.start_lookup(second, pipeline.BATCH_PRIORITY)
+        assert not created and rider.id == someone.id

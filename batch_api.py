@@ -42,8 +42,10 @@ def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
                 raise ApiError(
                     400, "invalid_request", 'send {"identifiers": [...]} (strings or {identifier, type})'
                 )
-            name = body.get("name") if isinstance(body.get("name"), str) else ""
-            return batch_input.parse_json(body["identifiers"], rows), name
+            name = body.get("name")
+            if name is not None and not isinstance(name, str):  # as POST /api/lookups: no silent drop
+                raise ApiError(400, "invalid_request", "name must be a string", "name")
+            return batch_input.parse_json(body["identifiers"], rows), name or ""
         if mimetype == "multipart/form-data":
             upload = request.files.get("file")
             if upload is None:

@@ -67,6 +67,8 @@ def read_batch(path: str, max_bytes: int, max_rows: int) -> batch_input.ParsedBa
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if 0 < seconds < 1:
+        return "< 1 s"
     seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
@@ -132,9 +134,12 @@ def write_results(batch_id: str, output: str, fmt: str) -> None:
     """The results, one row per input line, to `output` (`-`: stdout); a file appears whole or not at all."""
     rows = _store().rows(batch_id)
     chunks: Iterator[str | bytes] = batch_api.csv_lines(rows) if fmt == "csv" else batch_api.jsonl_lines(rows)
-    with click.open_file(output, "wb", atomic=output != "-") as out:
-        for chunk in chunks:
-            out.write(chunk.encode() if isinstance(chunk, str) else chunk)
+    try:
+        with click.open_file(output, "wb", atomic=output != "-") as out:
+            for chunk in chunks:
+                out.write(chunk.encode() if isinstance(chunk, str) else chunk)
+    except OSError as error:
+        raise click.ClickException(f"cannot write {output}: {error.strerror or error}") from error
 
 
 def _cancelled_line(status: dict) -> str:
@@ -177,6 +182,9 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
     --timeout, 130 on Ctrl-C, which cancels the items not started yet.
     """
     settings = extension("settings")
+    if output != "-" and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
+        # Checked now, not after a batch of an hour: the results would have nowhere to go.
+        raise click.BadParameter(f"cannot write in the directory of {output!r}", param_hint="'--output'")
     try:
         parsed = read_batch(file, settings.batch_max_bytes, settings.batch_max_rows)
     except batch_input.BatchRejected as error:
@@ -194,9 +202,10 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
         status, timed_out = follow(batch_id, status, timeout)
     except KeyboardInterrupt:
         # Ctrl-C means "stop this": the items not started are cancelled, those in flight finish.
-        _store().cancel(batch_id)
-        latest = _store().status(batch_id) or status
-        _stderr(_cancelled_line(latest))
+        if _store().cancel(batch_id) == "complete":
+            _stderr(f"batch {batch_id} completed before the cancel (flask batch results {batch_id})")
+        else:
+            _stderr(_cancelled_line(_store().status(batch_id) or status))
         raise click.exceptions.Exit(130) from None
     if timed_out:
         raise click.ClickException(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from api_errors import json_response
+from batches import CSV_COLUMNS, ITEM_STATES
 
 docs = Blueprint("openapi", __name__)
 
@@ -53,6 +54,35 @@ ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "mi
 
 INTEGERS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 NUMBERS_OR_NULL = {"type": "array", "items": NUMBER_OR_NULL}
+COUNT = {"type": "integer", "minimum": 0}
+
+# The event streams resume after the id of the last event read (a Redis stream id), from the
+# header a reconnecting EventSource sends or from the query string.
+EVENT_ID = {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}
+LAST_EVENT_ID = [
+    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": EVENT_ID},
+    {"name": "last_event_id", "in": "query", "required": False, "schema": EVENT_ID},
+]
+
+
+def _event_stream(description: str, events: list[str] | None = None) -> dict:
+    """A 200 of Server-Sent Events; its schema is one event as a client parses it."""
+    event = {"type": "string"} if events is None else {"type": "string", "enum": events}
+    schema = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": event,
+            "data": {"type": "string", "description": description},
+            "id": {"type": "string", "description": "the Last-Event-ID to resume after this event"},
+            "retry": {"type": "integer"},
+        },
+    }
+    return {"description": "text/event-stream", "content": {"text/event-stream": {"schema": schema}}}
+
+
+BATCH_ID = {"name": "batch_id", **ID_PARAMETER}
+BATCH_UNKNOWN = _error("unknown or expired batch")
 
 SCHEMAS = {
     "Error": {
@@ -280,28 +310,121 @@ PATHS = {
     "/api/lookups/{lookup_id}/events": {
         "get": {
             "summary": "Server-Sent Events: snapshot, the logged events after Last-Event-ID, then live ones",
-            "parameters": [
-                {"name": "lookup_id", **ID_PARAMETER},
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "required": False,
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+            "parameters": [{"name": "lookup_id", **ID_PARAMETER}, *LAST_EVENT_ID],
+            "responses": {
+                "200": _event_stream("JSON: the lookup (snapshot, complete) or what changed"),
+                "400": _error("malformed Last-Event-ID"),
+                "404": _error("unknown or expired lookup"),
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/batches": {
+        "post": {
+            "summary": "Start a bulk batch: a JSON list, a CSV body, or a CSV file in the multipart field `file`",
+            "description": "One results row per input line: a bad line is listed in `invalid` and answered "
+            "as an `invalid` row, never failing the batch.  Its distinct identifiers (its items) are looked "
+            "up at the lowest priority, a few at a time; the cached ones settle at once.  A CSV has one "
+            "identifier a row and an optional type column, `,` or `;` separated, an optional "
+            "`identifier[,type]` header, UTF-8 (a byte-order mark is dropped); text/plain, application/csv "
+            "and application/vnd.ms-excel bodies are read as CSV too.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
+                    "text/csv": {
+                        # Any text is a CSV (of invalid lines, maybe): there is no wrong body to send.
+                        "schema": {"description": "the CSV, UTF-8"},
+                        "example": "identifier;type\r\n11.222.333/0001-81;cnpj\r\n01310-100;\r\n",
+                    },
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    },
                 },
+            },
+            "responses": {
+                "202": {
+                    **_json("created; follow links.events or poll links.self", "BatchCreated"),
+                    "headers": {"Location": {"schema": {"type": "string"}}},
+                },
+                "400": _error(
+                    "invalid_batch: over BATCH_MAX_ROWS rows, not UTF-8, or no identifiers; "
+                    "invalid_request: the body's shape or the multipart field"
+                ),
+                "413": _error("body larger than BATCH_MAX_BYTES"),
+                "415": _error("not JSON, CSV or multipart/form-data"),
+                "429": {
+                    **_error("over BATCH_RATE_LIMIT for this client"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                },
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/batches/{batch_id}": {
+        "get": {
+            "summary": "A batch: status, counts by item state, ETA",
+            "parameters": [BATCH_ID],
+            "responses": {"200": _json("the batch", "BatchStatus"), "404": BATCH_UNKNOWN, "503": UNAVAILABLE},
+        },
+        "delete": {
+            "summary": "Cancel a batch's items not started yet (those in flight finish); again is a no-op",
+            "parameters": [BATCH_ID],
+            "responses": {
+                "200": _json("the batch, cancelled", "BatchStatus"),
+                "404": BATCH_UNKNOWN,
+                "409": _error("already complete: nothing is left to cancel"),
+                "503": UNAVAILABLE,
+            },
+        },
+    },
+    "/api/batches/{batch_id}/events": {
+        "get": {
+            "summary": "Server-Sent Events: `snapshot`, then `progress` after each change, then `complete`",
+            "description": "Each event's data is the batch's status (BatchStatus); `complete`'s `status` "
+            "says complete or cancelled, and the stream ends after it.  Resumes after Last-Event-ID "
+            "as the lookup events do.",
+            "parameters": [BATCH_ID, *LAST_EVENT_ID],
+            "responses": {
+                "200": _event_stream(
+                    "JSON: the batch's status (BatchStatus)", ["snapshot", "progress", "complete"]
+                ),
+                "400": _error("malformed Last-Event-ID"),
+                "404": BATCH_UNKNOWN,
+                "503": UNAVAILABLE,
+            },
+        }
+    },
+    "/api/batches/{batch_id}/results": {
+        "get": {
+            "summary": "The results, streamed: one row per input line, in input order",
+            "description": f"CSV columns: {', '.join(CSV_COLUMNS)} (`sources`: `name=state` pairs "
+            "joined by `;`).  JSON lines: one BatchRow a line.  Rows of items not settled yet are "
+            "`pending` or `running`, without fields.",
+            "parameters": [
+                BATCH_ID,
                 {
-                    "name": "last_event_id",
+                    "name": "format",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                    "schema": {"type": "string", "enum": ["csv", "jsonl"], "default": "csv"},
                 },
             ],
             "responses": {
                 "200": {
-                    "description": "text/event-stream",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "description": "the rows (an attachment named batch-<id>.<format>)",
+                    "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                    },
                 },
-                "400": _error("malformed Last-Event-ID"),
-                "404": _error("unknown or expired lookup"),
+                "400": _error("format is not csv or jsonl"),
+                "404": BATCH_UNKNOWN,
                 "503": UNAVAILABLE,
             },
         }
@@ -593,6 +716,122 @@ SCHEMAS["Readiness"] = {
         "redis": {"type": "boolean"},
         "workers": {"type": "array", "items": {"type": "string"}},
         "error": {"type": "string"},
+    },
+}
+
+SCHEMAS["BatchRequest"] = {
+    "type": "object",
+    "required": ["identifiers"],
+    "properties": {
+        "identifiers": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10_000,
+            "description": "At most BATCH_MAX_ROWS (10,000 by default).",
+            # Not a schema of the items: a bad item is an invalid line of the batch (reported with
+            # its reason, answered as an `invalid` row), never a refused request.
+            "items": {
+                "description": "a string (CNPJ, CEP or CPF, masked or bare; the type is detected) or "
+                "{identifier, type}; anything else is an invalid line"
+            },
+            "example": ["11.222.333/0001-81", {"identifier": "01310100", "type": "cep"}],
+        },
+        "name": {
+            "type": "string",
+            "nullable": True,
+            "description": "shown with the batch (its first 200 characters)",
+        },
+    },
+}
+
+SCHEMAS["InvalidLine"] = {
+    "type": "object",
+    "required": ["line", "value", "reason"],
+    "properties": {
+        "line": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "CSV: the file's line; JSON: the item's position",
+        },
+        "value": {"type": "string"},
+        "reason": {"type": "string"},
+    },
+}
+
+SCHEMAS["BatchStatus"] = {
+    "type": "object",
+    "required": [
+        "id",
+        "status",
+        "name",
+        "total",
+        "lines",
+        "invalid",
+        "duplicates",
+        "cached",
+        "done",
+        "counts",
+        "created_at",
+        "cancelled_at",
+        "finished_at",
+        "eta_seconds",
+        "throughput_per_second",
+        "rate_limit_per_second",
+        "links",
+    ],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string", "enum": ["running", "complete", "cancelled"]},
+        "name": {"type": "string", "nullable": True},
+        "total": {**COUNT, "description": "items: the distinct identifiers"},
+        "lines": {**COUNT, "description": "input lines, valid or not"},
+        "invalid": {**COUNT, "description": "invalid input lines"},
+        "duplicates": {**COUNT, "description": "valid lines whose identifier an earlier line named"},
+        "cached": {**COUNT, "description": "items settled from the cache when the batch was created"},
+        "done": {**COUNT, "description": "items settled"},
+        "counts": {
+            "type": "object",
+            "description": "items by state",
+            "required": list(ITEM_STATES),
+            "properties": {state: COUNT for state in ITEM_STATES},
+        },
+        "created_at": {"type": "number"},
+        "cancelled_at": NUMBER_OR_NULL,
+        "finished_at": {**NUMBER_OR_NULL, "description": "set: nothing about the batch will change"},
+        "eta_seconds": {**NUMBER_OR_NULL, "description": "0 once finished; null when no pace is known"},
+        "throughput_per_second": {**NUMBER_OR_NULL, "description": "items a second, measured lately"},
+        "rate_limit_per_second": {**NUMBER_OR_NULL, "description": "items a second the rate limits allow"},
+        "links": {
+            "type": "object",
+            "required": ["self", "events", "results", "page"],
+            "properties": {name: {"type": "string"} for name in ("self", "events", "results", "page")},
+        },
+    },
+}
+
+# The answer to POST /api/batches: the status, with `invalid` the invalid lines themselves.
+SCHEMAS["BatchCreated"] = {
+    **SCHEMAS["BatchStatus"],
+    "properties": {
+        **SCHEMAS["BatchStatus"]["properties"],
+        "invalid": {"type": "array", "items": {"$ref": "#/components/schemas/InvalidLine"}},
+    },
+}
+
+SCHEMAS["BatchRow"] = {
+    "type": "object",
+    "description": "A results row (GET /api/batches/{batch_id}/results?format=jsonl: one a line)",
+    "required": ["line", "input", "type", "identifier", "state", "fields", "sources", "error", "lookup_id"],
+    "properties": {
+        "line": {"type": "integer", "minimum": 1},
+        "input": {"type": "string"},
+        "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"], "nullable": True},
+        "identifier": {"type": "string", "nullable": True},
+        "state": {"type": "string", "enum": ["invalid", *ITEM_STATES]},
+        "fields": {"type": "object", "description": "the type's main fields (razao_social, municipio, ...)"},
+        "sources": {"type": "object", "additionalProperties": {"type": "string", "enum": SOURCE_STATES}},
+        "error": {"type": "string", "nullable": True},
+        "lookup_id": {"type": "string", "nullable": True},
     },
 }
 

@@ -110,7 +110,7 @@ def test_run_of_a_spreadsheet_csv_writes_one_row_per_input_line(stack, sandbox, 
     summary = (
         r"complete: 5 lines, 3 items \(0 cached, 1 duplicate lines, 1 invalid lines\): 2 found, 1 not_found"
     )
-    assert re.search(rf"\n{summary} in \d+ s \(batch {re.escape(batch_id)}\)\n$", stderr), stderr
+    assert re.search(rf"\n{summary} in (< 1|\d+) s \(batch {re.escape(batch_id)}\)\n$", stderr), stderr
     # The very bytes GET /api/batches/<id>/results serves, and the file's name names the batch.
     with stack.app.app_context():
         served = "".join(batch_api.csv_lines(store(stack).rows(batch_id))).encode()
@@ -217,6 +217,46 @@ def test_ctrl_c_cancels_the_batch_and_exits_130(stack, sandbox, tmp_path):
     assert process.returncode == 130, stderr.decode()
     assert f"cancelled batch {batch_id}: " in stderr.decode() and stdout == b""
     assert status_of(stack, batch_id)["status"] == "cancelled"
+
+
+def test_run_of_a_batch_cancelled_elsewhere_writes_its_rows_and_exits_1(stack, sandbox, tmp_path):
+    sandbox.control("viacep", latency_ms=500)
+    sandbox.control("brasilapi", latency_ms=500)
+    path = tmp_path / "ceps.csv"
+    path.write_text("\n".join(sandbox.identifiers("cep", 200, seed=241)) + "\n")
+    output = tmp_path / "results.csv"
+    before = batch_ids(stack)
+    process = subprocess.Popen(
+        [str(FLASK), "--app", "app", "batch", "run", str(path), "--output", str(output)],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        (batch_id,) = wait_for(lambda: batch_ids(stack) - before, 30, 0.05, "the batch to be created")
+        assert flask(stack.env, "batch", "cancel", batch_id).returncode == 0
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+
+    assert process.returncode == 1, stderr.decode()
+    assert stderr.decode().endswith(f"Error: batch {batch_id} was cancelled\n")
+    assert "\ncancelled: 200 lines, 200 items " in stderr.decode()
+    rows = list(csv.DictReader(io.StringIO(output.read_text())))
+    assert len(rows) == 200 and "cancelled" in {row["state"] for row in rows}
+
+
+def test_output_in_a_missing_directory_is_refused_before_the_batch_starts(stack, tmp_path):
+    path = tmp_path / "batch.csv"
+    path.write_text("11222333000181\n")
+    before = batch_ids(stack)
+
+    result = flask(stack.env, "batch", "run", str(path), "--output", str(tmp_path / "nowhere" / "out.csv"))
+
+    assert result.returncode == 2
+    assert "Invalid value for '--output': cannot write in the directory of " in result.stderr.decode()
+    assert batch_ids(stack) == before
 
 
 def test_cancel_of_a_complete_batch_fails(stack):

@@ -83,6 +83,31 @@ def _run(app, path: str, method: str, mode: GenerationMode, examples: int, heade
     conforms()
 
 
+def test_a_real_batchs_answers_conform_to_the_document(app):
+    """Generated ids name no batch (404); a real one's status, results, cancel and events are checked here."""
+    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", app)
+    client = app.test_client()
+    # No worker runs here: the CEP stays pending until the cancel.
+    running = client.post("/api/batches", json={"identifiers": ["01310100", "123"], "name": "n"}).get_json()
+    done = client.post("/api/batches", data="123\n", content_type="text/csv").get_json()  # invalid lines only
+    assert running["status"] == "running" and done["status"] == "complete"
+
+    def check(path: str, method: str, batch_id: str, status: int, **query) -> None:
+        case = schema[path][method].Case(path_parameters={"batch_id": batch_id}, query=query or None)
+        response = case.call()
+        assert response.status_code == status, response.text[:500]
+        case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+    check("/api/batches/{batch_id}", "GET", running["id"], 200)
+    check("/api/batches/{batch_id}/results", "GET", running["id"], 200)
+    check("/api/batches/{batch_id}/results", "GET", running["id"], 200, format="jsonl")
+    check("/api/batches/{batch_id}", "DELETE", running["id"], 200)
+    check("/api/batches/{batch_id}", "DELETE", running["id"], 200)  # a second cancel changes nothing
+    check("/api/batches/{batch_id}/events", "GET", running["id"], 200)  # finished: the stream ends
+    check("/api/batches/{batch_id}", "DELETE", done["id"], 409)
+    check("/api/batches/{batch_id}/results", "GET", done["id"], 400, format="xml")
+
+
 OPERATIONS = [(path, method) for path, operations in DOCUMENT["paths"].items() for method in operations]
 
 # Every operation with valid input; with invalid input, those that take any input at all.

@@ -6,17 +6,14 @@ batch_input.py reads what was uploaded.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-from collections.abc import Iterator
 
-import orjson
 from flask import Blueprint, Response, request, stream_with_context
 
 import batch_input
 from api_errors import ApiError, json_response
-from batches import CSV_COLUMNS, BatchStore
+from batch_rows import csv_lines, jsonl_lines
+from batches import BatchStore
 from extensions import extension
 
 batch_api = Blueprint("batch_api", __name__)
@@ -108,58 +105,6 @@ def batch_events(batch_id: str):
         lambda snapshot: snapshot["finished_at"] is not None,
         "no batch with this id (unknown or expired)",
     )
-
-
-def csv_lines(rows: Iterator[dict]) -> Iterator[str]:
-    """Results rows as CSV (CSV_COLUMNS, a header first), a few hundred rows a chunk; `flask batch run`
-    writes them too."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    count = 0
-    for row in rows:
-        fields = row["fields"]
-        writer.writerow(
-            [
-                row["line"],
-                row["input"],
-                row["type"] or "",
-                row["identifier"] or "",
-                row["state"],
-                *(_cell(fields.get(column)) for column in CSV_COLUMNS[5:15]),
-                ";".join(f"{name}={state}" for name, state in row["sources"].items()),
-                row["error"] or "",
-                row["lookup_id"] or "",
-            ]
-        )
-        count += 1
-        if count % 200 == 0:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | dict):
-        return orjson.dumps(value).decode()
-    return str(value)
-
-
-def jsonl_lines(rows: Iterator[dict]) -> Iterator[bytes]:
-    """Results rows as JSON lines, a few hundred rows a chunk."""
-    chunk: list[bytes] = []
-    for row in rows:
-        chunk.append(orjson.dumps(row))
-        if len(chunk) == 200:
-            yield b"\n".join(chunk) + b"\n"
-            chunk = []
-    if chunk:
-        yield b"\n".join(chunk) + b"\n"
 
 
 @batch_api.get("/api/batches/<batch_id>/results")

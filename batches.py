@@ -34,12 +34,13 @@ import orjson
 import redis
 
 import batch_input
+import batch_rows
 import cross_checks
 import pipeline
 import redis_store
 from extensions import extension
 from identifiers import Identifier, IdentifierType
-from lookups import Lookup, LookupStatus, SourceState
+from lookups import LookupStatus
 from settings import Settings
 from sources import sources_for
 
@@ -48,41 +49,6 @@ log = logging.getLogger("batches")
 STEP_TASK = "job_queue.batch_step"
 ITEM_STATES = ("pending", "running", "found", "not_found", "partial", "failed", "cancelled")
 SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
-# The main fields of a row, by type, as the merged lookup result names them (`endereco.x`: nested).
-MAIN_FIELDS = {
-    "cnpj": (
-        "razao_social",
-        "nome_fantasia",
-        "situacao_cadastral",
-        "endereco.logradouro",
-        "endereco.bairro",
-        "endereco.municipio",
-        "endereco.uf",
-        "endereco.cep",
-    ),
-    "cep": ("logradouro", "bairro", "municipio", "uf", "cep"),
-    "cpf": ("valido", "regiao_fiscal"),
-}
-CSV_COLUMNS = (
-    "line",
-    "input",
-    "type",
-    "identifier",
-    "state",
-    "razao_social",
-    "nome_fantasia",
-    "situacao_cadastral",
-    "logradouro",
-    "bairro",
-    "municipio",
-    "uf",
-    "cep",
-    "valido",
-    "regiao_fiscal",
-    "sources",
-    "error",
-    "lookup_id",
-)
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
 STEP_LOCK_SECONDS = 30
@@ -154,54 +120,6 @@ def item_key(identifier: Identifier) -> str:
 def _identifier(key: str) -> Identifier:
     kind, _, value = key.partition(":")
     return Identifier(type=IdentifierType(kind), value=value)
-
-
-def _field(data: dict, path: str) -> Any:
-    for part in path.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def main_fields(kind: str, data: dict | None) -> dict[str, Any]:
-    """The fields a results row shows for this type (named without their `endereco.`)."""
-    if not data:
-        return {}
-    return {path.rsplit(".", 1)[-1]: _field(data, path) for path in MAIN_FIELDS.get(kind, ())}
-
-
-def summarize(kind: str, sources: dict, data: dict | None, complete: bool, lookup_id: str | None) -> dict:
-    """An item's outcome from its lookup's sources and merged data.
-
-    found: some source answered with data (partial: and some never settled); not_found: the
-    sources that answered all said "no such identifier"; failed: nobody answered.
-    """
-    states = {name: str(result.state) for name, result in sources.items()}
-    if data:
-        state = "found" if complete else "partial"
-    elif complete and any(result.state == SourceState.NOT_FOUND for result in sources.values()):
-        state = "not_found"
-    else:
-        state = "failed"
-    errors = [
-        f"{name}: {result.error}"
-        for name, result in sources.items()
-        if result.error and result.state not in (SourceState.OK, SourceState.STALE)
-    ]
-    error = "; ".join(errors) if state in ("failed", "partial") else None
-    return {
-        "state": state,
-        "fields": main_fields(kind, data),
-        "sources": states,
-        "error": error,
-        "lookup_id": lookup_id,
-    }
-
-
-def _summary_of(lookup: Lookup, complete: bool) -> dict:
-    data = (lookup.result or {}).get("data")
-    if data is None and not complete:
-        data = cross_checks.merge(lookup.type, lookup.sources)
-    return summarize(lookup.type, lookup.sources, data, complete, lookup.id)
 
 
 class BatchStore:
@@ -318,7 +236,7 @@ class BatchStore:
                 results = {name: pipeline.result_from_cache(entries[name]) for name in wanted}
                 kind = str(identifier.type)
                 data = cross_checks.merge(kind, results)
-                summaries[item_key(identifier)] = summarize(kind, results, data, True, None)
+                summaries[item_key(identifier)] = batch_rows.summarize(kind, results, data, True, None)
         return summaries
 
     # -- reading -----------------------------------------------------------------------------
@@ -425,39 +343,8 @@ class BatchStore:
             summaries = dict(zip(keys, settled, strict=True)) if keys else {}
             in_flight = dict(zip(keys, running, strict=True)) if keys else {}
             for line, value, key, reason in chunk:
-                yield self._row(line, value, key, reason, summaries.get(key), in_flight.get(key), status)
+                yield batch_rows.row(line, value, key, reason, summaries.get(key), in_flight.get(key), status)
             start += ROWS_CHUNK
-
-    @staticmethod
-    def _row(line, value, key, reason, summary, in_flight, status) -> dict:
-        if not key:
-            return {
-                "line": line,
-                "input": value,
-                "type": None,
-                "identifier": None,
-                "state": "invalid",
-                "fields": {},
-                "sources": {},
-                "error": reason,
-                "lookup_id": None,
-            }
-        kind, _, identifier = key.partition(":")
-        if summary is not None:
-            item = orjson.loads(summary)
-        else:
-            state = (
-                "running" if in_flight is not None else ("cancelled" if status == "cancelled" else "pending")
-            )
-            lookup_id = in_flight.decode().partition("|")[0] if in_flight else ""
-            item = {
-                "state": state,
-                "fields": {},
-                "sources": {},
-                "error": None,
-                "lookup_id": lookup_id or None,
-            }
-        return {"line": line, "input": value, "type": kind, "identifier": identifier, **item}
 
     # -- cancel and the step --------------------------------------------------------------------
     def cancel(self, batch_id: str) -> str | None:
@@ -553,15 +440,15 @@ class BatchStore:
             if status == b"complete" or answered:
                 lookup = store.get(lookup_id)
                 if lookup is not None:
-                    self._settle_item(batch_id, key, _summary_of(lookup, True))
+                    self._settle_item(batch_id, key, batch_rows.summary_of(lookup, True))
                     continue
             if status is None and not answered:
                 error = "its lookup expired before it completed"
-                self._settle_item(batch_id, key, {**_failed(error), "lookup_id": lookup_id})
+                self._settle_item(batch_id, key, batch_rows.failed(error, lookup_id))
             elif timed_out:
                 lookup = store.get(lookup_id)
                 if lookup is not None:
-                    self._settle_item(batch_id, key, _summary_of(lookup, False))
+                    self._settle_item(batch_id, key, batch_rows.summary_of(lookup, False))
 
     def _start_items(self, batch_id: str) -> None:
         now = time.time()
@@ -581,7 +468,7 @@ class BatchStore:
     def _start(self, batch_id: str, key: str, started: float) -> None:
         lookup, _ = pipeline.start_lookup(_identifier(key), pipeline.BATCH_PRIORITY)
         if lookup.status == LookupStatus.COMPLETE:  # cached since the batch was created
-            self._settle_item(batch_id, key, _summary_of(lookup, True))
+            self._settle_item(batch_id, key, batch_rows.summary_of(lookup, True))
         else:
             self.redis.hset(self.key(batch_id, "running"), key, f"{lookup.id}|{started}")
 
@@ -676,10 +563,6 @@ class BatchStore:
             "items_pending": sum(pending for _, pending in unfinished),
             "items_in_flight": int(self.redis.zcard(self.inflight_key)),
         }
-
-
-def _failed(error: str) -> dict:
-    return {"state": "failed", "fields": {}, "sources": {}, "error": error, "lookup_id": None}
 
 
 def init_app(app) -> None:

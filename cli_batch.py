@@ -2,7 +2,7 @@
 
 `run` reads a CSV (or a JSON list) the way `POST /api/batches` does (batch_input.py), creates
 the batch in this process, follows it with a progress bar and writes its results with the API's
-own row serializers (batch_api.csv_lines / jsonl_lines).  Like `flask lookup`, it only creates
+own row serializers (batch_rows.csv_lines / jsonl_lines).  Like `flask lookup`, it only creates
 and watches: the items are looked up by the Celery workers.
 """
 
@@ -16,8 +16,8 @@ import click
 import orjson
 from flask.cli import AppGroup
 
-import batch_api
 import batch_input
+import batch_rows
 import maintenance
 from batches import BatchStore
 from cli import echo_json, json_option, needs_redis
@@ -133,7 +133,9 @@ def follow(batch_id: str, status: dict, timeout: float | None) -> tuple[dict, bo
 def write_results(batch_id: str, output: str, fmt: str) -> None:
     """The results, one row per input line, to `output` (`-`: stdout); a file appears whole or not at all."""
     rows = _store().rows(batch_id)
-    chunks: Iterator[str | bytes] = batch_api.csv_lines(rows) if fmt == "csv" else batch_api.jsonl_lines(rows)
+    chunks: Iterator[str | bytes] = (
+        batch_rows.csv_lines(rows) if fmt == "csv" else batch_rows.jsonl_lines(rows)
+    )
     try:
         with click.open_file(output, "wb", atomic=output != "-") as out:
             for chunk in chunks:

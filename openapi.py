@@ -10,7 +10,8 @@ from __future__ import annotations
 from flask import Blueprint
 
 from api_errors import json_response
-from batches import CSV_COLUMNS, ITEM_STATES
+from batch_rows import CSV_COLUMNS
+from batches import ITEM_STATES
 
 docs = Blueprint("openapi", __name__)
 

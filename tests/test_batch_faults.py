@@ -67,6 +67,9 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
     wait_for(
         lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 8, 30, 0.05, "the batch under way"
     )
+    def viacep_tokens() -> float:
+        return stack.app.extensions["rate_limiter"].tokens("viacep")
+
     for cep in people:
         lookup = stack.wait_status(stack.post_lookup(cep).json()["id"], timeout=10)
         viacep = lookup["sources"]["viacep"]
@@ -80,8 +83,7 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
         assert "rate_limited" not in states, states  # it never waited for a token
         assert lookup["completed_at"] - lookup["created_at"] < 2.0
         # The next person comes once the reserve is whole again (people do not come 4 a second).
-        limiter = stack.app.extensions["rate_limiter"]
-        wait_for(lambda: limiter.tokens("viacep") >= 2, 5, 0.05, "the reserve to refill")
+        wait_for(lambda: viacep_tokens() >= 2, 5, 0.05, "the reserve to refill")
     requests.delete(f"{stack.web_url}/api/batches/{batch_id}", timeout=10)
     body = _finished(stack, batch_id, 60)
     rows = [

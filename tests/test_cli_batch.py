@@ -16,8 +16,8 @@ import orjson
 import pytest
 from conftest import FAST_LIMITS, wait_for
 
-import batch_api
 import batch_input
+import batch_rows
 from embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_run_of_a_spreadsheet_csv_writes_one_row_per_input_line(stack, sandbox, 
     assert re.search(rf"\n{summary} in (< 1|\d+) s \(batch {re.escape(batch_id)}\)\n$", stderr), stderr
     # The very bytes GET /api/batches/<id>/results serves, and the file's name names the batch.
     with stack.app.app_context():
-        served = "".join(batch_api.csv_lines(store(stack).rows(batch_id))).encode()
+        served = "".join(batch_rows.csv_lines(store(stack).rows(batch_id))).encode()
     assert result.stdout == served
     assert status_of(stack, batch_id)["name"] == "clientes.csv"
 

@@ -1,0 +1,193 @@
+"""What a batch's results rows hold: an item's summary, the main fields per type, CSV and JSONL.
+
+An item settles into a summary (state, main fields, state per source, error, lookup id) kept in
+the batch's `:items` hash; each input line's row is that summary with the line and its input.
+The serializers write rows as they come, a few hundred at a time, so a 10,000-row result is
+streamed by `GET /api/batches/<id>/results` and `flask batch run` without being built in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+import cross_checks
+from lookups import Lookup, SourceState
+
+# The main fields of a row, by type, as the merged lookup result names them (`endereco.x`: nested).
+MAIN_FIELDS = {
+    "cnpj": (
+        "razao_social",
+        "nome_fantasia",
+        "situacao_cadastral",
+        "endereco.logradouro",
+        "endereco.bairro",
+        "endereco.municipio",
+        "endereco.uf",
+        "endereco.cep",
+    ),
+    "cep": ("logradouro", "bairro", "municipio", "uf", "cep"),
+    "cpf": ("valido", "regiao_fiscal"),
+}
+CSV_COLUMNS = (
+    "line",
+    "input",
+    "type",
+    "identifier",
+    "state",
+    "razao_social",
+    "nome_fantasia",
+    "situacao_cadastral",
+    "logradouro",
+    "bairro",
+    "municipio",
+    "uf",
+    "cep",
+    "valido",
+    "regiao_fiscal",
+    "sources",
+    "error",
+    "lookup_id",
+)
+
+
+def _field(data: dict, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def main_fields(kind: str, data: dict | None) -> dict[str, Any]:
+    """The fields a results row shows for this type (named without their `endereco.`)."""
+    if not data:
+        return {}
+    return {path.rsplit(".", 1)[-1]: _field(data, path) for path in MAIN_FIELDS.get(kind, ())}
+
+
+def summarize(kind: str, sources: dict, data: dict | None, complete: bool, lookup_id: str | None) -> dict:
+    """An item's outcome from its lookup's sources and merged data.
+
+    found: some source answered with data (partial: and some never settled); not_found: the
+    sources that answered all said "no such identifier"; failed: nobody answered.
+    """
+    states = {name: str(result.state) for name, result in sources.items()}
+    if data:
+        state = "found" if complete else "partial"
+    elif complete and any(result.state == SourceState.NOT_FOUND for result in sources.values()):
+        state = "not_found"
+    else:
+        state = "failed"
+    errors = [
+        f"{name}: {result.error}"
+        for name, result in sources.items()
+        if result.error and result.state not in (SourceState.OK, SourceState.STALE)
+    ]
+    error = "; ".join(errors) if state in ("failed", "partial") else None
+    return {
+        "state": state,
+        "fields": main_fields(kind, data),
+        "sources": states,
+        "error": error,
+        "lookup_id": lookup_id,
+    }
+
+
+def summary_of(lookup: Lookup, complete: bool) -> dict:
+    """The summary of an item from its lookup (`complete`: it is; else what it has so far)."""
+    data = (lookup.result or {}).get("data")
+    if data is None and not complete:
+        data = cross_checks.merge(lookup.type, lookup.sources)
+    return summarize(lookup.type, lookup.sources, data, complete, lookup.id)
+
+
+def failed(error: str, lookup_id: str | None = None) -> dict:
+    """The summary of an item that ends without an answer (its lookup vanished)."""
+    return {"state": "failed", "fields": {}, "sources": {}, "error": error, "lookup_id": lookup_id}
+
+
+def row(
+    line: int, value: str, key: str, reason: str, summary: bytes | None, in_flight: bytes | None, status: str
+) -> dict:
+    """One results row: an input line and, for a valid one, its item's summary or its state so far."""
+    if not key:
+        return {
+            "line": line,
+            "input": value,
+            "type": None,
+            "identifier": None,
+            "state": "invalid",
+            "fields": {},
+            "sources": {},
+            "error": reason,
+            "lookup_id": None,
+        }
+    kind, _, identifier = key.partition(":")
+    if summary is not None:
+        item = orjson.loads(summary)
+    else:
+        state = "running" if in_flight is not None else ("cancelled" if status == "cancelled" else "pending")
+        lookup_id = in_flight.decode().partition("|")[0] if in_flight else ""
+        item = {
+            "state": state,
+            "fields": {},
+            "sources": {},
+            "error": None,
+            "lookup_id": lookup_id or None,
+        }
+    return {"line": line, "input": value, "type": kind, "identifier": identifier, **item}
+
+
+def csv_lines(rows: Iterator[dict]) -> Iterator[str]:
+    """Results rows as CSV (CSV_COLUMNS, a header first), a few hundred rows a chunk; `flask batch run`
+    writes them too."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    count = 0
+    for row in rows:
+        fields = row["fields"]
+        writer.writerow(
+            [
+                row["line"],
+                row["input"],
+                row["type"] or "",
+                row["identifier"] or "",
+                row["state"],
+                *(_cell(fields.get(column)) for column in CSV_COLUMNS[5:15]),
+                ";".join(f"{name}={state}" for name, state in row["sources"].items()),
+                row["error"] or "",
+                row["lookup_id"] or "",
+            ]
+        )
+        count += 1
+        if count % 200 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def jsonl_lines(rows: Iterator[dict]) -> Iterator[bytes]:
+    """Results rows as JSON lines, a few hundred rows a chunk."""
+    chunk: list[bytes] = []
+    for row in rows:
+        chunk.append(orjson.dumps(row))
+        if len(chunk) == 200:
+            yield b"\n".join(chunk) + b"\n"
+            chunk = []
+    if chunk:
+        yield b"\n".join(chunk) + b"\n"

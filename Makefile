@@ -37,7 +37,7 @@ test: $(VENV)/.dev $(CATALOG).mo browser promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark script; `make bench QUICK=1` runs the short versions, as make test does.
-BENCHMARKS := cached_lookup uncached_latency celery_ceiling throughput streams backlog rate_fidelity
+BENCHMARKS := cached_lookup uncached_latency celery_ceiling throughput streams backlog rate_fidelity batch_interference
 
 ## bench: run every benchmark and rewrite docs/benchmarks.md (QUICK=1: short runs that rewrite nothing)
 bench: $(VENV)/.dev $(CATALOG).mo
@@ -49,7 +49,7 @@ bench: $(VENV)/.dev $(CATALOG).mo
 
 ## screenshots: rerun the page tests and save their screenshots into docs/screenshots/
 screenshots: $(VENV)/.dev $(CATALOG).mo browser
-	UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_page_browser.py
+	UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_page_browser.py tests/test_batch_page.py
 
 ## browser: Debian's Chromium for the page tests, installed with apt when missing (as root, as in CI)
 browser:

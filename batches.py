@@ -260,7 +260,7 @@ class BatchStore:
             "name": values.get("name") or None,
             "total": total,
             "lines": int(values["lines"]),
-            "invalid": int(values["invalid"]),
+            "invalid_lines": int(values["invalid"]),
             "duplicates": int(values["duplicates"]),
             "cached": int(values.get("cached", 0)),
             "done": settled,

@@ -95,7 +95,7 @@ def summary_line(status: dict) -> str:
     took = (status["finished_at"] or time.time()) - status["created_at"]
     return (
         f"{status['status']}: {status['lines']} lines, {status['total']} items ({status['cached']} cached, "
-        f"{status['duplicates']} duplicate lines, {status['invalid']} invalid lines): "
+        f"{status['duplicates']} duplicate lines, {status['invalid_lines']} invalid lines): "
         f"{counts_text(status)} in {duration(took)} (batch {status['id']})"
     )
 
@@ -240,7 +240,7 @@ def batch_status(batch_id: str, as_json: bool) -> None:
     click.echo(f"batch {batch_id}{named} {status['status']}: {status['done']}/{status['total']} items done")
     click.echo(f"items  {counts_text(status)}")
     click.echo(
-        f"lines  {status['lines']} ({status['invalid']} invalid, {status['duplicates']} duplicates), "
+        f"lines  {status['lines']} ({status['invalid_lines']} invalid, {status['duplicates']} duplicates), "
         f"{status['cached']} items answered from the cache"
     )
     times = [f"created {clock(status['created_at'])}"]

@@ -767,7 +767,7 @@ SCHEMAS["BatchStatus"] = {
         "name",
         "total",
         "lines",
-        "invalid",
+        "invalid_lines",
         "duplicates",
         "cached",
         "done",
@@ -786,7 +786,7 @@ SCHEMAS["BatchStatus"] = {
         "name": {"type": "string", "nullable": True},
         "total": {**COUNT, "description": "items: the distinct identifiers"},
         "lines": {**COUNT, "description": "input lines, valid or not"},
-        "invalid": {**COUNT, "description": "invalid input lines"},
+        "invalid_lines": {**COUNT, "description": "invalid input lines"},
         "duplicates": {**COUNT, "description": "valid lines whose identifier an earlier line named"},
         "cached": {**COUNT, "description": "items settled from the cache when the batch was created"},
         "done": {**COUNT, "description": "items settled"},
@@ -810,9 +810,10 @@ SCHEMAS["BatchStatus"] = {
     },
 }
 
-# The answer to POST /api/batches: the status, with `invalid` the invalid lines themselves.
+# The answer to POST /api/batches: the status and `invalid`, the invalid lines themselves.
 SCHEMAS["BatchCreated"] = {
     **SCHEMAS["BatchStatus"],
+    "required": [*SCHEMAS["BatchStatus"]["required"], "invalid"],
     "properties": {
         **SCHEMAS["BatchStatus"]["properties"],
         "invalid": {"type": "array", "items": {"$ref": "#/components/schemas/InvalidLine"}},

@@ -1,11 +1,10 @@
-"""The browser pages (lookup, bulk batch and status pages), their language (pt_BR or en) and the security headers."""
+"""The browser pages (lookup, bulk batch, status), their language (pt_BR or en) and the security headers."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, has_request_context, render_template, request
-from flask_babel import Babel, format_decimal, format_number, get_locale
+from flask_babel import Babel, format_decimal, format_number, get_locale, pgettext
 from flask_babel import gettext as _
-from flask_babel import pgettext
 
 from extensions import extension
 
@@ -234,15 +233,15 @@ def script_strings() -> dict[str, str]:
         "batch_upload_failed": _("The batch could not be started (HTTP {status})"),
         "batch_too_big": _("The file is too big ({size}); at most {max} are accepted"),
         "batch_one_file": _("Drop one file at a time"),
-        "batch_started": _("Batch started: {total} identifiers to look up"),
+        "batch_started": _("Batch started: {total} to look up"),
         "batch_load_failed": _("The batch could not be loaded (HTTP {status})"),
         "batch_expired": _("This batch is unknown or has expired."),
         "batch_status_running": _("Running"),
         "batch_status_complete": pgettext("batch status", "Complete"),
         "batch_status_cancelled": pgettext("batch status", "Cancelled"),
         "batch_status_cancelling": _("Cancelling…"),
-        "batch_progress": _("{done} of {total} identifiers ({percent})"),
-        "batch_finished": _("Batch finished ({status}): {done} of {total} identifiers"),
+        "batch_progress": _("{done} of {total} ({percent})"),
+        "batch_finished": _("Batch finished ({status}): {done} of {total}"),
         "batch_started_at": _("started at {time}"),
         "batch_cancel_confirm": _(
             "Cancel this batch? The identifiers not started yet will not be looked up; "
@@ -259,7 +258,7 @@ def script_strings() -> dict[str, str]:
         "throughput_measuring": _("Measuring…"),
         "rate_limit_pace": _("the sources' rate limits allow {rate}"),
         "invalid_more": _("The first {shown} of {count} invalid lines; the results file lists every line."),
-        "invalid_elsewhere": _("{count} invalid lines: the results file lists them (state “invalid”)."),
+        "invalid_elsewhere": _("Invalid lines: {count}. The results file lists them (state “invalid”)."),
         # reasons of invalid lines and refused files (the API's English text is the fallback)
         "row_empty": _("The identifier is empty"),
         "row_columns": _("Expected an identifier and an optional type, got {count} columns"),

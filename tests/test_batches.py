@@ -17,7 +17,6 @@ BATCH_ENV = {
     **{name: value for name, value in FAST_LIMITS.items() if "RECEITAWS" not in name},
     "BATCH_CONCURRENCY": "16",
     "BATCH_POLL_INTERVAL": "0.05",
-    "BATCH_MAX_ROWS": "2000",
 }
 
 
@@ -181,10 +180,10 @@ def test_batch_events_stream_progress_until_complete(stack, sandbox):
 
 def test_bad_batches_are_refused_with_a_clear_error(stack):
     url = f"{stack.web_url}/api/batches"
-    too_many = "\n".join(["11222333000181"] * 2001)
+    too_many = "\n".join(["11222333000181"] * 10_001)  # BATCH_MAX_ROWS: 10,000
     response = requests.post(url, data=too_many, headers={"Content-Type": "text/csv"}, timeout=10)
     assert response.status_code == 400 and response.json()["error"] == "invalid_batch"
-    assert "2,000" in response.json()["message"]
+    assert "10,000" in response.json()["message"]
     response = requests.post(url, data=b"\xff\xfe", headers={"Content-Type": "text/csv"}, timeout=10)
     assert response.status_code == 400 and "UTF-8" in response.json()["message"]
     response = requests.post(url, data="x", headers={"Content-Type": "application/xml"}, timeout=10)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import FAST_LIMITS, wait_for
+import test_batches
+from conftest import wait_for
+from test_batches import fast_upstreams  # noqa: F401 - the autouse fixture applies here too
 
 import batch_input
 import batch_rows
@@ -23,13 +25,8 @@ from embedded_redis import free_port
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "flask"
 
-# As tests/test_batches.py: ReceitaWS keeps its real limit (the sandbox's quota of 3 a minute).
-BATCH_ENV = {
-    **{name: value for name, value in FAST_LIMITS.items() if "RECEITAWS" not in name},
-    "BATCH_CONCURRENCY": "16",
-    "BATCH_POLL_INTERVAL": "0.05",
-    "BATCH_MAX_ROWS": "2000",
-}
+# tests/test_batches.py's settings, with a row limit small enough to test cheaply.
+BATCH_ENV = {**test_batches.BATCH_ENV, "BATCH_MAX_ROWS": "2000"}
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +40,6 @@ def stack(redis_url, sandbox_url, tmp_path_factory):
         yield stack
     finally:
         stack.stop()
-
-
-@pytest.fixture(autouse=True)
-def fast_upstreams(sandbox):
-    """The sandbox without its quotas but ReceitaWS's (3 a minute), to match BATCH_ENV."""
-    for name in ("brasilapi", "opencnpj", "viacep"):
-        sandbox.control(name, quota_per_minute=None)
-    return sandbox
 
 
 def flask(

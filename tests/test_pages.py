@@ -52,6 +52,14 @@ def lookup_id(client) -> str:
     return response.get_json()["id"]
 
 
+@pytest.fixture
+def batch_id(client) -> str:
+    """A batch of invalid lines only: complete when created, so no worker is needed."""
+    response = client.post("/api/batches", json={"identifiers": ["123"]})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
 class PageParser(HTMLParser):
     """Collects what the markup rules care about: html lang, scripts, inline styles and handlers."""
 
@@ -113,7 +121,17 @@ def page_strings(response) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/status", "/healthz", "/api/status", "/lookups/unknown", "/api/nothing"]
+    "path",
+    [
+        "/",
+        "/status",
+        "/batches",
+        "/healthz",
+        "/api/status",
+        "/lookups/unknown",
+        "/batches/unknown",
+        "/api/nothing",
+    ],
 )
 def test_every_response_carries_the_csp_and_security_headers(client, path):
     response = client.get(path)
@@ -138,6 +156,30 @@ def test_lookup_page_renders_a_known_lookup(client, lookup_id):
     assert f'data-lookup-id="{lookup_id}"' in response.get_data(as_text=True)
 
 
+def test_batch_page_renders_its_drop_zone_and_a_known_batch(client, batch_id):
+    empty = client.get("/batches")
+    known = client.get(f"/batches/{batch_id}")
+
+    assert empty.status_code == known.status_code == 200
+    assert 'type="file"' in empty.get_data(as_text=True)
+    assert "data-batch-id" not in empty.get_data(as_text=True)
+    assert f'data-batch-id="{batch_id}"' in known.get_data(as_text=True)
+    # Reached from every page's navigation, marked current on its own.
+    assert re.search(r'<a href="/batches"[^>]*>Consulta em lote</a>', client.get("/").get_data(as_text=True))
+    assert re.search(r'<a href="/batches" aria-current="page">', known.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("batch_path", ["/batches/no-such-batch", "/batches/" + "a" * 65])
+def test_batch_page_of_an_unknown_or_overlong_id_is_an_html_404(client, batch_path):
+    response = client.get(batch_path)
+
+    assert response.status_code == 404
+    assert response.mimetype == "text/html"
+    body = response.get_data(as_text=True)
+    assert 'id="not-found"' in body and "Lote não encontrado" in body
+    assert 'href="/batches"' in body
+
+
 @pytest.mark.parametrize("lookup_path", ["/lookups/no-such-lookup", "/lookups/" + "a" * 65])
 def test_lookup_page_of_an_unknown_or_overlong_id_is_an_html_404(client, lookup_path):
     response = client.get(lookup_path)
@@ -147,8 +189,8 @@ def test_lookup_page_of_an_unknown_or_overlong_id_is_an_html_404(client, lookup_
     assert 'id="not-found"' in response.get_data(as_text=True)
 
 
-def test_static_assets_the_pages_reference_are_served(client, lookup_id):
-    for path in ("/", "/status", f"/lookups/{lookup_id}"):
+def test_static_assets_the_pages_reference_are_served(client, lookup_id, batch_id):
+    for path in ("/", "/status", f"/lookups/{lookup_id}", "/batches", f"/batches/{batch_id}"):
         page = parse_page(client.get(path))
         assets = [script["src"] for script in page.scripts if script["src"]] + page.stylesheets
         assert assets
@@ -248,9 +290,12 @@ def test_every_catalog_entry_is_translated_and_keeps_its_placeholders():
 
 
 @pytest.mark.parametrize("accept_language", ["pt-BR", "en"])
-def test_no_page_has_inline_script_code_inline_styles_or_event_handlers(client, lookup_id, accept_language):
+def test_no_page_has_inline_script_code_inline_styles_or_event_handlers(
+    client, lookup_id, batch_id, accept_language
+):
     headers = {"Accept-Language": accept_language}
-    for path in ("/", "/status", f"/lookups/{lookup_id}", "/lookups/unknown"):
+    paths = ("/", "/status", f"/lookups/{lookup_id}", "/lookups/unknown", "/batches", f"/batches/{batch_id}")
+    for path in (*paths, "/batches/unknown"):
         page = parse_page(client.get(path, headers=headers))
 
         assert page.violations == [], path

@@ -19,8 +19,9 @@ waits a little longer, keeping its token.
 
 Bulk batches (batches.py) share the buckets under one more rule: a batch item's call takes a token
 only while more than BATCH_TOKEN_RESERVE tokens would remain, and never reserves ahead.  The bucket
-holds burst + reserve tokens, so an interactive lookup arriving during a batch finds the reserve
-at once; the log of starts keeps the upstream's view as it was (its caps do not grow with it).
+holds burst + reserve tokens (and room for a dispatcher round's refill: `capacity`), so an
+interactive lookup arriving during a batch finds the reserve at once; the log of starts keeps the
+upstream's view as it was (its caps do not grow with it).
 """
 
 from __future__ import annotations
@@ -127,8 +128,19 @@ class RateLimiter:
         return redis_store.key(self.settings, "ratelimit", source)
 
     def capacity(self, source: str) -> int:
-        """Tokens the bucket holds when full: the burst plus the reserve kept for interactive lookups."""
-        return self.settings.sources[source].burst + max(0, self.settings.batch_token_reserve)
+        """Tokens the bucket holds when full: the burst, the reserve kept for interactive lookups and,
+        with a reserve, room for one dispatcher round's refill above it.
+
+        A held batch call asks again once a round (DEFERRED_POLL_INTERVAL); with no room above the
+        reserve the bucket overflowed between rounds and batches got one token a round, half of
+        BrasilAPI's rate (docs/benchmarks.md, benchmark 7).  Reserve 0: the burst alone.
+        """
+        limits = self.settings.sources[source]
+        reserve = max(0, self.settings.batch_token_reserve)
+        if not reserve:
+            return limits.burst
+        room = round(limits.rate_per_minute / 60.0 * self.settings.deferred_poll_interval)
+        return limits.burst + reserve + room
 
     def _args(
         self, source: str, horizon: float, dry_run: bool, keep: float | None = None

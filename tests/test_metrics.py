@@ -193,9 +193,10 @@ def test_the_scrape_reports_breakers_queues_tokens_and_dead_letters_from_redis(a
     assert value(samples, "enrich_queue_depth", priority="7") == 1
     assert value(samples, "enrich_queue_depth") == 1  # all priorities together
     assert value(samples, "enrich_deferred_calls") == 1
-    # A full bucket holds its burst (1) and the interactive reserve (2); one token is taken.
+    # A full bucket holds its burst (1), the interactive reserve (2) and a dispatcher round's refill
+    # (ViaCEP: 9.5/s x 0.2 s, 2 tokens; ReceitaWS: none); one token of ReceitaWS's is taken.
     assert 1.9 < value(samples, "enrich_rate_limit_tokens", source="receitaws") < 2.5
-    assert value(samples, "enrich_rate_limit_tokens", source="viacep") == 3
+    assert value(samples, "enrich_rate_limit_tokens", source="viacep") == 5
     assert value(samples, "enrich_rate_limit_per_minute", source="receitaws") == pytest.approx(2.85)
     assert value(samples, "enrich_workers_live") == 0
 

@@ -181,3 +181,12 @@ def test_the_log_of_starts_ignores_the_reserve(settings, redis_client):
             else:
                 time.sleep(wait)  # the limiter's own answer says when to come back
         assert started == allowed, rate
+
+
+def test_the_bucket_has_room_for_a_dispatcher_rounds_refill_above_the_reserve(settings, redis_client):
+    """A held batch call asks again once a DEFERRED_POLL_INTERVAL (0.2 s): at 10 a second a round
+    refills 2 tokens, and the bucket keeps them above the reserve for the batch's next round."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":room", rate=600, reserve=2)
+    assert limiter.capacity("receitaws") == 1 + 2 + 2
+    taken = [limiter.reserve("receitaws", batch=True) for _ in range(4)]
+    assert [r.granted for r in taken] == [True, True, True, False] and taken[3].held

@@ -265,19 +265,18 @@ def run_source_call(
     # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
     slot_options = {**options, "priority": 0}
 
+    def rate_limited(error: str, scheduled_at: float | None = None) -> dict:
+        """Settled (no `scheduled_at`) or waiting for its time; either way no request went out."""
+        result = SourceResult(
+            source_name, SourceState.RATE_LIMITED, scheduled_at=scheduled_at, attempts=attempt, error=error
+        )
+        return record(result)
+
     def wait_for_slot(due: float) -> dict:
         extension("deferred").add(
             due, FETCH_TASK, [*args, attempt, True, requeue], slot_options, rate_limit_wait=True
         )
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.RATE_LIMITED,
-                scheduled_at=due,
-                attempts=attempt,
-                error="waiting for the source's rate limit",
-            )
-        )
+        return rate_limited("waiting for the source's rate limit", due)
 
     batch = priority == BATCH_PRIORITY
     if not reserved:
@@ -289,37 +288,19 @@ def run_source_call(
             due = time.time() + reservation.wait
             if due - held_since > settings.batch_source_wait:
                 metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
-                return record(
-                    SourceResult(
-                        source_name,
-                        SourceState.RATE_LIMITED,
-                        attempts=attempt,
-                        error="skipped: the source's tokens are kept for interactive lookups "
-                        f"(next one in {reservation.wait:.1f}s)",
-                    )
+                return rate_limited(
+                    "skipped: the source's tokens are kept for interactive lookups "
+                    f"(next one in {reservation.wait:.1f}s)"
                 )
             extension("deferred").add(
                 due, FETCH_TASK, [*args, attempt, False, requeue, held_since], options, rate_limit_wait=True
             )
-            return record(
-                SourceResult(
-                    source_name,
-                    SourceState.RATE_LIMITED,
-                    scheduled_at=due,
-                    attempts=attempt,
-                    error="waiting: the source's tokens are kept for interactive lookups",
-                )
-            )
+            return rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
         if not reservation.granted:
             metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
-            return record(
-                SourceResult(
-                    source_name,
-                    SourceState.RATE_LIMITED,
-                    attempts=attempt,
-                    error=f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
-                    f"{settings.defer_horizon:.0f}s horizon",
-                )
+            return rate_limited(
+                f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
+                f"{settings.defer_horizon:.0f}s horizon"
             )
         if reservation.wait > 0:
             metrics.rate_limit_delay(source_name, "reserved", reservation.wait)
@@ -337,7 +318,7 @@ def run_source_call(
     def admitted_fetch(identifier: Identifier) -> dict:
         # Checked after the breaker let the call through, right before it goes out, so the log of
         # starts counts what the upstream sees, give or take the HTTP request's own way there.
-        wait = limiter.admit(source_name)
+        wait = limiter.admit(source_name, batch=batch)
         if wait > 0:
             raise Paced(wait)
         return metrics.timed_fetch(source_name, source.fetch, identifier)
@@ -523,7 +504,8 @@ def _company_cep(
     for source in sources:
         if source.name in entries:
             continue
-        if not limiter.reserve(source.name, horizon=0, batch=batch).granted or limiter.admit(source.name) > 0:
+        reserved = limiter.reserve(source.name, horizon=0, batch=batch)
+        if not reserved.granted or limiter.admit(source.name, batch=batch) > 0:
             last_error = f"{source.name} is rate limited"
             continue
         try:

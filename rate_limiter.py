@@ -167,11 +167,19 @@ class RateLimiter:
         """The `rate_limiting` feature flag: while off, every call goes at once and takes no token."""
         return self.flags is None or self.flags.enabled("rate_limiting")
 
-    def admit(self, source: str) -> float:
-        """A call about to go out: 0 (its start is logged, go) or the seconds it should wait first."""
+    def admit(self, source: str, batch: bool = False) -> float:
+        """A call about to go out: 0 (its start is logged, go) or the seconds it should wait first.
+
+        `batch`: the reserve holds in the log of starts too, a batch call starting only while
+        BATCH_TOKEN_RESERVE more starts would still fit in the second and the minute; else a batch
+        using a source's whole rate fills each second and a person's call waits for the next one.
+        """
         if not self.enabled:
             return 0.0
         keys, args = self._args(source, 0, False)
+        if batch:
+            reserve = max(0, self.settings.batch_token_reserve)
+            args[5], args[6] = max(1, args[5] - reserve), max(1, args[6] - reserve)
         return float(self._admit(keys=keys, args=args))
 
     def reserve(self, source: str, horizon: float | None = None, batch: bool = False) -> Reservation:

@@ -69,19 +69,7 @@
   let announcedAt = 0;
   let announcedEnd = null;
 
-  function h(tag, attributes, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attributes || {})) {
-      if (value === null || value === undefined || value === false) continue;
-      if (name === "class") node.className = value;
-      else node.setAttribute(name, value === true ? "" : String(value));
-    }
-    for (const child of children.flat()) {
-      if (child === null || child === undefined) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
+  const { h } = window.Dom;
 
   const number = (value) => formatNumber(value || 0);
   const isFinished = (batch) => batch.finished_at !== null && batch.finished_at !== undefined;

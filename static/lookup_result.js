@@ -9,20 +9,7 @@
 
   // -- DOM helpers -------------------------------------------------------------------------------------
 
-  // h("p", {class: "x", "data-state": "ok"}, "text", child): an element; strings become text nodes.
-  function h(tag, attributes, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attributes || {})) {
-      if (value === null || value === undefined || value === false) continue;
-      if (name === "class") node.className = value;
-      else node.setAttribute(name, value === true ? "" : String(value));
-    }
-    for (const child of children.flat()) {
-      if (child === null || child === undefined || child === false) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
+  const { h } = window.Dom;
 
   const isBlank = (value) => value === null || value === undefined || value === "" ||
     (Array.isArray(value) && value.length === 0);

@@ -7,19 +7,7 @@
   const byId = (id) => document.getElementById(id);
   const updated = byId("status-updated");
 
-  function h(tag, attributes, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attributes || {})) {
-      if (value === null || value === undefined || value === false) continue;
-      if (name === "class") node.className = value;
-      else node.setAttribute(name, value === true ? "" : String(value));
-    }
-    for (const child of children.flat()) {
-      if (child === null || child === undefined || child === false) continue;
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
-  }
+  const { h } = window.Dom;
 
   const sourceName = (name) => SOURCE_NAMES[name] || name;
   const tbody = (id) => byId(id).querySelector("tbody");

@@ -190,3 +190,13 @@ def test_the_bucket_has_room_for_a_dispatcher_rounds_refill_above_the_reserve(se
     assert limiter.capacity("receitaws") == 1 + 2 + 2
     taken = [limiter.reserve("receitaws", batch=True) for _ in range(4)]
     assert [r.granted for r in taken] == [True, True, True, False] and taken[3].held
+
+
+def test_batch_calls_leave_the_reserve_in_the_log_of_starts_too(settings, redis_client):
+    """10 a second with burst 1: 11 starts fit in any second, 9 of them for batch calls; the other
+    two are a person's even while a batch uses the source's whole rate."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":starts", rate=600, reserve=2)
+    assert [limiter.admit("receitaws", batch=True) for _ in range(9)] == [0.0] * 9
+    assert limiter.admit("receitaws", batch=True) > 0  # the batch's share of this second is used
+    assert [limiter.admit("receitaws") for _ in range(2)] == [0.0, 0.0]  # a person's are not
+    assert limiter.admit("receitaws") > 0

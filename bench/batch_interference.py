@@ -549,22 +549,23 @@ under its quota throughout (no 429). With the defaults the batch leaves the CPU 
 kept) it did 55 and 69 items/s with the worker at 0.66 and 0.87 of a core, and the p95 ratio was 1.10 and 1.21: the
 claim still holds when the batch keeps a core busy.
 
-What the batch itself gets under the real limits: 3.5 items/s, 0.56 of the pace its own rate limits allow (6.33
-items/s, what its ETA assumes until it has measured a pace). BrasilAPI, which nearly every item needs (a CEP's first
-source, a company's first source, and the first CEP source a company's cross-check tries), served 5.6 calls/s in
-the window, about 1/s of them interactive: the batch used under half of its 9.5/s. Cause: a batch call may take a
-token only when the bucket is full (burst 1 + reserve 2 = 3 tokens), and a call held back asks again through the
-deferred set, whose dispatcher runs every DEFERRED_POLL_INTERVAL (0.2 s). Between two rounds the bucket refills
-about 1.9 tokens but can hold only one above the reserve, so about one batch call per source and round (5/s) gets
-a token and the rest of the refill is lost. Checked with `DEFERRED_POLL_INTERVAL=0.05` (one quick-mode run, not
-kept): 6.4 items/s, BrasilAPI at 7.9 calls/s, p95 ratio 1.07, but twice the worker CPU. The re-asking also costs
-CPU: each re-check is a Celery task (1,146 `fetch_source` tasks in a 39 s window for 142 items, about 8 an item), so
-an item costs the worker about 40 ms of CPU against about 12 ms without limits; and in each window 5–8 items'
-BrasilAPI calls waited past BATCH_SOURCE_WAIT and those items were answered without BrasilAPI. Not changed here
-(deferred_calls.py and rate_limiter.py): the dispatcher could sleep only until its next due entry when that comes
-before its interval, or the bucket could give batch calls room for a round's refill above the reserve (rate × poll
-interval tokens; the log of starts still caps what the upstream sees), and a held batch call could wait in its
-batch's step instead of as a task per re-check.
+What the batch itself gets under the real limits: 5.8 items/s, 0.92 of the pace its own rate limits allow (6.33
+items/s, what its ETA assumes until it has measured a pace), with BrasilAPI (which nearly every item needs: a
+CEP's first source, a company's first source, and the first CEP source a company's cross-check tries) at 7.9 calls/s
+of its 9.5/s. It got there in two changes made after this benchmark's first runs, both in rate_limiter.py. (1) At
+first the batch got 3.5 items/s (0.56 of its pace; BrasilAPI at 5.6 calls/s, about 8 `fetch_source` re-checks a
+item): a held batch call asks again once a deferred-dispatcher round (DEFERRED_POLL_INTERVAL, 0.2 s), and a bucket
+of burst 1 + reserve 2 tokens overflowed between rounds, so about one batch call per source and round got a token.
+The bucket now also has room for one round's refill above the reserve (rate × 0.2 s: 2 tokens for BrasilAPI and
+ViaCEP, 1 for OpenCNPJ, none for ReceitaWS). That alone raised the batch to 6.0 items/s but the p95 ratio to 1.22
+(163 → 196 ms, run `batch_interference-20261201T123424Z.json`): the slowest interactive lookups' BrasilAPI calls had
+their token at once but were *paced*, because the batch now filled BrasilAPI's log of starts (11 a second) and a
+person's call waited for the next second. (2) So the reserve now holds in the log of starts too: a batch call starts
+only while BATCH_TOKEN_RESERVE more starts would still fit in the second and the minute. Together: 5.8 items/s and a
+ratio of 1.00, the batch's calls paced instead of the person's (some 100–175 `paced` delays of BrasilAPI batch calls
+a window, each keeping its token), about 3.5 `fetch_source` tasks an item. Still open: the dispatcher could sleep
+only until its next due entry when that comes before its interval, and a held batch call could wait in its batch's
+step rather than as a task per re-check.
 
 Not measured: a lookup that reaches a web worker while that worker parses and stores a 10,000-row batch (its
 `POST /api/batches` took 0.3–0.35 s); the window starts once the batch's first items are done. The floor of an

@@ -553,7 +553,7 @@ What the batch itself gets under the real limits: 5.8 items/s, 0.92 of the pace 
 items/s, what its ETA assumes until it has measured a pace), with BrasilAPI (which nearly every item needs: a
 CEP's first source, a company's first source, and the first CEP source a company's cross-check tries) at 7.9 calls/s
 of its 9.5/s. It got there in two changes made after this benchmark's first runs, both in rate_limiter.py. (1) At
-first the batch got 3.5 items/s (0.56 of its pace; BrasilAPI at 5.6 calls/s, about 8 `fetch_source` re-checks a
+first the batch got 3.5 items/s (0.56 of its pace; BrasilAPI at 5.6 calls/s, about 8 `fetch_source` re-checks an
 item): a held batch call asks again once a deferred-dispatcher round (DEFERRED_POLL_INTERVAL, 0.2 s), and a bucket
 of burst 1 + reserve 2 tokens overflowed between rounds, so about one batch call per source and round got a token.
 The bucket now also has room for one round's refill above the reserve (rate × 0.2 s: 2 tokens for BrasilAPI and

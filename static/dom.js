@@ -1,4 +1,4 @@
-// The page scripts' one DOM helper, shared by every page (loaded by base.html before the page's own scripts).
+// The page scripts' DOM helpers (elements, event streams), shared by every page (loaded by base.html before the page's own scripts).
 (function () {
   "use strict";
 
@@ -18,5 +18,25 @@
     return node;
   }
 
-  window.Dom = { h };
+  // An EventSource whose named events reach `on(type, apply)` parsed from JSON, and only while
+  // isCurrent() (a newer lookup or batch on the page makes an older stream's events moot); a
+  // malformed event is dropped.  `onState` hears "connecting", then "live" once it is open.
+  function eventStream(url, isCurrent, onState) {
+    const stream = new EventSource(url);
+    onState("connecting");
+    stream.addEventListener("open", () => { if (isCurrent()) onState("live"); });
+    const on = (type, apply) => stream.addEventListener(type, (event) => {
+      if (!isCurrent()) return;
+      let data;
+      try {
+        data = JSON.parse(event.data);
+      } catch (error) {
+        return;
+      }
+      apply(data);
+    });
+    return { stream, on };
+  }
+
+  window.Dom = { h, eventStream };
 })();

@@ -193,20 +193,8 @@
   // -- the event stream --------------------------------------------------------------------------------
 
   function openStream(url, lookupId, token) {
-    const stream = new EventSource(url);
+    const { stream, on } = window.Dom.eventStream(url, () => token === generation, setStream);
     events = stream;
-    setStream("connecting");
-    const on = (type, apply) => stream.addEventListener(type, (event) => {
-      if (token !== generation) return;
-      let data;
-      try {
-        data = JSON.parse(event.data);
-      } catch (error) {
-        return;
-      }
-      apply(data);
-    });
-    stream.addEventListener("open", () => { if (token === generation) setStream("live"); });
     on("snapshot", (lookup) => {
       renderLookup(lookup);
       if (lookup.status === "complete") finish(stream, lookup);

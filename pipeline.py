@@ -6,12 +6,14 @@ Flask app context and reach the shared parts through `app.extensions`.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import random
 import time
 import uuid
 
+import orjson
 from celery import current_task
 from flask import current_app
 
@@ -592,4 +594,56 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
         events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})
+        _resend_if_lost(lookup)
     return str(status)
+
+
+def _resend_if_lost(lookup: Lookup) -> None:
+    """At its deadline, send again the lookup task of a lookup none of whose sources ever started,
+    when the broker provably holds no message for it.
+
+    kombu's Redis transport pops a message (BRPOP) and records it as unacknowledged in a second
+    command, so a worker killed between the two loses the message (celery/kombu#305): such a
+    lookup would stay `partial` with every source `pending` for good.  "Provably": every priority
+    queue is empty and no unacknowledged message names the lookup.  A backlog is left alone: its
+    tasks are still queued, and a second send of each would double it.
+    """
+    unsettled = [name for name, result in lookup.sources.items() if not result.settled]
+    if not unsettled or any(lookup.sources[name].state != SourceState.PENDING for name in unsettled):
+        return
+    client, prefix = extension("redis"), f"{extension('settings').key_prefix}:celery:"
+    with client.pipeline(transaction=False) as pipe:
+        for level in range(10):
+            pipe.llen(prefix + ("celery" if level == 0 else f"celery:{level}"))
+        pipe.hvals(prefix + "unacked")
+        *lengths, unacked = pipe.execute()
+    if any(lengths) or any(_names_lookup(raw, lookup.id) for raw in unacked):
+        return
+    log.warning(
+        "lookup %s: no source started by its deadline and no message for it on the broker; sending its task again",
+        lookup.id,
+        extra={"lookup_id": lookup.id},
+    )
+    send_task(
+        LOOKUP_TASK,
+        [
+            lookup.id,
+            lookup.type,
+            lookup.identifier,
+            lookup.priority,
+            {name: lookup.tasks[name] for name in unsettled},
+        ],
+        {"task_id": uuid.uuid4().hex, "priority": celery_priority(lookup.priority)},
+    )
+
+
+def _names_lookup(raw: bytes, lookup_id: str) -> bool:
+    """Whether an unacknowledged broker message (kombu's [message, exchange, routing key]) is for this lookup."""
+    try:
+        message = orjson.loads(raw)[0]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return lookup_id in (body.decode() if isinstance(body, bytes) else str(body))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return True  # unreadable: assume it may be ours rather than send twice

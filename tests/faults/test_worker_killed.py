@@ -78,3 +78,40 @@ def test_killing_a_worker_node_loses_no_lookup(make_stack, sandbox):
     # Redelivery after the visibility timeout (5 s here) plus the remaining work, not the 60 s deadline.
     assert recovery < 45, f"recovery took {recovery:.1f} s"
     print(f"\n{LOOKUPS} lookups, {done_at_kill} complete at the kill, all complete {recovery:.1f} s after it")
+
+
+def test_a_lookup_whose_task_was_lost_is_sent_again_at_its_deadline(app, sandbox):
+    """kombu pops a message and records it as unacknowledged in two commands: a worker killed
+    between them loses it.  At the deadline, a lookup with no source started and no message for it
+    anywhere on the broker gets its task again; while a message for it waits, it does not."""
+    import orjson
+
+    import pipeline
+    from identifiers import parse
+
+    client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
+    queue = f"{prefix}:celery:celery:{pipeline.celery_priority(5)}"
+    unacked = f"{prefix}:celery:unacked"
+    queued, lost, held = (parse(value) for value in sandbox.identifiers("cep", 3, seed=9100))
+    with app.app_context():  # no worker: each lookup's task stays where the test puts it
+        waiting, _ = pipeline.start_lookup(queued)
+        assert pipeline.finalize(waiting.id, at_deadline=True) == "partial"
+        assert client.llen(queue) == 1  # its message is still queued: nothing sent again
+
+        gone, _ = pipeline.start_lookup(lost)
+        client.delete(queue)  # both messages lost
+        assert pipeline.finalize(gone.id, at_deadline=True) == "partial"
+        resent = [orjson.loads(raw) for raw in client.lrange(queue, 0, -1)]
+        assert len(resent) == 1 and resent[0]["headers"]["task"] == "job_queue.fetch_lookup"
+        assert pipeline._names_lookup(orjson.dumps([resent[0], "", "celery"]), gone.id)
+
+        taken, _ = pipeline.start_lookup(held)
+        message = client.lpop(queue)
+        while message is not None and not pipeline._names_lookup(
+            orjson.dumps([orjson.loads(message), "", "c"]), taken.id
+        ):
+            message = client.lpop(queue)
+        client.delete(queue)
+        client.hset(unacked, "tag", orjson.dumps([orjson.loads(message), "", "celery"]))  # a worker has it
+        assert pipeline.finalize(taken.id, at_deadline=True) == "partial"
+        assert client.llen(queue) == 0

@@ -48,6 +48,7 @@ log = logging.getLogger("batches")
 
 STEP_TASK = "job_queue.batch_step"
 ITEM_STATES = ("pending", "running", "found", "not_found", "partial", "failed", "cancelled")
+COUNT_FIELDS = tuple(f"n:{state}" for state in ITEM_STATES)  # the batch hash's counts
 SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
@@ -98,8 +99,9 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
 return 'cancelled'
 """
 
-# KEYS: batch hash.  ARGV: now.  Marks the batch finished once nothing is pending or in flight;
-# returns 1 when this call did (a running batch becomes complete, a cancelled one stays cancelled).
+# KEYS: batch hash, the set of unfinished batches.  ARGV: now, batch id.  Marks the batch finished
+# once nothing is pending or in flight; returns 1 when this call did (a running batch becomes
+# complete, a cancelled one stays cancelled).
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'finished_at') then return 0 end
 local pending = tonumber(redis.call('HGET', KEYS[1], 'n:pending') or '0')
@@ -109,6 +111,7 @@ if redis.call('HGET', KEYS[1], 'status') == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'complete')
 end
 redis.call('HSET', KEYS[1], 'finished_at', ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
@@ -144,6 +147,11 @@ class BatchStore:
     @property
     def index_key(self) -> str:
         return redis_store.key(self.settings, "batches")
+
+    @property
+    def unfinished_key(self) -> str:
+        """The ids of the batches not finished: what /api/status, /metrics and the health check read."""
+        return redis_store.key(self.settings, "batches", "unfinished")
 
     @property
     def inflight_key(self) -> str:
@@ -199,9 +207,10 @@ class BatchStore:
             for key in (self.key(batch_id), lines_key, queue_key, items_key):
                 pipe.expire(key, ttl)
             pipe.zadd(self.index_key, {batch_id: now})
+            pipe.sadd(self.unfinished_key, batch_id)
             pipe.execute()
         if not queued:
-            self._finish(keys=[self.key(batch_id)], args=[now])
+            self._finish_once(batch_id)
         log.info(
             "batch %s created: %d lines, %d items (%d cached, %d invalid lines)",
             batch_id,
@@ -383,16 +392,16 @@ class BatchStore:
             self._schedule_step(batch_id)  # the step holding the lock may be the one that ends the chain
             return "busy"
         try:
-            finished_at = self.redis.hmget(self.key(batch_id), ["created_at", "finished_at"])
-            if finished_at[0] is None:
+            created, finished, *before = self.redis.hmget(
+                self.key(batch_id), ["created_at", "finished_at", *COUNT_FIELDS]
+            )
+            if created is None:
                 return "gone"
-            if finished_at[1] is not None:
+            if finished is not None:
                 return "finished"  # a step left over from a kick: the chain ends here
-            before = self.redis.hmget(self.key(batch_id), [f"n:{state}" for state in ITEM_STATES])
             self._collect(batch_id)
             self._start_items(batch_id)
-            self._note_pace(batch_id)
-            after = self.redis.hmget(self.key(batch_id), [f"n:{state}" for state in ITEM_STATES])
+            after = self._note_pace(batch_id)
             if after != before:
                 self._publish_progress(batch_id)
             if self._finish_if_done(batch_id):
@@ -480,28 +489,27 @@ class BatchStore:
             )
         )
 
-    def _note_pace(self, batch_id: str) -> None:
-        """Keep a sample (time, items done) some 5-30 s old for the measured throughput."""
+    def _note_pace(self, batch_id: str) -> list[bytes | None]:
+        """Keep a sample (time, items done) some 5-30 s old for the measured throughput, in one read
+        and one write; returns the counts it read (COUNT_FIELDS' values)."""
         key = self.key(batch_id)
-        values = self.redis.hmget(
-            key, ["pace_t", "pace_t2", "pace_done2", "cached", *(f"n:{s}" for s in SETTLED_STATES)]
+        pace_t, pace_t2, pace_done2, cached, *counts = self.redis.hmget(
+            key, ["pace_t", "pace_t2", "pace_done2", "cached", *COUNT_FIELDS]
         )
         now = time.time()
-        done = sum(int(v or 0) for v in values[4:]) - int(values[3] or 0)
-        if not values[0]:
-            self.redis.hset(
-                key, mapping={"pace_t": now, "pace_done": done, "pace_t2": now, "pace_done2": done}
-            )
-        elif now - float(values[1]) >= 5:
+        settled = dict(zip(ITEM_STATES, counts, strict=True))
+        done = sum(int(settled[state] or 0) for state in SETTLED_STATES) - int(cached or 0)
+        fields: dict[str, Any] = {"stepped_at": now}
+        if not pace_t:
+            fields.update(pace_t=now, pace_done=done, pace_t2=now, pace_done2=done)
+        elif now - float(pace_t2) >= 5:
             # The newer sample becomes the one measured from; the current state the newer one.
-            self.redis.hset(
-                key,
-                mapping={"pace_t": values[1], "pace_done": values[2], "pace_t2": now, "pace_done2": done},
-            )
-        self.redis.hset(key, "stepped_at", now)
+            fields.update(pace_t=pace_t2, pace_done=pace_done2, pace_t2=now, pace_done2=done)
+        self.redis.hset(key, mapping=fields)
+        return counts
 
     def _finish_if_done(self, batch_id: str) -> bool:
-        if not self._finish(keys=[self.key(batch_id)], args=[time.time()]):
+        if not self._finish_once(batch_id):
             return False
         status = self.status(batch_id)
         if status is not None:
@@ -537,18 +545,25 @@ class BatchStore:
                 )
                 removed += 1
             self.redis.zrem(self.index_key, *ids)
+            self.redis.srem(self.unfinished_key, *ids)
+
+    def _finish_once(self, batch_id: str) -> bool:
+        return bool(
+            self._finish(keys=[self.key(batch_id), self.unfinished_key], args=[time.time(), batch_id])
+        )
 
     def _unfinished(self) -> list[tuple[str, int]]:
-        """(id, items pending) of the batches not finished (the newest 1,000 batches looked at)."""
-        ids = [raw.decode() for raw in self.redis.zrevrange(self.index_key, 0, 999)]
+        """(id, items pending) of the batches not finished; an id whose batch expired is dropped."""
+        ids = [raw.decode() for raw in self.redis.smembers(self.unfinished_key)]
         with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in ids:
-                pipe.hmget(self.key(batch_id), ["status", "finished_at", "n:pending"])
-            states = pipe.execute()
+                pipe.hget(self.key(batch_id), "n:pending")
+            pending = pipe.execute()
+        gone = [batch_id for batch_id, count in zip(ids, pending, strict=True) if count is None]
+        if gone:
+            self.redis.srem(self.unfinished_key, *gone)
         return [
-            (batch_id, int(pending or 0))
-            for batch_id, (status, finished, pending) in zip(ids, states, strict=True)
-            if status and not finished
+            (batch_id, int(count)) for batch_id, count in zip(ids, pending, strict=True) if count is not None
         ]
 
     def running_ids(self) -> list[str]:

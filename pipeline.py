@@ -21,6 +21,7 @@ import call_pool
 import cross_checks
 import log_redaction
 import log_setup
+import maintenance
 import metrics
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
@@ -611,13 +612,10 @@ def _resend_if_lost(lookup: Lookup) -> None:
     unsettled = [name for name, result in lookup.sources.items() if not result.settled]
     if not unsettled or any(lookup.sources[name].state != SourceState.PENDING for name in unsettled):
         return
-    client, prefix = extension("redis"), f"{extension('settings').key_prefix}:celery:"
-    with client.pipeline(transaction=False) as pipe:
-        for level in range(10):
-            pipe.llen(prefix + ("celery" if level == 0 else f"celery:{level}"))
-        pipe.hvals(prefix + "unacked")
-        *lengths, unacked = pipe.execute()
-    if any(lengths) or any(_names_lookup(raw, lookup.id) for raw in unacked):
+    if any(maintenance.queue_depths().values()):
+        return
+    unacked = extension("redis").hvals(f"{extension('settings').key_prefix}:celery:unacked")
+    if any(_names_lookup(raw, lookup.id) for raw in unacked):
         return
     log.warning(
         "lookup %s: no source started by its deadline and no message for it on the broker; sending its task again",

@@ -125,9 +125,11 @@ def create_lookup():
     lookup, created = pipeline.start_lookup(identifier, priority, refresh)
     status = 200 if lookup.status == lookups.LookupStatus.COMPLETE else 202
     outcome = ("cached" if status == 200 else "started") if created else "joined"
+    if not lookup.id:
+        outcome = "answered"  # a CPF, from the number alone
     # A cached answer is DEBUG: at INFO its line cost a sixth of the cached path's throughput
     # (docs/benchmarks.md), and enrich_lookups_total{outcome="cached"} counts them anyway.
-    level = logging.DEBUG if outcome == "cached" else logging.INFO
+    level = logging.DEBUG if outcome in ("cached", "answered") else logging.INFO
     with log_setup.bind(lookup_id=lookup.id):
         log.log(
             level,
@@ -138,7 +140,7 @@ def create_lookup():
             priority,
             extra={"outcome": outcome, "lookup_type": lookup.type, "priority": priority},
         )
-    headers = {"Location": f"/api/lookups/{lookup.id}"}
+    headers = {"Location": f"/api/lookups/{lookup.id}"} if lookup.id else {}  # a CPF has no record
     return json_response(lookup.encoded or lookup.to_dict(), status, headers)
 
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
+import cpf_answers
 import cross_checks
+from identifiers import Identifier
 from lookups import Lookup, SourceState
 
 # The main fields of a row, by type, as the merged lookup result names them (`endereco.x`: nested).
@@ -102,6 +104,18 @@ def summary_of(lookup: Lookup, complete: bool) -> dict:
     if data is None and not complete:
         data = cross_checks.merge(lookup.type, lookup.sources)
     return summarize(lookup.type, lookup.sources, data, complete, lookup.id)
+
+
+def cpf_summary(identifier: Identifier) -> dict:
+    """A CPF item, settled from the number alone (cpf_answers.py): shown masked, never looked up."""
+    return {
+        "state": "found",
+        "identifier": cpf_answers.masked(identifier.value),
+        "fields": main_fields("cpf", cpf_answers.facts(identifier)),
+        "sources": {},
+        "error": None,
+        "lookup_id": None,
+    }
 
 
 def failed(error: str, lookup_id: str | None = None) -> dict:

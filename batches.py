@@ -15,7 +15,8 @@ within BATCH_SOURCE_WAIT.
 Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
 - the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`;
 - `:lines` a list, one JSON `[line, input, item key or "", reason]` per input line, in order;
-- `:queue` item keys not started yet; `:running` item key -> "lookup id|started at";
+- `:queue` item keys not started yet; `:running` item key -> "lookup id|started at[|shared id]"
+  (the lookup id is the item's own; the shared id is the lookup it joined, when it joined one);
 - `:items` item key -> its summary JSON once settled (state, main fields, sources, error).
 `{prefix}:batches` indexes batches by creation time; `{prefix}:batches:inflight` holds every
 batch's items in flight (the cluster-wide BATCH_CONCURRENCY).  Every change of counts is one
@@ -25,6 +26,7 @@ Lua script, so two steps that ever overlap (a redelivered task) cannot count an 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ import redis
 
 import batch_input
 import batch_rows
+import cpf_answers
 import cross_checks
 import pipeline
 import redis_store
@@ -53,6 +56,7 @@ SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
 STEP_LOCK_SECONDS = 30
+_CPF_LIKE = re.compile(r"[\d.\-\s]+")
 STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
@@ -120,6 +124,18 @@ def item_key(identifier: Identifier) -> str:
     return f"{identifier.type}:{identifier.value}"
 
 
+def _looks_like_cpf(value: str) -> bool:
+    """An invalid line that may still be a person's CPF (11 digits, a typo in a check digit)."""
+    return bool(_CPF_LIKE.fullmatch(value.strip())) and sum(char.isdigit() for char in value) == 11
+
+
+def _running_entry(value: str) -> tuple[str, str, str]:
+    """An item in flight's (own lookup id, started at, id of the record that does the work)."""
+    lookup_id, _, rest = value.partition("|")
+    started, _, shared = rest.partition("|")
+    return lookup_id, started, shared or lookup_id
+
+
 def _identifier(key: str) -> Identifier:
     kind, _, value = key.partition(":")
     return Identifier(type=IdentifierType(kind), value=value)
@@ -174,11 +190,21 @@ class BatchStore:
             batch_id = secrets.token_urlsafe(16)
         now = time.time()
         unique = parsed.unique
-        cached = self._cached_summaries(unique)
-        queued = [item_key(identifier) for identifier in unique if item_key(identifier) not in cached]
+        # A CPF settles now from the number alone, under a key that is not the number: nothing of
+        # it is stored but its masked form and what it says of itself (cpf_answers.py).
+        cpf_keys = {
+            i.value: f"cpf:{n}" for n, i in enumerate(x for x in unique if x.type is IdentifierType.CPF)
+        }
+        looked_up = [identifier for identifier in unique if identifier.type is not IdentifierType.CPF]
+        cached = self._cached_summaries(looked_up)
+        queued = [item_key(identifier) for identifier in looked_up if item_key(identifier) not in cached]
+        settled = {
+            **cached,
+            **{cpf_keys[i.value]: batch_rows.cpf_summary(i) for i in unique if i.type is IdentifierType.CPF},
+        }
         counts = {state: 0 for state in ITEM_STATES}
         counts["pending"] = len(queued)
-        for summary in cached.values():
+        for summary in settled.values():
             counts[summary["state"]] += 1
         valid = len(parsed.lines) - len(parsed.invalid)
         fields = {
@@ -198,12 +224,13 @@ class BatchStore:
             lines_key, queue_key, items_key = self._keys(batch_id, "lines", "queue", "items")
             for start in range(0, len(parsed.lines), 1000):
                 pipe.rpush(
-                    lines_key, *(self._line_entry(entry) for entry in parsed.lines[start : start + 1000])
+                    lines_key,
+                    *(self._line_entry(entry, cpf_keys) for entry in parsed.lines[start : start + 1000]),
                 )
             for start in range(0, len(queued), 1000):
                 pipe.rpush(queue_key, *queued[start : start + 1000])
-            if cached:
-                pipe.hset(items_key, mapping={k: orjson.dumps(v) for k, v in cached.items()})
+            if settled:
+                pipe.hset(items_key, mapping={k: orjson.dumps(v) for k, v in settled.items()})
             for key in (self.key(batch_id), lines_key, queue_key, items_key):
                 pipe.expire(key, ttl)
             pipe.zadd(self.index_key, {batch_id: now})
@@ -225,10 +252,17 @@ class BatchStore:
         return self.status(batch_id)
 
     @staticmethod
-    def _line_entry(entry: batch_input.ValidLine | batch_input.InvalidLine) -> bytes:
+    def _line_entry(
+        entry: batch_input.ValidLine | batch_input.InvalidLine, cpf_keys: dict[str, str]
+    ) -> bytes:
+        """An input line as kept: a CPF (or what looks like one) only masked, its item under `cpf_keys`."""
         if isinstance(entry, batch_input.ValidLine):
+            if entry.identifier.type is IdentifierType.CPF:
+                masked = cpf_answers.masked(entry.value)
+                return orjson.dumps([entry.line, masked, cpf_keys[entry.identifier.value], ""])
             return orjson.dumps([entry.line, entry.value, item_key(entry.identifier), ""])
-        return orjson.dumps([entry.line, entry.value, "", entry.reason])
+        value = cpf_answers.masked(entry.value) if _looks_like_cpf(entry.value) else entry.value
+        return orjson.dumps([entry.line, value, "", entry.reason])
 
     def _cached_summaries(self, unique: list[Identifier]) -> dict[str, dict]:
         """Items every source of which is cached: settled now, from the cache alone (no lookup record)."""
@@ -431,15 +465,14 @@ class BatchStore:
             return
         store = extension("lookups")
         now = time.time()
-        started_ids = {key: value.partition("|")[0] for key, value in running.items()}
+        entries = {key: _running_entry(value) for key, value in running.items()}
         with self.redis.pipeline(transaction=False) as pipe:
-            for lookup_id in started_ids.values():
+            for lookup_id, _, work_id in entries.values():
                 if lookup_id:
-                    pipe.hget(store.record_key(lookup_id), "status")
-                    pipe.exists(store.answered_key(lookup_id))
+                    pipe.hget(store.record_key(work_id), "status")
+                    pipe.exists(store.answered_key(work_id))
             replies = iter(pipe.execute())
-        for key, value in running.items():
-            lookup_id, _, started = value.partition("|")
+        for key, (lookup_id, started, _) in entries.items():
             if not lookup_id:
                 # Claimed by a step that stopped before starting it (a lost worker): start it now.
                 self._start(batch_id, key, float(started or now))
@@ -479,7 +512,9 @@ class BatchStore:
         if lookup.status == LookupStatus.COMPLETE:  # cached since the batch was created
             self._settle_item(batch_id, key, batch_rows.summary_of(lookup, True))
         else:
-            self.redis.hset(self.key(batch_id, "running"), key, f"{lookup.id}|{started}")
+            # The item's own id first (results show it); the shared record's last, to read its status.
+            shared = f"|{lookup.shared_id}" if lookup.shared_id else ""
+            self.redis.hset(self.key(batch_id, "running"), key, f"{lookup.id}|{started}{shared}")
 
     def _settle_item(self, batch_id: str, key: str, summary: dict) -> bool:
         return bool(

@@ -24,7 +24,7 @@ import maintenance
 import pipeline
 from circuit_breaker_manager import BreakerUnavailable
 from extensions import extension
-from identifiers import InvalidIdentifier, parse
+from identifiers import IdentifierType, InvalidIdentifier, parse
 from lookups import SourceResult
 
 IDENTIFIER_TYPES = ("cnpj", "cep", "cpf")
@@ -82,6 +82,17 @@ def lookup(identifier: str, kind: str | None, priority: int, refresh: bool, time
     except InvalidIdentifier as error:
         hint = "'--type'" if error.field == "type" else "'IDENTIFIER'"
         raise click.BadParameter(error.message, param_hint=hint) from error
+    if parsed.type is IdentifierType.CPF:
+        # From the number alone, here: no worker, no record, nothing in Redis (cpf_answers.py).
+        answer, _ = pipeline.start_lookup(parsed, priority, refresh)
+        if as_json:
+            echo_json(answer.to_dict())
+            return
+        for line in cli_lookup.summary_lines(answer):
+            click.echo(line)
+        for name, value in (answer.result or {}).get("data", {}).items():
+            click.echo(f"  {name:<14} {', '.join(value) if isinstance(value, list) else value}")
+        return
     if not maintenance.live_workers() and (
         refresh or not cli_lookup.fully_cached(parsed, extension("cache"), extension("sources"))
     ):

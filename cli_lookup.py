@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from identifiers import Identifier
+from log_redaction import mask_identifier
 from lookups import Lookup, LookupStatus, LookupStore, SourceResult, SourceState
 from sources import sources_for
 
@@ -106,6 +107,12 @@ def summary_lines(lookup: Lookup) -> list[str]:
     """The lookup's status, how long it took, and its cross-checks."""
     took = (lookup.completed_at or time.time()) - lookup.created_at
     cached = ", all from cache" if lookup.cached else ""
+    if not lookup.id:  # a CPF: answered from the number alone, nothing kept
+        source = ", from the number alone (no source called, nothing stored)"
+        return [f"{lookup.status}: {lookup.type} {mask_identifier('cpf', lookup.identifier)}{source}"] + [
+            f"  {check['status']:<10} {check['name']}: {check['detail']}"
+            for check in (lookup.result or {}).get("checks") or []
+        ]
     lines = [
         f"{lookup.status}: {lookup.type} {lookup.identifier} in {took * 1000:.0f} ms{cached} (id {lookup.id})"
     ]

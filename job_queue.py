@@ -222,7 +222,9 @@ def task_status(celery: Celery, store: LookupStore, task_id: str) -> dict | None
         "result": None,
         "date_done": None,
     }
-    failed = AsyncResult(task_id, app=celery)  # only a task that raised has a stored result
+    # Only a task that raised has a stored result.  A joined request's call id stands for the shared
+    # lookup's call, whose real task id its registry entry keeps (never shown).
+    failed = AsyncResult(issued.get("task_id") or task_id, app=celery)
     if failed.state == "FAILURE":
         del body["result"]
         body.update(state="FAILURE", error=repr(failed.result))

@@ -1,7 +1,14 @@
-"""Lookup records in Redis: states, per-source results, single flight and task registry."""
+"""Lookup records in Redis: states, per-source results, single flight, per-request aliases and task registry.
+
+Single flight shares one lookup's work among everyone who asks for the same identifier at once,
+but not its identity: the request that starts a lookup gets the record's id, and every request
+that joins it gets an *alias* of its own (`{prefix}:alias:<id>`: the shared id, its own priority,
+times and call ids), so no client ever sees another's lookup id, priority, times or call ids.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import secrets
@@ -103,6 +110,14 @@ class Lookup:
     completed_at: float | None = None
     # `to_dict()` already encoded (api_errors.encode_json), when the store made it: sent as is.
     encoded: bytes | None = field(default=None, repr=False, compare=False)
+    # For a request that joined another's lookup: the id of the shared record whose work it shows.
+    # Internal (events, batches); never part of the API body.
+    shared_id: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def work_id(self) -> str:
+        """The id of the record whose sources and events this lookup shows (its own, or the shared one)."""
+        return self.shared_id or self.id
 
     @property
     def done(self) -> int:
@@ -110,12 +125,12 @@ class Lookup:
 
     @property
     def cached(self) -> bool:
-        return all(result.cached for result in self.sources.values())
+        return bool(self.sources) and all(result.cached for result in self.sources.values())
 
     def head(self) -> dict[str, Any]:
         """The part of `to_dict()` that is this lookup's own, not its sources' (see ANSWER_BODY_FIELDS)."""
         return {
-            "id": self.id,
+            "id": self.id or None,  # None: a CPF, answered from the number alone (cpf_answers.py)
             "status": str(self.status),
             "type": self.type,
             "identifier": self.identifier,
@@ -123,7 +138,11 @@ class Lookup:
             "created_at": self.created_at,
             "deadline_at": self.deadline_at,
             "completed_at": self.completed_at,
-            "links": {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"},
+            "links": (
+                {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"}
+                if self.id
+                else {}
+            ),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +237,29 @@ def _from_answer(encoded: bytes) -> Lookup:
         completed_at=values["completed_at"],
         encoded=encoded,
     )
+
+
+def _as_alias(
+    shared: Lookup, alias_id: str, priority: int, created_at: float, deadline_at: float, tasks: dict
+) -> Lookup:
+    """`shared` as the request that joined it sees it: its own id, priority, times and call ids."""
+    return dataclasses.replace(
+        shared,
+        id=alias_id,
+        priority=priority,
+        created_at=created_at,
+        deadline_at=deadline_at,
+        tasks=tasks,
+        encoded=None,
+        shared_id=shared.id,
+    )
+
+
+def alias_head(event_data: dict, lookup: Lookup) -> dict:
+    """A shared lookup's `partial`/`complete` event as the joined request `lookup` sees it."""
+    head = lookup.head()
+    own = {name: head[name] for name in ("id", "priority", "created_at", "deadline_at", "links")}
+    return {**event_data, **own, "tasks": lookup.tasks}
 
 
 def new_lookup_id() -> str:
@@ -410,9 +452,12 @@ class LookupStore:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.record_key(lookup_id))
             pipe.get(self.answered_key(lookup_id))
-            raw, answered = pipe.execute()
+            pipe.hgetall(self.alias_key(lookup_id))
+            raw, answered, alias = pipe.execute()
         if answered:
             return self._answer(answered)
+        if alias:
+            return self._through_alias(lookup_id, alias)
         if not raw:
             return None
         values = {k.decode(): v for k, v in raw.items()}
@@ -429,6 +474,55 @@ class LookupStore:
             tasks=orjson.loads(values.get("tasks", b"{}")),
             result=orjson.loads(values["result"]) if values.get("result") else None,
             completed_at=float(values["completed_at"]) if values.get("completed_at") else None,
+        )
+
+    def alias_key(self, alias_id: str) -> str:
+        return self._key("alias", alias_id)
+
+    def create_alias(self, alias_id: str, shared: Lookup, priority: int, created_at: float) -> Lookup:
+        """A request joins `shared` (single flight): its own id, priority, times and call ids over
+        the shared work, stored for as long as a record; returns the lookup as that request sees it.
+
+        Its call ids are registered like a record's, naming the alias, so `/api/tasks/<id>` answers
+        them without revealing the shared record; the real task id stays inside the registry entry.
+        """
+        ttl = self.settings.lookup_record_ttl
+        tasks = {source: secrets.token_hex(16) for source in shared.tasks}
+        deadline_at = created_at + self.settings.lookup_deadline
+        fields = {
+            "lookup_id": shared.id,
+            "priority": priority,
+            "created_at": created_at,
+            "deadline_at": deadline_at,
+            "tasks": orjson.dumps(tasks),
+        }
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.alias_key(alias_id), mapping=fields)
+            pipe.expire(self.alias_key(alias_id), ttl)
+            pipe.zadd(self._key("lookups"), {alias_id: created_at})
+            for source, task_id in tasks.items():
+                registry = {
+                    "name": "job_queue.fetch_source",
+                    "lookup_id": alias_id,
+                    "source": source,
+                    "task_id": shared.tasks[source],
+                }
+                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+            pipe.execute()
+        return _as_alias(shared, alias_id, priority, created_at, deadline_at, tasks)
+
+    def _through_alias(self, alias_id: str, raw: dict) -> Lookup | None:
+        values = {k.decode(): v for k, v in raw.items()}
+        shared = self.get(values["lookup_id"].decode())
+        if shared is None or shared.shared_id is not None:
+            return None  # the shared record expired (or the alias is malformed): as unknown
+        return _as_alias(
+            shared,
+            alias_id,
+            int(values["priority"]),
+            float(values["created_at"]),
+            float(values["deadline_at"]),
+            orjson.loads(values["tasks"]),
         )
 
     def set_source(
@@ -485,9 +579,17 @@ class LookupStore:
             if not ids:
                 return removed
             for lookup_id in ids:
-                raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks")
+                # An id is a record's or an alias's (a request that joined another's lookup).
+                raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks") or self.redis.hget(
+                    self.alias_key(lookup_id), "tasks"
+                )
                 task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
-                keys = [self.record_key(lookup_id), event_key(lookup_id), *map(self.task_key, task_ids)]
+                keys = [
+                    self.record_key(lookup_id),
+                    self.alias_key(lookup_id),
+                    event_key(lookup_id),
+                    *map(self.task_key, task_ids),
+                ]
                 self.redis.unlink(*keys)
                 removed += 1
             self.redis.zrem(index, *ids)

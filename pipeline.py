@@ -18,6 +18,7 @@ from celery import current_task
 from flask import current_app
 
 import call_pool
+import cpf_answers
 import cross_checks
 import log_redaction
 import log_setup
@@ -72,9 +73,13 @@ def result_from_cache(entry: CacheEntry) -> SourceResult:
 def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = False) -> tuple[Lookup, bool]:
     """Answer from cache, join the lookup already running for this identifier, or start one.
 
-    Returns (lookup, created_now).  A fully cached lookup is returned complete.
+    Returns (lookup, created_now).  A fully cached lookup is returned complete, and so is a CPF,
+    answered from the number alone without touching Redis (cpf_answers.py).
     """
     began = time.time()
+    if identifier.type is IdentifierType.CPF:
+        metrics.lookup_finished("cpf", "complete", began)
+        return cpf_answers.answer(identifier, priority), True
     settings = extension("settings")
     store = extension("lookups")
     kind = str(identifier.type)
@@ -128,7 +133,9 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         if joined is not None and not (joined.priority == BATCH_PRIORITY < priority):
             store.discard(lookup)
             _cancel_deadline(lookup.id, priority)
-            return joined, False
+            # Shared work, not a shared identity: this request gets an id, priority and call ids of
+            # its own (an alias), so it never learns who else asked or when.
+            return store.create_alias(lookup.id, joined, priority, now), False
     # One task calls every missing source at once (call_pool); a source's own call id becomes
     # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
     send_task(

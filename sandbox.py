@@ -382,15 +382,6 @@ def _brasilapi_cep(value: str) -> Any:
     return _json(sandbox_bodies.brasilapi_cep(sandbox_data.place_for_cep(cep.value)))
 
 
-def _brasilapi_cpf(value: str) -> Any:
-    cpf = _valid(value, IdentifierType.CPF)
-    if cpf is None:
-        return _json(sandbox_bodies.brasilapi_invalid("CPF", value), 400)
-    if not is_known(cpf.value):
-        return _json(sandbox_bodies.brasilapi_not_found("CPF", cpf.masked()), 404)
-    return _json(sandbox_bodies.brasilapi_cpf(cpf.value))
-
-
 def _receitaws_cnpj(value: str) -> Any:
     cnpj = _valid(value, IdentifierType.CNPJ)
     # ReceitaWS reports every error inside HTTP 200 and predates the alphanumeric CNPJ.
@@ -422,7 +413,6 @@ def _viacep(value: str) -> Any:
 ROUTES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("brasilapi", "/api/cnpj/v1/<value>", _brasilapi_cnpj),
     ("brasilapi", "/api/cep/v2/<value>", _brasilapi_cep),
-    ("brasilapi", "/api/cpf/v1/<value>", _brasilapi_cpf),
     ("receitaws", "/v1/cnpj/<value>", _receitaws_cnpj),
     ("opencnpj", "/<value>", _opencnpj),
     ("viacep", "/ws/<value>/json/", _viacep),

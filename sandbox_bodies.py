@@ -7,7 +7,7 @@ from datetime import date, timedelta
 from email.utils import formatdate
 from typing import Any
 
-from sandbox_data import CPF_REGIONS, STATES, Company, Place, stable_number, stable_pick, upper_ascii
+from sandbox_data import STATES, Company, Place, stable_number, stable_pick, upper_ascii
 
 # The real bodies these follow are in ../shared/reference/upstream/.
 
@@ -261,17 +261,6 @@ def viacep_cep(place: Place) -> dict[str, Any]:
 def viacep_not_found(cep: str) -> dict[str, Any]:
     """ViaCEP's unknown-CEP body; both forms seen in the wild, each CEP always the same one."""
     return {"erro": True} if stable_number(cep, "erro") % 2 else {"erro": "true"}
-
-
-def brasilapi_cpf(cpf: str) -> dict[str, Any]:
-    """GET /api/cpf/v1/{cpf}: validity and the fiscal region (9th digit) with its states."""
-    region = int(cpf[8])
-    return {
-        "cpf": f"{cpf[:3]}.{cpf[3:6]}.{cpf[6:9]}-{cpf[9:]}",
-        "isValid": True,
-        "rf": region,
-        "ufs": list(CPF_REGIONS[region]),
-    }
 
 
 def brasilapi_invalid(kind: str, value: str) -> dict[str, Any]:

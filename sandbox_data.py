@@ -132,11 +132,6 @@ SURNAMES = (
     "COSTA",
 )
 COMPLEMENTS = ("", "", "SALA 12", "ANDAR 4", "LOJA 2", "CONJ 31", "BLOCO B")
-# The 9th CPF digit is the fiscal region that issued it.
-CPF_REGIONS = (
-    ("RS",), ("DF", "GO", "MS", "MT", "TO"), ("AC", "AM", "AP", "PA", "RO", "RR"), ("CE", "MA", "PI"),
-    ("AL", "PB", "PE", "RN"), ("BA", "SE"), ("MG",), ("ES", "RJ"), ("SP",), ("PR", "SC"),
-)  # fmt: skip
 
 
 def stable_number(value: str, salt: str) -> int:

@@ -70,21 +70,19 @@ def _place(**values: Any) -> dict[str, Any]:
 
 
 class BrasilAPI(Source):
-    """brasilapi.com.br: CNPJ (a minhareceita.org proxy), CEP v2 and CPF; errors as HTTP 400/404/500."""
+    """brasilapi.com.br: CNPJ (a minhareceita.org proxy) and CEP v2; errors as HTTP 400/404/500.
+
+    Its CPF endpoint is not used: a CPF is answered from the number alone (cpf_answers.py).
+    """
 
     def _path(self, identifier: Identifier) -> str:
-        prefix = {"cnpj": "/api/cnpj/v1/", "cep": "/api/cep/v2/", "cpf": "/api/cpf/v1/"}[
-            identifier.type.value
-        ]
+        prefix = {"cnpj": "/api/cnpj/v1/", "cep": "/api/cep/v2/"}[identifier.type.value]
         return prefix + identifier.value
 
     def _normalize(self, identifier: Identifier, reader: JsonReader) -> dict[str, Any]:
-        kind = identifier.type.value
-        if kind == "cnpj":
+        if identifier.type.value == "cnpj":
             return self._company(identifier, reader)
-        if kind == "cep":
-            return self._place(identifier, reader)
-        return self._person(identifier, reader)
+        return self._place(identifier, reader)
 
     def _company(self, identifier: Identifier, reader: JsonReader) -> dict[str, Any]:
         if reader.text("razao_social") is None:
@@ -140,17 +138,6 @@ class BrasilAPI(Source):
             latitude=coordinates.money("latitude") if coordinates else None,
             longitude=coordinates.money("longitude") if coordinates else None,
         )
-
-    def _person(self, identifier: Identifier, reader: JsonReader) -> dict[str, Any]:
-        region = reader.integer("rf")
-        if region is not None and not 0 <= region <= 9:
-            raise BadResponse(f"{self.name}: field 'rf' should be a fiscal region 0-9, got {region}")
-        return {
-            "cpf": self._same_identifier(identifier, reader.text("cpf"), 11),
-            "valido": reader.boolean("isValid"),
-            "regiao_fiscal": region,
-            "ufs": [uf for uf in (clean_uf(text) for text in reader.texts("ufs")) if uf],
-        }
 
 
 _RECEITAWS_REJECTED = ("invalido", "invalid")
@@ -312,7 +299,7 @@ class ViaCEP(Source):
 
 # The adapter behind each source name in SOURCE_NAMES, and the identifier types that upstream serves.
 ADAPTERS: dict[str, tuple[type[Source], tuple[str, ...]]] = {
-    "brasilapi": (BrasilAPI, ("cnpj", "cep", "cpf")),
+    "brasilapi": (BrasilAPI, ("cnpj", "cep")),
     "receitaws": (ReceitaWS, ("cnpj",)),
     "opencnpj": (OpenCNPJ, ("cnpj",)),
     "viacep": (ViaCEP, ("cep",)),

@@ -22,7 +22,7 @@ from upstream_json import JsonReader, error_detail, json_object, only_alphanumer
 
 # The errors live in source_errors (upstream_json raises them too); callers import them from here.
 __all__ = [
-    "ADDRESS_KEYS", "CEP_KEYS", "CNAE_KEYS", "CNPJ_KEYS", "CPF_KEYS", "MAX_BODY_BYTES", "PARTNER_KEYS",
+    "ADDRESS_KEYS", "CEP_KEYS", "CNAE_KEYS", "CNPJ_KEYS", "MAX_BODY_BYTES", "PARTNER_KEYS",
     "BadResponse", "NotFound", "RateLimited", "Source", "SourceError", "TransientError", "UpstreamRejected",
     "build_sources", "default_session", "identifier_label", "sources_for",
 ]  # fmt: skip
@@ -41,7 +41,6 @@ PARTNER_KEYS = ("nome", "qualificacao")
 CEP_KEYS = (
     "cep", "logradouro", "complemento", "bairro", "municipio", "uf", "ibge", "ddd", "latitude", "longitude",
 )  # fmt: skip
-CPF_KEYS = ("cpf", "valido", "regiao_fiscal", "ufs")
 
 
 # A lookup answer is a few KB; anything past this is a broken or hostile upstream, not data.

@@ -19,6 +19,7 @@ hand-written here rather than taken from the library:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -37,6 +38,7 @@ import metrics
 import redis_store
 from api_errors import ApiError
 from extensions import extension
+from lookups import Lookup, alias_head
 from settings import Settings
 
 log = logging.getLogger("events")
@@ -324,13 +326,21 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
             hub.close(listener)
 
     def stream(self, lookup_id: str) -> Response:
-        """`GET /api/lookups/<id>/events`: snapshot, replay after Last-Event-ID, then live events."""
-        lookups = extension("lookups")
+        """`GET /api/lookups/<id>/events`: snapshot, replay after Last-Event-ID, then live events.
+
+        A request that joined another's lookup (an alias) follows the shared lookup's log, with
+        the lookup's own fields of its `partial` and `complete` events made its own.
+        """
+        lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 80 else None
+        rewrite = None
+        if lookup is not None and lookup.shared_id is not None:
+            rewrite = functools.partial(_as_seen_by, lookup)
         return self.stream_channel(
-            lookup_id,
-            lambda: lookup.to_dict() if (lookup := lookups.get(lookup_id)) is not None else None,
+            lookup.work_id if lookup is not None else lookup_id,
+            lambda: lookup.to_dict() if lookup is not None else None,
             lambda snapshot: snapshot["status"] == "complete",
             "no lookup with this id (unknown or expired)",
+            rewrite,
         )
 
     def stream_channel(
@@ -339,10 +349,12 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         snapshot_of: Callable[[], dict | None],
         finished: Callable[[dict], bool],
         not_found: str,
+        rewrite: Callable[[Message], Message] | None = None,
     ) -> Response:
         """A stream of one event log (a lookup's, a batch's): `snapshot_of()` (None: 404), the
         events after Last-Event-ID, then live ones until a final event.  When `finished(snapshot)`,
-        the missed events and a closing `complete` go out at once and the stream ends."""
+        the missed events and a closing `complete` go out at once and the stream ends.  `rewrite`
+        changes each logged event on its way out (an alias's view of a shared lookup)."""
         after = _last_event_id()
         snapshot = snapshot_of() if len(channel) <= 80 else None
         if snapshot is None:
@@ -350,13 +362,17 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         hub, events = extension("event_hub"), extension("events")
         heartbeat = extension("settings").sse_heartbeat_interval
         if finished(snapshot):
-            return self._finished_response(snapshot, events.read_after(channel, after))
+            missed = events.read_after(channel, after)
+            return self._finished_response(snapshot, [rewrite(m) for m in missed] if rewrite else missed)
         listener = hub.listen(channel)
 
         def generate() -> Iterator[str]:
             yield _snapshot_event(snapshot)
             for message in follow(events, listener, after, heartbeat):
-                yield ": heartbeat\n\n" if message is None else str(message)
+                if message is None:
+                    yield ": heartbeat\n\n"
+                else:
+                    yield str(rewrite(message) if rewrite else message)
 
         response = _event_stream(generate())
         response.call_on_close(lambda: hub.close(listener))
@@ -372,6 +388,14 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
                 str(Message(orjson.dumps({**snapshot, "timestamp": time.time()}).decode(), type="complete"))
             )
         return _event_stream(iter(events))
+
+
+def _as_seen_by(lookup: Lookup, message: Message) -> Message:
+    """A shared lookup's event as the request that joined it sees it (its own id, priority, times)."""
+    if message.type not in ("partial", "complete"):
+        return message  # `source` and `progress` name no lookup
+    data = alias_head(orjson.loads(message.data), lookup)
+    return Message(orjson.dumps(data).decode(), type=message.type, id=message.id)
 
 
 def _snapshot_event(snapshot: dict) -> str:

@@ -12,6 +12,7 @@ import re
 import socket
 import time
 
+import orjson
 import pytest
 from flask.testing import FlaskClient
 
@@ -137,7 +138,7 @@ def test_uncached_cnpj_is_queued_as_one_task_with_a_call_id_per_source_and_links
 
 
 def test_lookup_id_has_at_least_128_bits_and_differs_per_lookup(client):
-    ids = [post_lookup(client, value).get_json()["id"] for value in (CNPJ, OTHER_CNPJ, CPF, CEP)]
+    ids = [post_lookup(client, value).get_json()["id"] for value in (CNPJ, OTHER_CNPJ, CEP)]
 
     for lookup_id in ids:
         assert re.fullmatch(r"[A-Za-z0-9_-]{22,}", lookup_id), lookup_id
@@ -173,16 +174,30 @@ def test_partly_cached_cnpj_enqueues_only_the_missing_sources(app, client):
     assert body["sources"]["brasilapi"]["cached"] is True
 
 
-def test_second_post_for_same_uncached_identifier_joins_the_lookup_without_new_tasks(app, client):
-    first = post_lookup(client, CNPJ_MASKED).get_json()
+def test_second_post_for_same_uncached_identifier_joins_the_work_under_an_id_of_its_own(app, client):
+    first = post_lookup(client, CNPJ_MASKED, priority=3).get_json()
     queued = queued_messages(app)
 
     second = post_lookup(client, CNPJ, priority=10)
 
     assert second.status_code == 202
-    assert second.get_json()["id"] == first["id"]
-    assert second.get_json()["tasks"] == first["tasks"]
-    assert queued_messages(app) == queued
+    joined = second.get_json()
+    assert queued_messages(app) == queued  # single flight: no new task
+    # Nothing of the first request's own reaches the second: id, priority, times, call ids.
+    assert joined["id"] != first["id"] and re.fullmatch(r"[A-Za-z0-9_-]{22,}", joined["id"])
+    assert joined["priority"] == 10 and joined["created_at"] >= first["created_at"]
+    assert set(joined["tasks"]) == set(first["tasks"])
+    assert not set(joined["tasks"].values()) & set(first["tasks"].values())
+    assert first["id"] not in second.get_data(as_text=True)
+    assert second.headers["Location"] == f"/api/lookups/{joined['id']}"
+    read = client.get(joined["links"]["self"]).get_json()
+    assert (read["id"], read["priority"], read["tasks"]) == (joined["id"], 10, joined["tasks"])
+    for source, task_id in joined["tasks"].items():
+        task = client.get(f"/api/tasks/{task_id}").get_json()
+        assert (task["lookup_id"], task["source"], task["state"]) == (joined["id"], source, "PENDING")
+        assert first["id"] not in orjson.dumps(task).decode()
+    # The first request still sees only its own.
+    assert client.get(first["links"]["self"]).get_json()["priority"] == 3
 
 
 def test_refresh_skips_a_full_cache_and_queues_every_source(app, client):
@@ -209,12 +224,15 @@ def test_refresh_skips_a_full_cache_and_queues_every_source(app, client):
     ],
     ids=["numeric", "alphanumeric"],
 )
-def test_masked_bare_and_lowercase_cnpj_normalize_to_the_same_lookup(client, forms):
+def test_masked_bare_and_lowercase_cnpj_normalize_to_the_same_lookup(app, client, forms):
     bodies = [post_lookup(client, form).get_json() for form in forms]
 
     assert {body["type"] for body in bodies} == {"cnpj"}
     assert {body["identifier"] for body in bodies} == {forms[0]}
-    assert len({body["id"] for body in bodies}) == 1
+    # One lookup's work, each request under an id of its own.
+    assert len({body["id"] for body in bodies}) == len(forms)
+    store = app.extensions["lookups"]
+    assert {store.get(body["id"]).work_id for body in bodies} == {bodies[0]["id"]}
 
 
 def test_alphanumeric_cnpj_skips_the_numeric_only_source(client):
@@ -223,21 +241,43 @@ def test_alphanumeric_cnpj_skips_the_numeric_only_source(client):
     assert set(body["tasks"]) == {"brasilapi", "opencnpj"}
 
 
-@pytest.mark.parametrize(
-    ("raw", "kind", "value", "sources"),
-    [
-        ("01310-100", "cep", CEP, {"brasilapi", "viacep"}),
-        (CEP, "cep", CEP, {"brasilapi", "viacep"}),
-        ("111.444.777-35", "cpf", CPF, {"brasilapi"}),
-        (CPF, "cpf", CPF, {"brasilapi"}),
-    ],
-)
-def test_cep_and_cpf_are_detected_from_their_shape(client, raw, kind, value, sources):
+@pytest.mark.parametrize(("raw", "value"), [("01310-100", CEP), (CEP, CEP)])
+def test_a_cep_is_detected_from_its_shape(client, raw, value):
     response = post_lookup(client, raw)
 
     assert response.status_code == 202
     body = response.get_json()
-    assert (body["type"], body["identifier"], set(body["tasks"])) == (kind, value, sources)
+    assert (body["type"], body["identifier"], set(body["tasks"])) == ("cep", value, {"brasilapi", "viacep"})
+
+
+@pytest.mark.parametrize("raw", ["111.444.777-35", CPF, " 111444777-35 "])
+def test_a_cpf_is_answered_at_once_from_the_number_alone_and_nothing_is_stored(
+    app, client, redis_client, raw
+):
+    before = set(redis_client.scan_iter(match=f"{app.extensions['settings'].key_prefix}:*"))
+
+    response = post_lookup(client, raw, priority=9)
+
+    assert response.status_code == 200 and "Location" not in response.headers
+    body = response.get_json()
+    assert (body["id"], body["status"], body["type"], body["identifier"]) == (None, "complete", "cpf", CPF)
+    assert (body["sources"], body["tasks"], body["links"], body["cached"]) == ({}, {}, {}, False)
+    assert body["result"] == {
+        "cpf": "111.444.777-35",
+        "valido": True,
+        "regiao_fiscal": 7,
+        "ufs": ["ES", "RJ"],
+    }
+    assert [(c["name"], c["status"]) for c in body["checks"]] == [("check_digits", "pass")]
+    assert sum(queued_messages(app).values()) == 0
+    # Nothing written: no record, no cache entry, no task, no event log, not even a counter.
+    assert set(redis_client.scan_iter(match=f"{app.extensions['settings'].key_prefix}:*")) == before
+
+
+def test_a_cpf_is_answered_even_while_redis_is_down(down_client):
+    response = post_lookup(down_client, "111.444.777-35")
+
+    assert response.status_code == 200 and response.get_json()["result"]["regiao_fiscal"] == 7
 
 
 @pytest.mark.parametrize(

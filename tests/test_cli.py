@@ -330,14 +330,15 @@ def test_lookup_watches_the_sources_settle_then_answers_from_cache(make_stack, s
 def test_lookup_that_outlasts_its_timeout_exits_1_naming_the_waiting_source(make_stack, sandbox):
     stack = make_stack(**FAST_LIMITS)
     stack.start_worker()
-    sandbox.control("brasilapi", latency_ms=3000)  # CPF's only source
-    cpf = sandbox.identifiers("cpf", 1, seed=41)[0]
+    for name in ("brasilapi", "viacep"):  # a CEP's sources
+        sandbox.control(name, latency_ms=3000)
+    cep = sandbox.identifiers("cep", 1, seed=41)[0]
 
     started = time.monotonic()
-    result = stack.app.test_cli_runner().invoke(args=["lookup", cpf, "--timeout", "0.5"])
+    result = stack.app.test_cli_runner().invoke(args=["lookup", cep, "--timeout", "0.5"])
 
     assert result.exit_code == 1, result.output
-    assert "timed out after 0.5 s with 0/1 sources settled; still waiting for brasilapi (" in result.output
+    assert "timed out after 0.5 s with 0/2 sources settled; still waiting for brasilapi, viacep (" in result.output
     assert time.monotonic() - started < 4
 
 

@@ -215,8 +215,8 @@ def test_one_lookup_is_followed_by_its_id_across_the_web_and_worker_json_logs(ma
     created = stack.post_lookup(sandbox.identifiers("cnpj", 1, seed=4242)[0], refresh=True).json()
     lookup_id = created["id"]
     stack.wait_status(lookup_id)
-    cpf = stack.post_lookup("111.444.777-35", refresh=True).json()
-    stack.wait_status(cpf["id"])
+    cpf = stack.post_lookup("111.444.777-35", refresh=True)
+    assert cpf.status_code == 200  # answered from the number alone (cpf_answers.py)
     for token in ("wrong-token", STACK_TOKEN):
         headers = {"Authorization": f"Bearer {token}"}
         requests.get(f"{stack.web_url}/api/admin/dead-letters", headers=headers, timeout=10)
@@ -224,7 +224,7 @@ def test_one_lookup_is_followed_by_its_id_across_the_web_and_worker_json_logs(ma
     def finalized() -> list[dict]:  # the record says complete a moment before the line is written
         lines = _lines(stack, "w1")
         done = {line.get("lookup_id") for line in lines if line.get("status") == "complete"}
-        return lines if {lookup_id, cpf["id"]} <= done else []
+        return lines if lookup_id in done else []
 
     worker = wait_for(finalized, timeout=10, message="the worker's finalize lines")
     web = _lines(stack, "web")
@@ -241,8 +241,7 @@ def test_one_lookup_is_followed_by_its_id_across_the_web_and_worker_json_logs(ma
     for name in ("web", "w1"):
         text = stack.log(name)
         assert STACK_TOKEN not in text
-        assert "11144477735" not in text  # the CPF only masked
-    assert any(line.get("lookup_id") == cpf["id"] and "111******35" in line["message"] for line in web)
+        assert "11144477735" not in text and "111.444.777" not in text  # never a whole CPF
 
     # Celery's signal handlers print a notice of their own to stdout, outside logging (stderr,
     # where the log goes, stays pure JSON): the only other line a stopped worker leaves.

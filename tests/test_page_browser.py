@@ -159,9 +159,9 @@ def test_a_stream_cut_mid_lookup_recovers_and_ends_like_an_uninterrupted_one(sta
 
 
 def test_a_shared_link_and_a_recent_entry_show_the_same_lookup(stack, sandbox, page):
-    cpf = sandbox.known("cpf", seed=15)
+    cep = sandbox.known("cep", seed=15)
     page.goto(stack.web_url + "/")
-    submit(page, cpf)
+    submit(page, cep)
     wait_complete(page)
     shared = page.input_value("#share-link")
     assert re.search(r"/lookups/[\w-]+$", shared)
@@ -172,7 +172,7 @@ def test_a_shared_link_and_a_recent_entry_show_the_same_lookup(stack, sandbox, p
     page.goto(stack.web_url + "/")
     page.click("#recent li:first-child button, #recent li:first-child a")
     wait_complete(page)
-    assert page.inner_text("#lookup-identifier").replace(".", "").replace("-", "") == cpf
+    assert page.inner_text("#lookup-identifier").replace(".", "").replace("-", "") == cep
 
 
 def test_the_pages_speak_english_when_asked(stack, browser, screenshot):

@@ -57,7 +57,6 @@ def normalized(sandbox, kind: str, value: str) -> dict[str, dict]:
     [
         ("/brasilapi/api/cnpj/v1/19131243000197", "brasilapi_cnpj_v1_200.json"),
         ("/brasilapi/api/cep/v2/01310100", "brasilapi_cep_v2_200.json"),
-        ("/brasilapi/api/cpf/v1/11144477735", "brasilapi_cpf_v1_200.json"),
         ("/receitaws/v1/cnpj/27865757000102", "receitaws_200.json"),
         ("/viacep/ws/22460901/json/", "viacep_200.json"),
     ],
@@ -92,7 +91,6 @@ def test_receitaws_body_uses_its_own_formats(sandbox):
     [
         ("/brasilapi/api/cnpj/v1/11222333000180", 400, {"type": "bad_request", "name": "BadRequestError"}),
         ("/brasilapi/api/cep/v2/123", 400, {"type": "validation_error", "name": "CepPromiseError"}),
-        ("/brasilapi/api/cpf/v1/11144477700", 400, {"type": "bad_request"}),
         ("/receitaws/v1/cnpj/12ABC34501DE35", 200, {"status": "ERROR", "message": "CNPJ inválido"}),
         ("/opencnpj/123", 400, {"error": "invalid cnpj"}),
         ("/brasilapi/api/banks/v1/1", 404, {"type": "not_found", "message": "Page not found."}),
@@ -111,12 +109,11 @@ def test_viacep_answers_a_malformed_cep_with_an_html_400(sandbox):
 
 
 def test_not_found_identifiers_get_each_upstreams_not_found_form(sandbox):
-    cnpj, cep, cpf = sandbox.unknown("cnpj"), sandbox.unknown("cep"), sandbox.unknown("cpf")
+    cnpj, cep = sandbox.unknown("cnpj"), sandbox.unknown("cep")
     response = sandbox.get(f"/brasilapi/api/cnpj/v1/{cnpj}")
     assert response.status_code == 404 and response.json()["type"] == "not_found"
     response = sandbox.get(f"/brasilapi/api/cep/v2/{cep}")
     assert response.status_code == 404 and response.json()["type"] == "service_error"
-    assert sandbox.get(f"/brasilapi/api/cpf/v1/{cpf}").status_code == 404
     response = sandbox.get(f"/receitaws/v1/cnpj/{cnpj}")
     assert response.status_code == 200 and response.json()["status"] == "ERROR"
     response = sandbox.get(f"/opencnpj/{cnpj}")
@@ -191,9 +188,10 @@ def test_cep_city_comes_from_the_real_cep_range(sandbox):
     assert (rio["city"], rio["state"], rio["street"]) == ("Rio de Janeiro", "RJ", "Rua Lopes Quintas")
 
 
-def test_cpf_fiscal_region_is_its_ninth_digit(sandbox):
-    answer = sandbox.get(f"/brasilapi/api/cpf/v1/{KNOWN_CPF}").json()
-    assert answer == {"cpf": "111.444.777-35", "isValid": True, "rf": 7, "ufs": ["ES", "RJ"]}
+def test_the_sandbox_has_no_cpf_route(sandbox):
+    # The service never sends a CPF anywhere (cpf_answers.py), so its stand-in upstream takes none.
+    response = sandbox.get(f"/brasilapi/api/cpf/v1/{KNOWN_CPF}")
+    assert response.status_code == 404 and response.json()["type"] == "not_found"
 
 
 def test_documented_identifiers_are_always_found(sandbox):
@@ -203,7 +201,6 @@ def test_documented_identifiers_are_always_found(sandbox):
     for cep in KNOWN_CEPS:
         assert sandbox.get(f"/brasilapi/api/cep/v2/{cep}").status_code == 200
         assert "erro" not in sandbox.get(f"/viacep/ws/{cep}/json/").json()
-    assert sandbox.get(f"/brasilapi/api/cpf/v1/{KNOWN_CPF}").status_code == 200
     for cnpj in KNOWN_CNPJS[::2]:  # receitaws allows 3 a minute; the alphanumeric one it cannot serve
         if cnpj.isdigit():
             assert sandbox.get(f"/receitaws/v1/cnpj/{cnpj}").json()["status"] == "OK"
@@ -215,7 +212,7 @@ def test_about_one_in_ten_valid_identifiers_is_not_found(sandbox):
     assert set(statuses) == {200, 404}
     assert [status == 200 for status in statuses] == [is_known(cnpj) for cnpj in cnpjs]
     assert 10 <= statuses.count(404) <= 32  # 10% of 200, give or take two standard deviations and change
-    for kind in ("cep", "cpf"):
+    for kind in ("cep",):
         missing = sum(not is_known(value) for value in sandbox.identifiers(kind, 200, seed=12))
         assert 10 <= missing <= 32, kind
 
@@ -278,7 +275,7 @@ def test_quota_answers_429_with_retry_after_past_the_limit(sandbox):
 
 def test_quota_can_be_changed_and_removed_at_run_time(sandbox):
     sandbox.control("brasilapi", quota_per_minute=2)
-    path = "/brasilapi/api/cpf/v1/11144477735"
+    path = "/brasilapi/api/cep/v2/01310100"
     assert [sandbox.get(path).status_code for _ in range(3)] == [200, 200, 429]
     sandbox.control("brasilapi", quota_per_minute=None)
     assert sandbox.get(path).status_code == 200

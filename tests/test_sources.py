@@ -24,7 +24,6 @@ from sources import (
     CEP_KEYS,
     CNAE_KEYS,
     CNPJ_KEYS,
-    CPF_KEYS,
     MAX_BODY_BYTES,
     PARTNER_KEYS,
     BadResponse,
@@ -234,10 +233,10 @@ def test_cep_sources_are_normalized():
     assert viacep["complemento"] == "lado ímpar"
 
 
-def test_brasilapi_cpf_is_normalized():
-    person = BRASILAPI.parse(cpf("54083180013"), 200, body("brasilapi_cpf_v1_200.json"))
-    assert tuple(person) == CPF_KEYS
-    assert person == {"cpf": "54083180013", "valido": True, "regiao_fiscal": 0, "ufs": ["RS"]}
+def test_no_source_is_ever_asked_about_a_cpf():
+    # A CPF is answered from the number alone (cpf_answers.py): no adapter takes one.
+    assert sources_for(IdentifierType.CPF, SOURCES) == []
+    assert not any(source.supports(cpf("11144477735")) for source in SOURCES.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,7 +380,6 @@ def test_receitaws_does_not_support_an_alphanumeric_cnpj():
 def test_sources_for_each_type_in_a_stable_order():
     assert [source.name for source in sources_for("cnpj", SOURCES)] == ["brasilapi", "receitaws", "opencnpj"]
     assert [source.name for source in sources_for("cep", SOURCES)] == ["brasilapi", "viacep"]
-    assert [source.name for source in sources_for(IdentifierType.CPF, SOURCES)] == ["brasilapi"]
     alphanumeric = cnpj("12ABC34501DE35")
     usable = [source.name for source in sources_for("cnpj", SOURCES) if source.supports(alphanumeric)]
     assert usable == ["brasilapi", "opencnpj"]
@@ -395,9 +393,6 @@ def test_urls_follow_each_upstream_path():
         == "http://127.0.0.1:9999/brasilapi/api/cnpj/v1/12ABC34501DE35"
     )
     assert urls["brasilapi"].url(cep("01310100")) == "http://127.0.0.1:9999/brasilapi/api/cep/v2/01310100"
-    assert (
-        urls["brasilapi"].url(cpf("11144477735")) == "http://127.0.0.1:9999/brasilapi/api/cpf/v1/11144477735"
-    )
     assert (
         urls["receitaws"].url(cnpj("11222333000181"))
         == "http://127.0.0.1:9999/receitaws/v1/cnpj/11222333000181"
@@ -434,8 +429,6 @@ def test_fetch_known_identifiers_from_every_source(sandbox):
     places = [live["brasilapi"].fetch(place), live["viacep"].fetch(place)]
     assert all(tuple(answer) == CEP_KEYS for answer in places)
     assert places[0]["uf"] == places[1]["uf"] == answers["receitaws"]["endereco"]["uf"]
-    person = live["brasilapi"].fetch(cpf("11144477735"))
-    assert person == {"cpf": "11144477735", "valido": True, "regiao_fiscal": 7, "ufs": ["ES", "RJ"]}
     alphanumeric = live["opencnpj"].fetch(cnpj("12ABC34501DE35"))
     assert alphanumeric["cnpj"] == "12ABC34501DE35"
 
@@ -450,8 +443,6 @@ def test_fetch_not_found_from_every_source(sandbox):
     for name in ("brasilapi", "viacep"):
         with pytest.raises(NotFound):
             live[name].fetch(missing_place)
-    with pytest.raises(NotFound):
-        live["brasilapi"].fetch(cpf(sandbox.unknown("cpf")))
 
 
 def test_fetch_outage_and_injected_errors_are_transient(sandbox):

@@ -1,0 +1,73 @@
+"""A CPF answered from the number alone, in the process that validated it: nothing stored, nothing sent.
+
+A CPF is a person's (LGPD personal data).  Everything a public source says about one, its check
+digits and the fiscal region that issued it (its ninth digit) with that region's states, follows
+from the number itself.  So a CPF lookup calls no upstream, writes no cache entry, lookup record,
+task or event log, and leaves nothing in Redis that contains the number: there is nothing to
+leak and no oracle for "was this CPF looked up today".  Logs show it masked (log_redaction).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from identifiers import Identifier, IdentifierType
+from lookups import Lookup, LookupStatus
+
+# The 9th CPF digit is the fiscal region (Receita Federal) that issued it, and these its states.
+CPF_REGIONS: tuple[tuple[str, ...], ...] = (
+    ("RS",), ("DF", "GO", "MS", "MT", "TO"), ("AC", "AM", "AP", "PA", "RO", "RR"), ("CE", "MA", "PI"),
+    ("AL", "PB", "PE", "RN"), ("BA", "SE"), ("MG",), ("ES", "RJ"), ("SP",), ("PR", "SC"),
+)  # fmt: skip
+
+
+def facts(identifier: Identifier) -> dict[str, Any]:
+    """What the number says about itself: printed form, valid (parse() checked the digits), region, states."""
+    if identifier.type is not IdentifierType.CPF:
+        raise ValueError("not a CPF")
+    region = int(identifier.value[8])
+    return {
+        "cpf": identifier.masked(),
+        "valido": True,
+        "regiao_fiscal": region,
+        "ufs": list(CPF_REGIONS[region]),
+    }
+
+
+def checks(identifier: Identifier) -> list[dict[str, Any]]:
+    """The one check a CPF gets: its check digits (parse() already refused a CPF whose digits fail)."""
+    return [
+        {
+            "name": "check_digits",
+            "status": "pass",
+            "detail": "the CPF's check digits match",
+            "code": "cpf_check_digits_match",
+            "params": {},
+        }
+    ]
+
+
+def answer(identifier: Identifier, priority: int) -> Lookup:
+    """The complete lookup of a CPF: no id (there is no record to read back), no sources."""
+    now = time.time()
+    return Lookup(
+        id="",
+        type=str(identifier.type),
+        identifier=identifier.value,
+        priority=priority,
+        status=LookupStatus.COMPLETE,
+        created_at=now,
+        deadline_at=now,
+        sources={},
+        result={"data": facts(identifier), "checks": checks(identifier)},
+        completed_at=now,
+    )
+
+
+def masked(value: str) -> str:
+    """A CPF as a batch keeps it: `111.***.***-35` (its first three and last two digits)."""
+    digits = "".join(char for char in value if char.isdigit())
+    if len(digits) != 11:
+        return "***.***.***-**"
+    return f"{digits[:3]}.***.***-{digits[9:]}"

@@ -164,8 +164,17 @@ SCHEMAS = {
             "checks",
             "links",
         ],
+        "description": "One request's view of a lookup.  A request that joins a lookup already running "
+        "for the same identifier (single flight) gets an id, priority, times and call ids (`tasks`) of its "
+        "own over the shared work; no other client's id or priority ever appears in it.  A CPF is answered "
+        "at once from the number alone: `id` null, no `sources` or `tasks`, `links` empty, and `result` "
+        "`{cpf, valido, regiao_fiscal, ufs}` (the fiscal region is the ninth digit); nothing is stored.",
         "properties": {
-            "id": {"type": "string"},
+            "id": {
+                "type": "string",
+                "nullable": True,
+                "description": "this request's own lookup id; null for a CPF (nothing is stored to read back)",
+            },
             "status": {"type": "string", "enum": ["queued", "running", "partial", "complete"]},
             "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
             "identifier": {"type": "string"},
@@ -188,7 +197,7 @@ SCHEMAS = {
             "checks": {"type": "array", "items": {"$ref": "#/components/schemas/Check"}},
             "links": {
                 "type": "object",
-                "required": ["self", "events"],
+                "description": "`self` and `events`; empty for a CPF",
                 "properties": {"self": {"type": "string"}, "events": {"type": "string"}},
             },
         },
@@ -200,7 +209,10 @@ SCHEMAS = {
             "task_id": {"type": "string"},
             "name": {"type": "string"},
             "state": {"type": "string"},
-            "lookup_id": {"type": "string"},
+            "lookup_id": {
+                "type": "string",
+                "description": "the id of the lookup that issued this call id, as that request knows it",
+            },
             "source": {"type": "string", "nullable": True},
             "result": {"nullable": True},
             "error": {"type": "string"},
@@ -282,7 +294,11 @@ PATHS = {
             "summary": "Start a lookup (or answer it from the cache)",
             "requestBody": _json_body("LookupRequest"),
             "responses": {
-                "200": _json("complete, from the cache", "Lookup"),
+                "200": _json(
+                    "complete: from the cache, or a CPF answered from the number alone (id null, "
+                    "no sources, no Location, nothing stored)",
+                    "Lookup",
+                ),
                 "202": {
                     **_json("queued or running; follow links.events", "Lookup"),
                     "headers": {"Location": {"schema": {"type": "string"}}},

@@ -174,6 +174,8 @@ def script_strings() -> dict[str, str]:
         "check_unverified": _("Unverified"),
         "check_active": _("The company is active"),
         "check_cep_valid": _("The company's CEP exists"),
+        "check_check_digits": _("The CPF's check digits"),
+        "detail_cpf_check_digits_match": _("they match the number: it is a valid CPF"),
         "check_cep_matches_city": _("The CEP is in the company's city"),
         "check_sources_agree": _("Sources agree on: {field}"),
         # check details, by the check's `code` (the API's English `detail` is the fallback)

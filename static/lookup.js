@@ -29,6 +29,9 @@
   const progressText = byId("progress-text");
   const lookupMessage = byId("lookup-message");
   const pendingNote = byId("pending-note");
+  // A CPF is answered from the number alone (no id, no sources, nothing kept): these do not apply.
+  const perLookupParts = [byId("share"), byId("progress-row"), byId("sources-title"), byId("sources")];
+  const localNote = byId("local-note");
   const sourcesBox = byId("sources");
   const recentList = byId("recent");
   const recentEmpty = byId("recent-empty");
@@ -135,13 +138,21 @@
       form.removeAttribute("aria-busy");
     }
     if (token !== generation) return;
-    if (!response.ok || !body || !body.id) {
+    const answeredHere = response.ok && body && body.id === null && body.status === "complete";
+    if (!response.ok || !body || !(body.id || answeredHere)) {
       const text = body && typeof body.message === "string" ? body.message : t("request_failed", { status: response.status });
       showFieldMessage(text, "error");
       input.focus();
       return;
     }
     showFieldMessage("", "");
+    if (answeredHere) {
+      // A CPF: nothing to link to, and it is a person's number, so it stays out of this browser's
+      // list of recent lookups (and out of the address bar).
+      if (window.location.pathname !== "/") window.history.pushState({}, "", "/");
+      follow(body, token);
+      return;
+    }
     const path = "/lookups/" + encodeURIComponent(body.id);
     if (window.location.pathname !== path) window.history.pushState({ lookupId: body.id }, "", path);
     rememberRecent(body);
@@ -184,7 +195,7 @@
     lookupMessage.hidden = true;
     renderLookup(lookup);
     if (lookup.status === "complete") {
-      setStream(lookup.cached ? "cached" : "closed");
+      setStream(lookup.cached ? "cached" : lookup.id ? "closed" : "idle");
       return;
     }
     openStream(lookup.links.events, lookup.id, token);
@@ -278,7 +289,9 @@
     lookupIdentifier.textContent = Identifiers.masked(lookup.type, lookup.identifier);
     lookupStatus.dataset.status = lookup.status;
     lookupStatus.textContent = t("status_" + lookup.status);
-    shareLink.value = new URL("/lookups/" + encodeURIComponent(lookup.id), window.location.origin).href;
+    for (const part of perLookupParts) part.hidden = !lookup.id;
+    localNote.hidden = Boolean(lookup.id);
+    shareLink.value = lookup.id ? new URL("/lookups/" + encodeURIComponent(lookup.id), window.location.origin).href : "";
     renderProgress();
     const names = Object.keys(lookup.sources);
     for (const card of sourcesBox.querySelectorAll(".source-card")) {

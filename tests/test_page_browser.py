@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -173,6 +174,23 @@ def test_a_shared_link_and_a_recent_entry_show_the_same_lookup(stack, sandbox, p
     page.click("#recent li:first-child button, #recent li:first-child a")
     wait_complete(page)
     assert page.inner_text("#lookup-identifier").replace(".", "").replace("-", "") == cep
+
+
+def test_a_cpf_is_answered_on_the_page_without_a_link_a_recent_entry_or_sources(stack, sandbox, page):
+    page.goto(stack.web_url + "/")
+    submit(page, "111.444.777-35")
+    wait_complete(page)
+
+    assert page.inner_text('#result [data-field="regiao_fiscal"]') == "7"
+    assert page.inner_text('#result [data-field="ufs"]') == "ES, RJ"
+    assert page.is_visible("#local-note")
+    for hidden in ("#share", "#progress-row", "#sources-title"):
+        assert not page.is_visible(hidden), hidden
+    assert page.eval_on_selector("#checks", "list => list.children.length") == 1
+    assert urlsplit(page.url).path == "/"
+    # The person's number is kept nowhere in the browser either.
+    assert "11144477735" not in page.evaluate("JSON.stringify(window.localStorage)")
+    assert not page.problems, page.problems
 
 
 def test_the_pages_speak_english_when_asked(stack, browser, screenshot):

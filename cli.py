@@ -28,6 +28,7 @@ from identifiers import IdentifierType, InvalidIdentifier, parse
 from lookups import SourceResult
 
 IDENTIFIER_TYPES = ("cnpj", "cep", "cpf")
+CACHED_TYPES = ("cnpj", "cep")  # a CPF is never cached (cpf_answers.py)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 

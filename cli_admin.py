@@ -7,7 +7,7 @@ from flask.cli import AppGroup
 
 import cli_lookup
 import dead_letters
-from cli import IDENTIFIER_TYPES, echo_json, json_option, needs_redis
+from cli import CACHED_TYPES, echo_json, json_option, needs_redis
 from extensions import extension
 from feature_flags import FLAGS
 from identifiers import InvalidIdentifier, parse
@@ -32,7 +32,7 @@ def cache_stats(as_json: bool) -> None:
 
 
 @cache.command("invalidate")
-@click.option("--type", "kind", type=click.Choice(IDENTIFIER_TYPES), help="Delete this type's entries.")
+@click.option("--type", "kind", type=click.Choice(CACHED_TYPES), help="Delete this type's entries.")
 @click.option("--identifier", help="Only this identifier's entries (needs --type).")
 @click.option("--all", "everything", is_flag=True, help="Every entry at once (a generation bump).")
 @json_option

@@ -54,7 +54,7 @@ def invalidate_cache():
     if body.get("all") is True:
         return json_response({"generation": cache.bump_generation()})
     kind = body.get("type")
-    if kind not in ("cnpj", "cep", "cpf"):
+    if kind not in ("cnpj", "cep"):  # a CPF is never cached (cpf_answers.py)
         raise ApiError(
             400, "invalid_request", 'send {"all": true}, {"type"} or {"type", "identifier"}', "type"
         )

@@ -1,7 +1,9 @@
 """The bulk batch API: `POST /api/batches`, its status, events, cancel and streamed results.
 
 The routes only read the request and shape the answer; batches.py holds the batch itself and
-batch_input.py reads what was uploaded.
+batch_input.py reads what was uploaded.  A batch's id is meant to be shared (its page, events and
+results need nothing else); cancelling it takes the `cancel_token` its creation returned, sent
+back in the `X-Cancel-Token` header.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ batch_api = Blueprint("batch_api", __name__)
 log = logging.getLogger("api")
 
 CSV_TYPES = ("text/csv", "text/plain", "application/csv", "application/vnd.ms-excel")
+CANCEL_TOKEN_HEADER = "X-Cancel-Token"
 
 
 def _store() -> BatchStore:
@@ -61,6 +64,8 @@ def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
 
 @batch_api.post("/api/batches")
 def create_batch():
+    """202: the batch's status, its `invalid` lines and its `cancel_token` (shown this once: the
+    `X-Cancel-Token` that `DELETE /api/batches/<id>` needs)."""
     parsed, name = _parse_upload()
     if not parsed.unique and not parsed.invalid:
         raise ApiError(400, "invalid_batch", "the batch holds no identifiers")
@@ -83,7 +88,22 @@ def get_batch(batch_id: str):
 
 @batch_api.delete("/api/batches/<batch_id>")
 def cancel_batch(batch_id: str):
-    status = _store().cancel(batch_id) if len(batch_id) <= 64 else None
+    """Cancel the items not started; needs the batch's `cancel_token` in the `X-Cancel-Token` header.
+
+    404 unknown batch; 403 `forbidden` without the header or with another token (whoever has only
+    the shared id watches, never cancels); 409 when already complete; else 200 with the status.
+    """
+    allowed = _store().cancel_token_matches(batch_id, request.headers.get(CANCEL_TOKEN_HEADER))
+    if allowed is None:
+        raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
+    if not allowed:
+        log.info("batch %s: cancel refused (no or another %s)", batch_id, CANCEL_TOKEN_HEADER)
+        raise ApiError(
+            403,
+            "forbidden",
+            f"cancelling a batch takes the cancel_token its creation returned, in {CANCEL_TOKEN_HEADER}",
+        )
+    status = _store().cancel(batch_id)
     if status is None:
         raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
     body = _status(batch_id)

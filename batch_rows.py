@@ -4,16 +4,18 @@ An item settles into a summary (state, main fields, state per source, error, loo
 the batch's `:items` hash; each input line's row is that summary with the line and its input.
 The serializers write rows as they come, a few hundred at a time, so a 10,000-row result is
 streamed by `GET /api/batches/<id>/results` and `flask batch run` without being built in memory.
+The CSV is defused against formula injection (a cell a spreadsheet would run gets a leading `'`);
+the JSONL keeps every value as it is: it is data for programs, not for a spreadsheet.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
+from defusedcsv import csv as defused_csv
 
 import cpf_answers
 import cross_checks
@@ -155,28 +157,48 @@ def row(
     return {"line": line, "input": value, "type": kind, "identifier": identifier, **item}
 
 
+# CSV formula injection (OWASP, https://owasp.org/www-community/attacks/CSV_Injection): a cell that
+# starts with = + - @, a tab or a carriage return may run as a formula in a spreadsheet; the cure is
+# a leading ' (shown by no spreadsheet).  defusedcsv 3.0.0's writer prefixes ' to a text cell that
+# starts with = + - @ | or % and, in that cell only, writes each | as \| (a DDE `cmd|'...'` loses its
+# pipe).  It leaves alone a cell that is only a number with an optional leading minus (-5, -1.234,5:
+# digits, dots and commas), which a spreadsheet reads as a number, never a formula, and every cell
+# that starts otherwise: a CEP (01310-100) or a phone (11 3333-4444) is written as it is, a phone
+# written +55 11 ... gets its '.  It does not know OWASP's tab and carriage return: _defused adds
+# the ' for those (and then defusedcsv, seeing a ', changes nothing more).  The cost, as with any
+# such escaping: a program reading the CSV gets the ' too (a lookup id starting with - reads '-...);
+# the JSONL is the format for programs.
+CONTROL_TRIGGERS = ("\t", "\r")
+
+
+def _defused(cell: object) -> object:
+    """A cell with a ' before a leading tab or carriage return (defusedcsv handles the other triggers)."""
+    if isinstance(cell, str) and cell.startswith(CONTROL_TRIGGERS):
+        return "'" + cell
+    return cell
+
+
 def csv_lines(rows: Iterator[dict]) -> Iterator[str]:
     """Results rows as CSV (CSV_COLUMNS, a header first), a few hundred rows a chunk; `flask batch run`
-    writes them too."""
+    writes them too.  Every cell is defused against formula injection (see CONTROL_TRIGGERS)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer = defused_csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     count = 0
     for row in rows:
         fields = row["fields"]
-        writer.writerow(
-            [
-                row["line"],
-                row["input"],
-                row["type"] or "",
-                row["identifier"] or "",
-                row["state"],
-                *(_cell(fields.get(column)) for column in CSV_COLUMNS[5:15]),
-                ";".join(f"{name}={state}" for name, state in row["sources"].items()),
-                row["error"] or "",
-                row["lookup_id"] or "",
-            ]
-        )
+        cells = [
+            row["line"],
+            row["input"],
+            row["type"] or "",
+            row["identifier"] or "",
+            row["state"],
+            *(_cell(fields.get(column)) for column in CSV_COLUMNS[5:15]),
+            ";".join(f"{name}={state}" for name, state in row["sources"].items()),
+            row["error"] or "",
+            row["lookup_id"] or "",
+        ]
+        writer.writerow([_defused(cell) for cell in cells])
         count += 1
         if count % 200 == 0:
             yield buffer.getvalue()

@@ -13,7 +13,8 @@ interactive reserve of tokens (rate_limiter.py) and skip a source that cannot gi
 within BATCH_SOURCE_WAIT.
 
 Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
-- the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`;
+- the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`, and
+  `cancel_token_sha256`, the hash of the cancel token its creation returned (never the token);
 - `:lines` a list, one JSON `[line, input, item key or "", reason]` per input line, in order;
 - `:queue` item keys not started yet; `:running` item key -> "lookup id|started at[|shared id]"
   (the lookup id is the item's own; the shared id is the lookup it joined, when it joined one);
@@ -25,6 +26,8 @@ Lua script, so two steps that ever overlap (a redelivered task) cannot count an 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import secrets
@@ -136,6 +139,11 @@ def _running_entry(value: str) -> tuple[str, str, str]:
     return lookup_id, started, shared or lookup_id
 
 
+def _token_hash(cancel_token: str) -> str:
+    """What the batch hash keeps of a cancel token: its SHA-256, hex (a leaked Redis cancels nothing)."""
+    return hashlib.sha256(cancel_token.encode()).hexdigest()
+
+
 def _identifier(key: str) -> Identifier:
     kind, _, value = key.partition(":")
     return Identifier(type=IdentifierType(kind), value=value)
@@ -184,8 +192,14 @@ class BatchStore:
 
     # -- creation --------------------------------------------------------------------------
     def create(self, parsed: batch_input.ParsedBatch, name: str = "") -> dict:
-        """Store a parsed batch, settle its cached items, queue the rest; returns its status."""
+        """Store a parsed batch, settle its cached items, queue the rest; returns its status plus
+        `cancel_token`, the secret `DELETE /api/batches/<id>` needs (in `X-Cancel-Token`).
+
+        The token is returned here and only here: the batch keeps its hash, and no status, event or
+        result shows either.  The id is meant to be shared (progress, results); the token is not.
+        """
         batch_id = secrets.token_urlsafe(16)
+        cancel_token = secrets.token_urlsafe(16)
         while batch_id.startswith("-"):  # `flask batch status <id>` would read it as an option
             batch_id = secrets.token_urlsafe(16)
         now = time.time()
@@ -216,6 +230,7 @@ class BatchStore:
             "invalid": len(parsed.invalid),
             "duplicates": valid - len(unique),
             "cached": len(cached),
+            "cancel_token_sha256": _token_hash(cancel_token),
             **{f"n:{state}": n for state, n in counts.items()},
         }
         ttl = self.ttl
@@ -249,7 +264,7 @@ class BatchStore:
         )
         if queued:
             self.kick(batch_id)
-        return self.status(batch_id)
+        return {**self.status(batch_id), "cancel_token": cancel_token}
 
     @staticmethod
     def _line_entry(
@@ -390,6 +405,20 @@ class BatchStore:
             start += ROWS_CHUNK
 
     # -- cancel and the step --------------------------------------------------------------------
+    def cancel_token_matches(self, batch_id: str, cancel_token: str | None) -> bool | None:
+        """Whether `cancel_token` is the one the batch's creation returned; None when the batch is
+        unknown.  The hashes are compared in constant time (hmac.compare_digest), so how long a
+        wrong token takes says nothing of the right one; no token, or a batch without a token's
+        hash, never matches."""
+        if len(batch_id) > 64:
+            return None
+        status, stored = self.redis.hmget(self.key(batch_id), ["status", "cancel_token_sha256"])
+        if status is None:
+            return None
+        if not cancel_token or stored is None:
+            return False
+        return hmac.compare_digest(_token_hash(cancel_token), stored.decode())
+
     def cancel(self, batch_id: str) -> str | None:
         """Cancel the items not started yet (those in flight finish); the batch's status after, or None."""
         status = self._cancel(keys=self._keys(batch_id, "", "queue"), args=[time.time()]).decode()

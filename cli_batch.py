@@ -179,9 +179,10 @@ output_option = click.option(
 def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float | None) -> None:
     """Create a batch from FILE (CSV, or a JSON list; - is stdin), follow it, write its results.
 
-    Invalid rows are listed on stderr and answered as `invalid` rows in the results.  Exit 0 when
-    the batch completes (even with failed or not_found rows), 1 when it was cancelled or on
-    --timeout, 130 on Ctrl-C, which cancels the items not started yet.
+    Invalid rows are listed on stderr and answered as `invalid` rows in the results, and so is the
+    batch's cancel token (what `DELETE /api/batches/ID` needs in X-Cancel-Token; `flask batch
+    cancel` needs none).  Exit 0 when the batch completes (even with failed or not_found rows),
+    1 when it was cancelled or on --timeout, 130 on Ctrl-C, which cancels the items not started yet.
     """
     settings = extension("settings")
     if output != "-" and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
@@ -200,6 +201,11 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
     default_name = "" if file == "-" else os.path.basename(file)
     status = _store().create(parsed, default_name if name is None else name)
     batch_id = status["id"]
+    # Shown once, like the API's 202: whoever else is given the id can watch the batch, not cancel it.
+    _stderr(
+        f"batch {batch_id}: cancel token {status['cancel_token']} "
+        f"(DELETE /api/batches/{batch_id} with the header X-Cancel-Token)"
+    )
     try:
         status, timed_out = follow(batch_id, status, timeout)
     except KeyboardInterrupt:

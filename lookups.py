@@ -263,8 +263,15 @@ def alias_head(event_data: dict, lookup: Lookup) -> dict:
 
 
 def new_lookup_id() -> str:
-    """A random id with 128 bits of entropy, URL-safe."""
-    return secrets.token_urlsafe(16)
+    """A random id with 128 bits of entropy, URL-safe.
+
+    Never starting with `-`: a CSV cell that does is defused with a leading `'` (batch_rows), and a
+    command line would read it as an option.
+    """
+    lookup_id = secrets.token_urlsafe(16)
+    while lookup_id.startswith("-"):
+        lookup_id = secrets.token_urlsafe(16)
+    return lookup_id
 
 
 class LookupStore:

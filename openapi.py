@@ -84,6 +84,13 @@ def _event_stream(description: str, events: list[str] | None = None) -> dict:
 
 BATCH_ID = {"name": "batch_id", **ID_PARAMETER}
 BATCH_UNKNOWN = _error("unknown or expired batch")
+CANCEL_TOKEN = {
+    "name": "X-Cancel-Token",
+    "in": "header",
+    "required": True,
+    "description": "the cancel_token that POST /api/batches returned for this batch (the id alone is for watching)",
+    "schema": {"type": "string"},
+}
 
 SCHEMAS = {
     "Error": {
@@ -390,9 +397,16 @@ PATHS = {
         },
         "delete": {
             "summary": "Cancel a batch's items not started yet (those in flight finish); again is a no-op",
-            "parameters": [BATCH_ID],
+            "description": "Needs the batch's cancel_token in X-Cancel-Token: whoever has only the batch's "
+            "id (its shared link) can watch it but not cancel it.  The operator's `flask batch cancel` "
+            "needs none.",
+            "parameters": [BATCH_ID, CANCEL_TOKEN],
             "responses": {
                 "200": _json("the batch, cancelled", "BatchStatus"),
+                "403": _error(
+                    "forbidden: no X-Cancel-Token, or not this batch's cancel_token (compared in constant "
+                    "time); nothing is cancelled"
+                ),
                 "404": BATCH_UNKNOWN,
                 "409": _error("already complete: nothing is left to cancel"),
                 "503": UNAVAILABLE,
@@ -581,7 +595,7 @@ PATHS = {
                     "additionalProperties": False,
                     "properties": {
                         "all": {"type": "boolean", "enum": [True]},
-                        "type": {"type": "string", "enum": ["cnpj", "cep", "cpf"]},
+                        "type": {"type": "string", "enum": ["cnpj", "cep"]},
                         "identifier": {"type": "string"},
                     },
                 }
@@ -829,10 +843,15 @@ SCHEMAS["BatchStatus"] = {
 # The answer to POST /api/batches: the status and `invalid`, the invalid lines themselves.
 SCHEMAS["BatchCreated"] = {
     **SCHEMAS["BatchStatus"],
-    "required": [*SCHEMAS["BatchStatus"]["required"], "invalid"],
+    "required": [*SCHEMAS["BatchStatus"]["required"], "invalid", "cancel_token"],
     "properties": {
         **SCHEMAS["BatchStatus"]["properties"],
         "invalid": {"type": "array", "items": {"$ref": "#/components/schemas/InvalidLine"}},
+        "cancel_token": {
+            "type": "string",
+            "description": "shown this once: send it as X-Cancel-Token to DELETE /api/batches/{batch_id}; "
+            "never in the status, events or results (the service keeps only its SHA-256)",
+        },
     },
 }
 

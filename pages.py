@@ -250,6 +250,7 @@ def script_strings() -> dict[str, str]:
             "those in progress finish. The results so far stay available."
         ),
         "batch_cancel_failed": _("The batch could not be cancelled (HTTP {status})"),
+        "batch_cancel_forbidden": _("Only the browser that started this batch can cancel it."),
         "eta_estimating": _("Estimating…"),
         "eta_finished": _("Finished"),
         "eta_cancelling": _("Finishing the identifiers in progress"),

@@ -8,6 +8,10 @@
   const INVALID_SHOWN = 20; // invalid lines listed on the page; the results file has every line
   const INVALID_KEY = "enrichment-lookup.batch-invalid";
   const INVALID_KEPT = 10; // batches whose invalid lines this browser remembers (for a reload)
+  // The cancel token of each batch this browser started, under a key of its own per batch id: the id is the
+  // link people share to watch a batch; only the browser holding the token shows the cancel button.
+  const CANCEL_KEY_PREFIX = "enrichment-lookup.batch-cancel.";
+  const CANCEL_KEPT = 20; // running batches whose cancel tokens this browser keeps (the newest)
   const RELOAD_DELAY_MS = 3000;
   const ANNOUNCE_EVERY_MS = 15000; // a screen reader hears the progress at most this often while it runs
 
@@ -68,6 +72,7 @@
   let reloadTimer = null;
   let announcedAt = 0;
   let announcedEnd = null;
+  let cancelToken = null; // the batch on screen's cancel token, when this browser started it
 
   const { h } = window.Dom;
 
@@ -148,12 +153,15 @@
       return;
     }
     showUploadMessage("", "");
+    const { cancel_token: created, ...status } = body; // the token is kept apart, never rendered
     const invalid = Array.isArray(body.invalid) ? body.invalid : [];
     rememberInvalid(body.id, invalid);
+    rememberCancelToken(body.id, created);
     const path = "/batches/" + encodeURIComponent(body.id);
     if (window.location.pathname !== path) window.history.replaceState({ batchId: body.id }, "", path);
     announce(t("batch_started", { total: number(body.total) }));
-    follow({ ...body, invalid: invalid.length }, token, invalid); // the status body holds their count
+    // The status body holds the invalid lines' count; the token stays in memory should storage be off.
+    follow({ ...status, invalid: invalid.length }, token, invalid, typeof created === "string" ? created : null);
   }
 
   fileInput.addEventListener("change", () => chooseFiles(fileInput.files));
@@ -241,6 +249,53 @@
     invalidNote.hidden = !note;
   }
 
+  // -- the cancel tokens of the batches started from this browser (the API shows them once) --------------
+
+  function cancelKeys() {
+    const keys = [];
+    for (let index = 0; index < window.localStorage.length; index += 1) {
+      const key = window.localStorage.key(index);
+      if (key && key.startsWith(CANCEL_KEY_PREFIX)) keys.push(key);
+    }
+    return keys;
+  }
+
+  function readCancelEntry(key) {
+    try {
+      const entry = JSON.parse(window.localStorage.getItem(key) || "null");
+      return entry && typeof entry.token === "string" ? entry : null;
+    } catch (error) {
+      return null;
+    }
+  }
+
+  function rememberCancelToken(batchId, value) {
+    if (typeof value !== "string" || !value) return;
+    try {
+      window.localStorage.setItem(CANCEL_KEY_PREFIX + batchId, JSON.stringify({ token: value, time: Date.now() / 1000 }));
+      const older = cancelKeys()
+        .map((key) => [key, (readCancelEntry(key) || {}).time || 0])
+        .sort((a, b) => b[1] - a[1])
+        .slice(CANCEL_KEPT);
+      for (const [key] of older) window.localStorage.removeItem(key);
+    } catch (error) {
+      // Storage full or disabled: this page can still cancel the batch, a reload cannot.
+    }
+  }
+
+  function storedCancelToken(batchId) {
+    const entry = readCancelEntry(CANCEL_KEY_PREFIX + batchId);
+    return entry ? entry.token : null;
+  }
+
+  function forgetCancelToken(batchId) {
+    try {
+      window.localStorage.removeItem(CANCEL_KEY_PREFIX + batchId);
+    } catch (error) {
+      // Storage disabled: nothing was kept.
+    }
+  }
+
   // -- loading and following a batch --------------------------------------------------------------------
 
   function stopFollowing() {
@@ -276,7 +331,7 @@
       return;
     }
     const batch = await response.json();
-    if (token === generation) follow(batch, token, storedInvalid(batch.id));
+    if (token === generation) follow(batch, token, storedInvalid(batch.id), storedCancelToken(batch.id));
   }
 
   function retryLater(batchId, token) {
@@ -285,15 +340,18 @@
     reloadTimer = window.setTimeout(() => { if (token === generation) loadBatch(batchId); }, RELOAD_DELAY_MS);
   }
 
-  // Render the batch at once; follow its stream unless it has finished already.
-  function follow(batch, token, invalidRows) {
+  // Render the batch at once; follow its stream unless it has finished already.  `heldToken`: the batch's
+  // cancel token when this browser started it (else null: no cancel button).
+  function follow(batch, token, invalidRows, heldToken) {
     view = null;
     announcedAt = 0;
     announcedEnd = null;
+    cancelToken = heldToken;
     batchMessage.hidden = true;
     renderInvalid(batch, invalidRows);
     render(batch);
     if (isFinished(batch)) {
+      forgetCancelToken(batch.id); // nothing is left to cancel
       setStream("closed");
       return;
     }
@@ -323,6 +381,7 @@
   function finish(stream) {
     stream.close(); // the server ends the stream after `complete`; without this the browser would reconnect
     if (events === stream) events = null;
+    if (view) forgetCancelToken(view.id); // nothing is left to cancel
     setStream("closed");
   }
 
@@ -365,7 +424,7 @@
     startedBox.textContent = typeof batch.created_at === "number" ? t("batch_started_at", { time: startedAt(batch.created_at) }) : "";
     csvLink.href = batch.links.results + "?format=csv";
     jsonlLink.href = batch.links.results + "?format=jsonl";
-    cancelButton.hidden = batch.status !== "running" || finished;
+    cancelButton.hidden = batch.status !== "running" || finished || !cancelToken;
 
     const total = batch.total;
     const done = Math.min(batch.done, total);
@@ -454,14 +513,17 @@
   // -- cancel ------------------------------------------------------------------------------------------
 
   cancelButton.addEventListener("click", async () => {
-    if (!view || !window.confirm(t("batch_cancel_confirm"))) return;
+    if (!view || !cancelToken || !window.confirm(t("batch_cancel_confirm"))) return;
     const token = generation;
     const batchId = view.id;
     cancelButton.disabled = true;
     let response;
     let body = null;
     try {
-      response = await fetch("/api/batches/" + encodeURIComponent(batchId), { method: "DELETE", headers: { Accept: "application/json" } });
+      response = await fetch("/api/batches/" + encodeURIComponent(batchId), {
+        method: "DELETE",
+        headers: { Accept: "application/json", "X-Cancel-Token": cancelToken },
+      });
       body = await response.json().catch(() => null);
     } catch (error) {
       if (token === generation) showBatchError(t("network_error"));
@@ -479,6 +541,12 @@
       if (token === generation && latest) render(latest);
     } else if (response.status === 404) {
       showBatchError(t("batch_expired"));
+    } else if (response.status === 403) {
+      // The token kept here is not the batch's (storage edited, or another service's): it never will be.
+      forgetCancelToken(batchId);
+      cancelToken = null;
+      render(view);
+      showBatchError(t("batch_cancel_forbidden"));
     } else {
       showBatchError(t("batch_cancel_failed", { status: response.status }));
     }

@@ -61,12 +61,12 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
     stack.start_web()
     ceps = sandbox.identifiers("cep", 80, seed=121)
     people = sandbox.identifiers("cep", 4, seed=122)
-    batch_id = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": ceps}, timeout=10).json()[
-        "id"
-    ]
+    created = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": ceps}, timeout=10).json()
+    batch_id = created["id"]
     wait_for(
         lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 8, 30, 0.05, "the batch under way"
     )
+
     def viacep_tokens() -> float:
         return stack.app.extensions["rate_limiter"].tokens("viacep")
 
@@ -84,7 +84,9 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
         assert lookup["completed_at"] - lookup["created_at"] < 2.0
         # The next person comes once the reserve is whole again (people do not come 4 a second).
         wait_for(lambda: viacep_tokens() >= 2, 5, 0.05, "the reserve to refill")
-    requests.delete(f"{stack.web_url}/api/batches/{batch_id}", timeout=10)
+    cancel = {"X-Cancel-Token": created["cancel_token"]}
+    cancelled = requests.delete(f"{stack.web_url}/api/batches/{batch_id}", headers=cancel, timeout=10)
+    assert cancelled.status_code in (200, 409), cancelled.text  # 409: it finished first
     body = _finished(stack, batch_id, 60)
     rows = [
         orjson.loads(line)
@@ -145,8 +147,9 @@ def test_a_person_does_not_join_a_batch_items_lookup_but_a_batch_item_joins_thei
         person, created = pipeline.start_lookup(first, 5)
         assert created and person.id != item.id  # the person's own lookup, at their priority
         again, created = pipeline.start_lookup(first, pipeline.BATCH_PRIORITY)
-        assert not created and again.id == item.id  # batch items still share one lookup
+        # Batch items still share one lookup's work, each under an id of its own.
+        assert not created and again.work_id == item.id and again.id != item.id
 
         someone, _ = pipeline.start_lookup(second, 5)
         rider, created = pipeline.start_lookup(second, pipeline.BATCH_PRIORITY)
-        assert not created and rider.id == someone.id
+        assert not created and rider.work_id == someone.id and rider.id != someone.id

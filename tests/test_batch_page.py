@@ -136,7 +136,9 @@ def test_an_uploaded_csv_lists_its_bad_lines_runs_to_complete_and_downloads_one_
     assert page.problems == []
 
 
-def test_a_long_batch_is_cancelled_from_the_page(stack, sandbox, page, tmp_path, screenshot):
+def test_a_long_batch_is_cancelled_from_the_page_that_started_it_alone(
+    stack, sandbox, page, browser, tmp_path, screenshot
+):
     for name in ("viacep", "brasilapi"):  # the CEP sources: about two items a second per worker thread
         sandbox.control(name, latency_ms=400)
     ceps = sandbox.identifiers("cep", 600, seed=211)
@@ -158,6 +160,27 @@ def test_a_long_batch_is_cancelled_from_the_page(stack, sandbox, page, tmp_path,
     running = counts(page)
     assert 0 < running["found"] + running["not_found"] < 600 and running["pending"] > 0
     screenshot(page, "batch")
+
+    # The shared link in another browser: progress, no cancel button, and the API refuses a cancel.
+    context = browser.new_context(locale="pt-BR")
+    try:
+        other = context.new_page()
+        other.goto(page.url)
+        other.wait_for_selector('#stream-status[data-state="live"]')
+        expect(other.locator("#batch-progress-text")).to_have_text(re.compile(r"\d+ de 600"))
+        assert other.is_hidden("#cancel-batch")
+        refused = other.evaluate(
+            "id => fetch('/api/batches/' + id, { method: 'DELETE' }).then(answer => answer.status)", batch_id
+        )
+        assert refused == 403
+    finally:
+        context.close()
+    assert stack.get(f"/api/batches/{batch_id}").json()["status"] == "running"
+    # The browser that started it keeps its token (localStorage) across a reload, never in the address.
+    page.reload()
+    page.wait_for_selector('#stream-status[data-state="live"]')
+    expect(page.locator("#cancel-batch")).to_be_visible()
+    assert batch_id in page.url and page.evaluate("window.location.search + window.location.hash") == ""
 
     page.once("dialog", lambda dialog: dialog.accept())  # "Cancel this batch?"
     page.click("#cancel-batch")

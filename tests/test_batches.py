@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 
 import orjson
@@ -10,6 +11,7 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 from sse_client import Event, read_all
+from test_batch_rows import HYPERLINK_LEAK, formula_cells
 
 # ReceitaWS keeps its real limit (2.85 a minute, the sandbox's quota of 3): batch items skip it
 # once its token is gone, as they would in production, and still settle from the other sources.
@@ -18,6 +20,37 @@ BATCH_ENV = {
     "BATCH_CONCURRENCY": "16",
     "BATCH_POLL_INTERVAL": "0.05",
 }
+
+
+# What a hostile company record says, through the sandbox's override fault (hostile_company).
+FORMULAS = {
+    "razao_social": '=HYPERLINK("http://x","y")',
+    "nome_fantasia": "+cmd|' /C calc'!A0",
+    "logradouro": "@SUM(1)",
+}
+
+
+def hostile_company(sandbox, seed: int) -> str:
+    """A CNPJ that every CNPJ source names with FORMULAS (its street without a street type)."""
+    sandbox.control("brasilapi", override={**FORMULAS, "descricao_tipo_de_logradouro": None})
+    sandbox.control("opencnpj", override={**FORMULAS, "tipo_logradouro": None})
+    receitaws = dict(zip(("nome", "fantasia", "logradouro"), FORMULAS.values(), strict=True))
+    sandbox.control("receitaws", override=receitaws)
+    return sandbox.known("cnpj", seed=seed)
+
+
+def assert_defused_results(csv_text: str, jsonl_text: str) -> None:
+    """The results of [hostile company, HYPERLINK_LEAK]: the CSV's formulas defused, the JSONL's raw."""
+    assert formula_cells(csv_text) == []
+    company, invalid = csv.DictReader(io.StringIO(csv_text))
+    assert company["state"] == "found", company
+    assert company["razao_social"] == "'" + FORMULAS["razao_social"]
+    assert company["nome_fantasia"] == "'+cmd\\|' /C calc'!A0"  # defusedcsv also escapes the DDE pipe
+    assert company["logradouro"] == "'@SUM(1)"
+    assert invalid["state"] == "invalid" and invalid["input"] == "'" + HYPERLINK_LEAK
+    company, invalid = (orjson.loads(line) for line in jsonl_text.splitlines())
+    assert {name: company["fields"][name] for name in FORMULAS} == FORMULAS
+    assert invalid["input"] == HYPERLINK_LEAK
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +144,22 @@ def test_a_thousand_row_batch_completes_with_one_row_per_input_line(stack, sandb
     assert lines[0]["fields"]["razao_social"] == results[0]["razao_social"] or results[0]["state"] != "found"
 
 
+def test_results_csv_defuses_formulas_and_jsonl_keeps_the_values(stack, sandbox):
+    cnpj = hostile_company(sandbox, seed=111)
+    response = requests.post(
+        f"{stack.web_url}/api/batches", json={"identifiers": [cnpj, HYPERLINK_LEAK]}, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    results = response.json()["links"]["results"]
+    _wait_finished(stack, response.json()["id"])
+
+    as_csv = stack.get(results, params={"format": "csv"})
+    as_jsonl = stack.get(results, params={"format": "jsonl"})
+
+    assert as_csv.status_code == as_jsonl.status_code == 200
+    assert_defused_results(as_csv.text, as_jsonl.text)
+
+
 def test_cached_items_settle_when_the_batch_is_created(stack, sandbox):
     cep = sandbox.known("cep", seed=81)
     lookup = stack.post_lookup(cep).json()
@@ -134,9 +183,10 @@ def test_cancel_stops_the_items_not_started(stack, sandbox):
     ceps = sandbox.identifiers("cep", 400, seed=91)
     response = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": ceps}, timeout=10)
     batch_id = response.json()["id"]
+    cancel = {"X-Cancel-Token": response.json()["cancel_token"]}
     wait_for(lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 5, 30, 0.05, "some items done")
 
-    cancelled = requests.delete(f"{stack.web_url}/api/batches/{batch_id}", timeout=10)
+    cancelled = requests.delete(f"{stack.web_url}/api/batches/{batch_id}", headers=cancel, timeout=10)
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["status"] == "cancelled"
     body = _wait_finished(stack, batch_id, 30)
@@ -151,8 +201,57 @@ def test_cancel_stops_the_items_not_started(stack, sandbox):
     assert all(not row["lookup_id"] for row in rows if row["state"] == "cancelled")
     # Only the items started before the cancel ever reached an upstream (each CEP calls each source once).
     assert sandbox.served("viacep") <= started
-    again = requests.delete(f"{stack.web_url}/api/batches/{batch_id}", timeout=10)
+    again = requests.delete(f"{stack.web_url}/api/batches/{batch_id}", headers=cancel, timeout=10)
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+def test_only_the_cancel_token_cancels_and_nothing_shows_it_again(stack, sandbox):
+    sandbox.control("viacep", latency_ms=200)
+    sandbox.control("brasilapi", latency_ms=200)
+    ceps = sandbox.identifiers("cep", 200, seed=95)
+    response = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": ceps}, timeout=10)
+    assert response.status_code == 202
+    batch_id, token = response.json()["id"], response.json()["cancel_token"]
+    assert isinstance(token, str) and len(token) == 22 and token not in batch_id
+    url = f"{stack.web_url}/api/batches/{batch_id}"
+
+    refusals = [
+        requests.delete(url, timeout=10),  # the shared link alone
+        requests.delete(url, headers={"X-Cancel-Token": ""}, timeout=10),
+        requests.delete(
+            url, headers={"X-Cancel-Token": token[:-1] + ("A" if token[-1] != "A" else "B")}, timeout=10
+        ),
+        requests.delete(
+            url, headers={"X-Cancel-Token": hashlib.sha256(token.encode()).hexdigest()}, timeout=10
+        ),
+    ]
+
+    for refused in refusals:
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"] == "forbidden" and "X-Cancel-Token" in refused.json()["message"]
+    running = stack.get(f"/api/batches/{batch_id}").json()
+    assert running["status"] == "running" and running["counts"]["cancelled"] == 0
+    assert running["counts"]["pending"] > 0 and running["cancelled_at"] is None
+    unknown = requests.delete(f"{url}x", headers={"X-Cancel-Token": token}, timeout=10)
+    assert unknown.status_code == 404  # an unknown batch is still a 404, token or not
+    # Redis keeps only the token's hash (a reader of Redis cannot cancel either).
+    stored = stack.app.extensions["redis"].hgetall(stack.app.extensions["batches"].key(batch_id))
+    assert stored[b"cancel_token_sha256"] == hashlib.sha256(token.encode()).hexdigest().encode()
+    assert not any(token.encode() in value for value in stored.values())
+
+    cancelled = requests.delete(url, headers={"X-Cancel-Token": token}, timeout=10)
+
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["counts"]["cancelled"] > 0
+    assert "cancel_token" not in cancelled.json()
+    _wait_finished(stack, batch_id, 60)
+    shown = [
+        stack.get(f"/api/batches/{batch_id}").text,
+        stack.get(f"/api/batches/{batch_id}/results", params={"format": "csv"}).text,
+        stack.get(f"/api/batches/{batch_id}/results", params={"format": "jsonl"}).text,
+        *(event.data for event in read_all(f"{url}/events", timeout=10) if isinstance(event, Event)),
+    ]
+    assert len(shown) > 4 and not [text for text in shown if token in text or "cancel_token" in text]
 
 
 def test_batch_events_stream_progress_until_complete(stack, sandbox):
@@ -197,6 +296,7 @@ def test_bad_batches_are_refused_with_a_clear_error(stack):
     for path in ("/api/batches/nope", "/api/batches/nope/results", "/api/batches/nope/events"):
         assert stack.get(path).status_code == 404
     assert requests.delete(f"{url}/nope", timeout=10).status_code == 404
+    assert requests.delete(f"{url}/nope", headers={"X-Cancel-Token": "x"}, timeout=10).status_code == 404
 
 
 def test_a_batch_of_only_invalid_rows_is_complete_at_once(stack):

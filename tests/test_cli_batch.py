@@ -143,6 +143,44 @@ def test_run_of_a_json_list_on_stdin_writes_jsonl_to_the_output_file(stack, sand
     assert status_of(stack, batch_id)["name"] == "nightly"
 
 
+def test_run_and_results_write_a_defused_csv_and_a_raw_jsonl(stack, sandbox):
+    cnpj = test_batches.hostile_company(sandbox, seed=251)
+
+    run = flask(stack.env, "batch", "run", "-", stdin=orjson.dumps([cnpj, test_batches.HYPERLINK_LEAK]))
+
+    stderr = run.stderr.decode()
+    assert run.returncode == 0, stderr
+    batch_id = stderr.rsplit("(batch ", 1)[1].rstrip().rstrip(")")
+    as_csv = flask(stack.env, "batch", "results", batch_id)
+    as_jsonl = flask(stack.env, "batch", "results", batch_id, "--format", "jsonl")
+    assert as_csv.returncode == as_jsonl.returncode == 0
+    assert as_csv.stdout == run.stdout  # `run` wrote the very same CSV
+    test_batches.assert_defused_results(run.stdout.decode(), as_jsonl.stdout.decode())
+
+
+def test_run_prints_the_cancel_token_that_the_api_asks_for(stack, sandbox):
+    ceps = sandbox.identifiers("cep", 3, seed=261)
+
+    run = flask(stack.env, "batch", "run", "-", stdin=orjson.dumps(ceps))
+
+    stderr = run.stderr.decode()
+    assert run.returncode == 0, stderr
+    match = re.search(
+        r"^batch (\S+): cancel token (\S+) \(DELETE /api/batches/\1 with the header X-Cancel-Token\)$",
+        stderr,
+        re.M,
+    )
+    assert match, stderr
+    batch_id, token = match.groups()
+    assert token not in run.stdout.decode()  # the results never carry it
+    client = stack.app.test_client()
+    url = f"/api/batches/{batch_id}"
+    assert client.delete(url, headers={"X-Cancel-Token": token + "x"}).status_code == 403
+    # The right token gets past the check: the batch is complete, so nothing is left to cancel.
+    accepted = client.delete(url, headers={"X-Cancel-Token": token})
+    assert accepted.status_code == 409 and accepted.get_json()["error"] == "conflict"
+
+
 def test_timeout_leaves_the_batch_running_then_status_and_cancel_act_on_it(stack, sandbox, tmp_path):
     sandbox.control("viacep", latency_ms=500)
     sandbox.control("brasilapi", latency_ms=500)

@@ -92,19 +92,22 @@ def test_a_real_batchs_answers_conform_to_the_document(app):
     done = client.post("/api/batches", data="123\n", content_type="text/csv").get_json()  # invalid lines only
     assert running["status"] == "running" and done["status"] == "complete"
 
-    def check(path: str, method: str, batch_id: str, status: int, **query) -> None:
+    def check(path: str, method: str, batch_id: str, status: int, headers=None, **query) -> None:
         case = schema[path][method].Case(path_parameters={"batch_id": batch_id}, query=query or None)
-        response = case.call()
+        response = case.call(headers=headers)
         assert response.status_code == status, response.text[:500]
-        case.validate_response(response, excluded_checks=[positive_data_acceptance])
+        case.validate_response(response, headers=headers, excluded_checks=[positive_data_acceptance])
+
+    cancel = {"X-Cancel-Token": running["cancel_token"]}
 
     check("/api/batches/{batch_id}", "GET", running["id"], 200)
     check("/api/batches/{batch_id}/results", "GET", running["id"], 200)
     check("/api/batches/{batch_id}/results", "GET", running["id"], 200, format="jsonl")
-    check("/api/batches/{batch_id}", "DELETE", running["id"], 200)
-    check("/api/batches/{batch_id}", "DELETE", running["id"], 200)  # a second cancel changes nothing
+    check("/api/batches/{batch_id}", "DELETE", running["id"], 403)  # the shared id alone cancels nothing
+    check("/api/batches/{batch_id}", "DELETE", running["id"], 200, cancel)
+    check("/api/batches/{batch_id}", "DELETE", running["id"], 200, cancel)  # a second cancel changes nothing
     check("/api/batches/{batch_id}/events", "GET", running["id"], 200)  # finished: the stream ends
-    check("/api/batches/{batch_id}", "DELETE", done["id"], 409)
+    check("/api/batches/{batch_id}", "DELETE", done["id"], 409, {"X-Cancel-Token": done["cancel_token"]})
     check("/api/batches/{batch_id}/results", "GET", done["id"], 400, format="xml")
 
 

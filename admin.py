@@ -5,26 +5,90 @@ from __future__ import annotations
 import hmac
 
 from flask import Blueprint, request
+from limits import RateLimitItem, parse_many
 
 import dead_letters
+import redis_store
 from api_errors import ApiError, json_response
 from extensions import extension
 from feature_flags import FLAGS
 from identifiers import InvalidIdentifier, parse
+from settings import RATE_LIMIT_OFF
 
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
 
 
+def _auth_limits(limit: str) -> list[RateLimitItem]:
+    """ADMIN_AUTH_LIMIT (flask-limiter notation, e.g. `10/minute`) as windows; none when off."""
+    return [] if limit.strip().lower() in RATE_LIMIT_OFF else parse_many(limit)
+
+
+def _attempt_keys(windows: list[RateLimitItem]) -> list[str]:
+    """The client address's count of admin authentications in each window (fixed windows, TTL'd)."""
+    settings = extension("settings")
+    address = request.remote_addr or "unknown"  # ProxyFix's, behind TRUSTED_PROXIES (client_limits.py)
+    return [redis_store.key(settings, "admin-auth", address, window.get_expiry()) for window in windows]
+
+
+def _count_attempt(windows: list[RateLimitItem]) -> list[str]:
+    """Count this authentication before the token is looked at; 429 when the address is past its limit.
+
+    Counted first and given back when the token is right, rather than counted after a 401 (as
+    flask-limiter's `deduct_when` does): its test and its count are two steps, so guesses sent in
+    parallel all pass the test before the first failure is counted.  One MULTI here makes the
+    test and the count one step, so an address gets at most the limit's guesses per window,
+    however many it sends at once.
+    """
+    keys = _attempt_keys(windows)
+    redis = extension("redis")
+    with redis.pipeline(transaction=True) as pipe:
+        for key, window in zip(keys, windows, strict=True):
+            pipe.incr(key)
+            pipe.expire(key, window.get_expiry(), nx=True)
+            pipe.ttl(key)
+        replies = pipe.execute()
+    over = [
+        max(1, ttl)
+        for (count, _, ttl), window in zip(
+            (replies[i : i + 3] for i in range(0, len(replies), 3)), windows, strict=True
+        )
+        if count > window.amount
+    ]
+    if over:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many failed admin authentications from this address; try again later",
+            headers={"Retry-After": str(max(over))},
+        )
+    return keys
+
+
 @admin.before_request
 def require_token() -> None:
-    """403 while ADMIN_TOKEN is unset (admin is off: no token can work); else 401 unless it matches."""
-    expected = extension("settings").admin_token
+    """403 while ADMIN_TOKEN is unset (admin is off: no token can work); else 401 unless it matches.
+
+    Each client address may fail ADMIN_AUTH_LIMIT times: past it, every admin request from that
+    address is a 429 before its token is looked at (the right one too, so a throttled guesser
+    cannot tell a right guess), until the window ends.  A right token never counts.
+    """
+    settings = extension("settings")
+    expected = settings.admin_token
     if not expected:
         raise ApiError(403, "admin_disabled", "the admin API is off: the service has no ADMIN_TOKEN set")
-    supplied = request.headers.get("Authorization", "")
-    token = supplied[7:] if supplied.startswith("Bearer ") else ""
+    windows = _auth_limits(settings.admin_auth_limit)
+    counted = _count_attempt(windows) if windows else []
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    # An auth scheme is case-insensitive (RFC 7235 2.1): Bearer, bearer and BEARER are one.
+    token = credentials.strip(" ") if scheme.lower() == "bearer" else ""
     # Constant time: the comparison must not tell an attacker how much of a guess was right.
-    if not hmac.compare_digest(token.encode(), expected.encode()):
+    if hmac.compare_digest(token.encode(), expected.encode()):
+        if counted:
+            with extension("redis").pipeline(transaction=False) as pipe:
+                for key in counted:
+                    pipe.decr(key)  # a right token gives its count back
+                pipe.execute()
+    else:
         raise ApiError(
             401,
             "unauthorized",

@@ -25,6 +25,7 @@ import lookups
 import maintenance
 import metrics
 import openapi
+import origin_check
 import pages
 import pipeline
 import redis_store
@@ -63,11 +64,12 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
         part.init_app(app)
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
+    origin_check.init_app(app)  # the first hook: a cross-site POST is refused before it counts
     app.register_blueprint(api)
     batch_api.init_app(app)  # /api/batches
     app.register_blueprint(status_history.history_api)  # GET /api/status/history
-    client_limits.init_app(app)  # after the api blueprint: it wraps POST /api/lookups
     app.register_blueprint(admin.admin)
+    client_limits.init_app(app)  # after the api and admin blueprints, which it limits
     app.register_blueprint(openapi.docs)
     metrics.init_app(app)  # GET /metrics
     app.register_blueprint(pages.pages)

@@ -1,5 +1,7 @@
 """Per-client rate limits on lookup and batch creation: flask-limiter with its counters in the service's Redis.
 
+(Failed admin authentications have a limit of their own, counted atomically in admin.py.)
+
 The counters live in Redis, so the limit holds across every web process and machine.  The
 client is the connection's address; behind `TRUSTED_PROXIES` reverse proxies it is taken from
 X-Forwarded-For (werkzeug's ProxyFix), never from a header a client could set on its own.
@@ -13,7 +15,8 @@ from flask_limiter.util import get_remote_address
 from limits import parse_many
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-OFF = ("", "off", "none")
+from settings import RATE_LIMIT_OFF as OFF
+
 LIMITED_ENDPOINT = "api.create_lookup"  # POST /api/lookups; reads and streams are not limited
 BATCH_ENDPOINT = "batch_api.create_batch"  # POST /api/batches, with BATCH_RATE_LIMIT
 

@@ -32,6 +32,10 @@ loglevel = _settings.log_level.lower()  # LOG_LEVEL, unless --log-level says oth
 # WEB_WORKERS, HOST and PORT (or PROFILE's), unless -w / -b say otherwise.
 workers = _settings.web_workers
 bind = [f"{_settings.host}:{_settings.port}"]
+# X-Forwarded-Proto counts only behind TRUSTED_PROXIES, through the app's ProxyFix (client_limits.py):
+# gunicorn's own reading of it, from 127.0.0.1 by default, would let any local client choose the
+# scheme the Origin check (origin_check.py) compares with.
+forwarded_allow_ips = ""
 
 _METRICS_DIR = _os.path.abspath(_settings.effective_metrics_dir)
 _os.environ["PROMETHEUS_MULTIPROC_DIR"] = _METRICS_DIR

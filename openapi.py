@@ -51,6 +51,18 @@ UNAVAILABLE = _error("Redis unreachable")
 UNAUTHORIZED = _error("missing or wrong bearer token")
 ADMIN_DISABLED = _error("the admin API is off: ADMIN_TOKEN is unset")
 TOO_LARGE = _error("body larger than MAX_REQUEST_BYTES")
+CROSS_ORIGIN = (  # every POST, PUT, PATCH and DELETE (origin_check.py)
+    "cross_origin: sent from another site's page (an Origin, or without one a Referer, that is neither "
+    "this service's own origin nor in ALLOWED_ORIGINS, or is null); nothing is done"
+)
+ADMIN_FORBIDDEN = _error(f"admin_disabled: the admin API is off, ADMIN_TOKEN is unset; or {CROSS_ORIGIN}")
+ADMIN_THROTTLED = {
+    **_error(
+        "rate_limited: this client address failed admin authentication (401) ADMIN_AUTH_LIMIT times "
+        "(default 10 a minute); every admin call from it, the right token's too, is refused until Retry-After"
+    ),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+}
 ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
 
 INTEGERS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
@@ -311,6 +323,7 @@ PATHS = {
                     "headers": {"Location": {"schema": {"type": "string"}}},
                 },
                 "400": _error("invalid identifier or request"),
+                "403": _error(CROSS_ORIGIN),
                 "413": TOO_LARGE,
                 "429": {
                     **_error("over LOOKUP_RATE_LIMIT for this client"),
@@ -379,6 +392,7 @@ PATHS = {
                     "invalid_batch: over BATCH_MAX_ROWS rows, not UTF-8, or no identifiers; "
                     "invalid_request: the body's shape or the multipart field"
                 ),
+                "403": _error(CROSS_ORIGIN),
                 "413": _error("body larger than BATCH_MAX_BYTES"),
                 "415": _error("not JSON, CSV or multipart/form-data"),
                 "429": {
@@ -405,7 +419,7 @@ PATHS = {
                 "200": _json("the batch, cancelled", "BatchStatus"),
                 "403": _error(
                     "forbidden: no X-Cancel-Token, or not this batch's cancel_token (compared in constant "
-                    "time); nothing is cancelled"
+                    f"time); nothing is cancelled; or {CROSS_ORIGIN}"
                 ),
                 "404": BATCH_UNKNOWN,
                 "409": _error("already complete: nothing is left to cancel"),
@@ -604,8 +618,9 @@ PATHS = {
                 "200": _json("done", {"type": "object"}),
                 "400": _error("bad request"),
                 "401": UNAUTHORIZED,
-                "403": ADMIN_DISABLED,
+                "403": ADMIN_FORBIDDEN,
                 "413": TOO_LARGE,
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -618,8 +633,9 @@ PATHS = {
             "responses": {
                 "200": _json("its state", "Breaker"),
                 "401": UNAUTHORIZED,
-                "403": ADMIN_DISABLED,
+                "403": ADMIN_FORBIDDEN,
                 "404": _error("no such source"),
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -632,8 +648,9 @@ PATHS = {
             "responses": {
                 "200": _json("its state", "Breaker"),
                 "401": UNAUTHORIZED,
-                "403": ADMIN_DISABLED,
+                "403": ADMIN_FORBIDDEN,
                 "404": _error("no such source"),
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -649,6 +666,7 @@ PATHS = {
                 ),
                 "401": UNAUTHORIZED,
                 "403": ADMIN_DISABLED,
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -677,9 +695,10 @@ PATHS = {
                 "200": _json("the flag now", "Flag"),
                 "400": _error("bad body"),
                 "401": UNAUTHORIZED,
-                "403": ADMIN_DISABLED,
+                "403": ADMIN_FORBIDDEN,
                 "404": _error("no such flag"),
                 "413": TOO_LARGE,
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -708,6 +727,7 @@ PATHS = {
                 "400": _error("bad limit"),
                 "401": UNAUTHORIZED,
                 "403": ADMIN_DISABLED,
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }
@@ -720,8 +740,9 @@ PATHS = {
             "responses": {
                 "202": _json("queued again", {"type": "object", "required": ["task_id"]}),
                 "401": UNAUTHORIZED,
-                "403": ADMIN_DISABLED,
+                "403": ADMIN_FORBIDDEN,
                 "404": _error("no such dead letter"),
+                "429": ADMIN_THROTTLED,
                 "503": UNAVAILABLE,
             },
         }

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
+
+from limits import parse_many
 
 # Sources known to the service and their upstreams' quotas (requests per minute; the sandbox
 # enforces the same).  Each source's limiter defaults to just under its quota with a burst of
@@ -18,6 +23,9 @@ LIVE_BASE_URLS = {
     "opencnpj": "https://api.opencnpj.org",
     "viacep": "https://viacep.com.br",
 }
+DEFAULT_PORTS = {"http": 80, "https": 443}
+HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+RATE_LIMIT_OFF = ("", "off", "none")  # a per-client limit set to one of these is no limit
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,43 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+def normalise_origin(value: str, whole_url: bool = False) -> str:
+    """The web origin `scheme://host[:port]` of `value`: lowercased, a default port (80, 443) left out.
+
+    `value` is an origin (an `Origin` header, an ALLOWED_ORIGINS entry; a trailing `/` is
+    tolerated), or with `whole_url` any http(s) URL (a `Referer`), whose path and query are
+    ignored.  ValueError for anything else: another scheme, credentials, a malformed host or port.
+    """
+    parts = urlsplit(value.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or "@" in parts.netloc or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http or https origin such as https://app.example.com")
+    if not whole_url and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"{value!r} is not an origin: it has a path, a query or a fragment")
+    host = parts.hostname  # lowercased, an IPv6 address without its brackets
+    try:
+        port = parts.port
+        if ":" in host:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        elif not HOST_NAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not a host name")
+    except ValueError as error:
+        raise ValueError(f"{value!r} is not an origin: {error}") from error
+    return f"{scheme}://{host}" if port in (None, DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def parse_allowed_origins(text: str) -> frozenset[str]:
+    """ALLOWED_ORIGINS, comma-separated, as normalised origins; ValueError naming a malformed entry."""
+    origins = set()
+    for entry in text.split(","):
+        if entry.strip():
+            try:
+                origins.add(normalise_origin(entry))
+            except ValueError as error:
+                raise ValueError(f"setting ALLOWED_ORIGINS: {error}") from error
+    return frozenset(origins)
+
+
 def _env(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -122,6 +167,11 @@ class Settings:
     port: int = 8000
     web_workers: int = 2
     admin_token: str = ""
+    # Failed admin authentications (401) a client address may make, flask-limiter notation; "off" for none.
+    admin_auth_limit: str = "10/minute"
+    # Other sites' pages whose POST/PUT/PATCH/DELETE are accepted (comma-separated origins such as
+    # https://app.example.com); the service's own origin always is (origin_check.py).
+    allowed_origins: str = ""
     lookup_rate_limit: str = "60/minute"  # per client address, on POST /api/lookups; "off" for none
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
     max_request_bytes: int = 64 * 1024
@@ -141,7 +191,6 @@ class Settings:
     # Cache
     cache_ttl_cnpj: int = 7 * 86400
     cache_ttl_cep: int = 30 * 86400
-    cache_ttl_cpf: int = 86400
     cache_not_found_ttl: int = 3600
     cache_stale_ttl: int = 30 * 86400
     near_cache_size: int = 10_000  # entries kept in each process's memory; 0 turns the near cache off
@@ -210,6 +259,15 @@ class Settings:
         values["log_level"] = str(values["log_level"]).upper()  # Celery, gunicorn and logging all take it
         if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("setting LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        parse_allowed_origins(values["allowed_origins"])  # a malformed entry fails here, at start-up
+        limit = values["admin_auth_limit"]
+        if limit.strip().lower() not in RATE_LIMIT_OFF:
+            try:
+                parse_many(limit)
+            except ValueError as error:
+                raise ValueError(
+                    f"setting ADMIN_AUTH_LIMIT={limit!r} is not a rate limit such as 10/minute (or off)"
+                ) from error
         settings = cls(**values)
         sources = {name: settings._source(environ, name) for name in SOURCE_NAMES}
         return replace(settings, sources=overrides.get("sources", sources))
@@ -253,6 +311,4 @@ class Settings:
 
     def cache_ttl(self, identifier_type: str) -> int:
         """Fresh TTL in seconds for a cache entry of this identifier type."""
-        return {"cnpj": self.cache_ttl_cnpj, "cep": self.cache_ttl_cep, "cpf": self.cache_ttl_cpf}[
-            identifier_type
-        ]
+        return {"cnpj": self.cache_ttl_cnpj, "cep": self.cache_ttl_cep}[identifier_type]

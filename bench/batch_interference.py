@@ -232,7 +232,7 @@ def during_batch(
     window = time.time() - window_began
     after, calls_after, cpu_after = _get(status_url), sandbox_counts(deployed), cpu_seconds(processes)
     counters = counters_delta(worker_counters(deployed), counters_before)
-    cancelled = requests.delete(status_url, timeout=30)
+    cancelled = requests.delete(status_url, headers={"X-Cancel-Token": batch["cancel_token"]}, timeout=30)
     cancelled.raise_for_status()
     finished = wait_for(
         lambda: (lambda b: b if b["finished_at"] else None)(_get(status_url)), 300, "the cancel"

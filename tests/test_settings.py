@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from settings import PROFILES, UPSTREAM_QUOTA_PER_MINUTE, Settings
+from settings import PROFILES, UPSTREAM_QUOTA_PER_MINUTE, Settings, normalise_origin, parse_allowed_origins
 
 
 def test_development_is_the_fields_own_defaults():
@@ -59,3 +59,43 @@ def test_flags_default_on_and_follow_their_variables():
     settings = Settings.from_env({"CACHE_ENABLED": "false", "PROFILE": "high-load"})
     assert settings.cache_enabled is False
     assert settings.rate_limiting_enabled is True and settings.circuit_breaker_enabled is True
+
+
+def test_allowed_origins_are_parsed_into_normalised_origins():
+    assert Settings.from_env({}).allowed_origins == ""
+    assert parse_allowed_origins("") == frozenset()
+    text = " https://App.Example.com:443/ ,http://localhost:3000,HTTP://[::1]:80,"
+    assert parse_allowed_origins(text) == {"https://app.example.com", "http://localhost:3000", "http://[::1]"}
+    assert Settings.from_env({"ALLOWED_ORIGINS": text}).allowed_origins == text
+    assert (
+        normalise_origin("https://app.example.com:8443/batches?id=1", whole_url=True)
+        == "https://app.example.com:8443"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "app.example.com",  # no scheme
+        "*",
+        "null",
+        "https://app.example.com/batches",  # a path: not an origin
+        "ftp://app.example.com",
+        "https://user@app.example.com",
+        "https://app.example.com:99999",
+        "https://app example.com",
+        "https://",
+    ],
+)
+def test_a_malformed_allowed_origin_fails_loading_and_names_the_setting(entry):
+    with pytest.raises(ValueError, match="ALLOWED_ORIGINS") as error:
+        Settings.from_env({"ALLOWED_ORIGINS": f"https://ok.example.com,{entry}"})
+    assert repr(entry) in str(error.value) or entry in str(error.value)
+
+
+def test_admin_auth_limit_defaults_to_10_a_minute_and_a_malformed_one_fails_loading():
+    assert Settings.from_env({}).admin_auth_limit == "10/minute"
+    assert Settings.from_env({"ADMIN_AUTH_LIMIT": "off"}).admin_auth_limit == "off"
+    assert Settings.from_env({"ADMIN_AUTH_LIMIT": "5/second;20/hour"}).admin_auth_limit == "5/second;20/hour"
+    with pytest.raises(ValueError, match="ADMIN_AUTH_LIMIT='ten a minute' is not a rate limit"):
+        Settings.from_env({"ADMIN_AUTH_LIMIT": "ten a minute"})

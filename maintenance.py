@@ -84,7 +84,9 @@ def health_check() -> dict:
     quotas = extension("rate_limiter").status_all()
     workers = live_workers()
     # A batch whose step chain broke (its worker lost) gets a new step (batches.BatchStore.status).
-    running_batches = [extension("batches").status(batch_id) for batch_id in extension("batches").running_ids()]
+    running_batches = [
+        extension("batches").status(batch_id) for batch_id in extension("batches").running_ids()
+    ]
     problems = [f"breaker {name} is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
     if not workers:
         problems.append("no live worker")

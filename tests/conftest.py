@@ -51,7 +51,10 @@ def settings(redis_url) -> Settings:
     """Settings on the test Redis, with a key prefix of this test's own."""
     # Tests post lookups far faster than a person: the per-client limit has its own tests.
     return Settings.from_env(
-        {}, redis_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:10]}", lookup_rate_limit="off",
+        {},
+        redis_url=redis_url,
+        key_prefix=f"t{uuid.uuid4().hex[:10]}",
+        lookup_rate_limit="off",
         batch_rate_limit="off",
     )
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hmac
+import math
+import time
+from dataclasses import dataclass
 
-from flask import Blueprint, request
+from flask import Blueprint, Flask, current_app, request
 from limits import RateLimitItem, parse_many
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
 
 import dead_letters
-import redis_store
 from api_errors import ApiError, json_response
 from extensions import extension
 from feature_flags import FLAGS
@@ -16,79 +20,85 @@ from identifiers import InvalidIdentifier, parse
 from settings import RATE_LIMIT_OFF
 
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
+SCOPE = "admin-auth"  # the limiter's namespace: {KEY_PREFIX}:LIMITER/admin-auth/<address>/...
 
 
-def _auth_limits(limit: str) -> list[RateLimitItem]:
-    """ADMIN_AUTH_LIMIT (flask-limiter notation, e.g. `10/minute`) as windows; none when off."""
-    return [] if limit.strip().lower() in RATE_LIMIT_OFF else parse_many(limit)
+@dataclass(frozen=True)
+class AuthLimit:
+    """ADMIN_AUTH_LIMIT's windows and the limiter that counts failed authentications per address."""
+
+    windows: list[RateLimitItem]
+    limiter: MovingWindowRateLimiter
+
+    def over(self, address: str) -> int:
+        """Seconds until `address` may try again (0: it is not past its limit); counts nothing."""
+        waits = [
+            self.limiter.get_window_stats(window, SCOPE, address).reset_time - time.time()
+            for window in self.windows
+            if not self.limiter.test(window, SCOPE, address)
+        ]
+        return max(1, math.ceil(max(waits))) if waits else 0
+
+    def fail(self, address: str) -> int:
+        """Count a failed authentication; seconds until `address` may try again when it is past its limit."""
+        refused = [window for window in self.windows if not self.limiter.hit(window, SCOPE, address)]
+        if not refused:
+            return 0
+        reset = max(self.limiter.get_window_stats(window, SCOPE, address).reset_time for window in refused)
+        return max(1, math.ceil(reset - time.time()))
 
 
-def _attempt_keys(windows: list[RateLimitItem]) -> list[str]:
-    """The client address's count of admin authentications in each window (fixed windows, TTL'd)."""
-    settings = extension("settings")
-    address = request.remote_addr or "unknown"  # ProxyFix's, behind TRUSTED_PROXIES (client_limits.py)
-    return [redis_store.key(settings, "admin-auth", address, window.get_expiry()) for window in windows]
+def init_app(app: Flask) -> None:
+    """Register the admin API and, unless ADMIN_AUTH_LIMIT is off, its limit on failed authentications.
 
-
-def _count_attempt(windows: list[RateLimitItem]) -> list[str]:
-    """Count this authentication before the token is looked at; 429 when the address is past its limit.
-
-    Counted first and given back when the token is right, rather than counted after a 401 (as
-    flask-limiter's `deduct_when` does): its test and its count are two steps, so guesses sent in
-    parallel all pass the test before the first failure is counted.  One MULTI here makes the
-    test and the count one step, so an address gets at most the limit's guesses per window,
-    however many it sends at once.
+    `limits` (flask-limiter's own engine) on the app's Redis pool, used directly rather than as a
+    flask-limiter decorator with `deduct_when`: that tests the limit before the view and counts
+    after the answer, two steps, so guesses sent at once all pass the test before the first
+    failure is counted.  Here a wrong token is counted by one atomic `hit` that also refuses it
+    past the limit, and a right one only tests: at most the limit's wrong guesses per window get
+    an answer, however many arrive at once, and a right token never uses up the allowance.
     """
-    keys = _attempt_keys(windows)
-    redis = extension("redis")
-    with redis.pipeline(transaction=True) as pipe:
-        for key, window in zip(keys, windows, strict=True):
-            pipe.incr(key)
-            pipe.expire(key, window.get_expiry(), nx=True)
-            pipe.ttl(key)
-        replies = pipe.execute()
-    over = [
-        max(1, ttl)
-        for (count, _, ttl), window in zip(
-            (replies[i : i + 3] for i in range(0, len(replies), 3)), windows, strict=True
-        )
-        if count > window.amount
-    ]
-    if over:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "too many failed admin authentications from this address; try again later",
-            headers={"Retry-After": str(max(over))},
-        )
-    return keys
+    settings = app.extensions["settings"]
+    app.register_blueprint(admin)
+    limit = settings.admin_auth_limit
+    if not settings.admin_token or limit.strip().lower() in RATE_LIMIT_OFF:
+        return
+    storage = RedisStorage(
+        settings.effective_redis_url,
+        connection_pool=app.extensions["redis"].connection_pool,
+        key_prefix=settings.key_prefix,
+    )
+    app.extensions["admin_auth_limit"] = AuthLimit(parse_many(limit), MovingWindowRateLimiter(storage))
 
 
 @admin.before_request
 def require_token() -> None:
     """403 while ADMIN_TOKEN is unset (admin is off: no token can work); else 401 unless it matches.
 
-    Each client address may fail ADMIN_AUTH_LIMIT times: past it, every admin request from that
-    address is a 429 before its token is looked at (the right one too, so a throttled guesser
-    cannot tell a right guess), until the window ends.  A right token never counts.
+    Each client address may fail ADMIN_AUTH_LIMIT times in its window: past it, every admin
+    request from that address is a 429 with Retry-After (the right token's too, so a throttled
+    guesser cannot tell a right guess) until the window frees a slot.  A right token never counts.
     """
     settings = extension("settings")
     expected = settings.admin_token
     if not expected:
         raise ApiError(403, "admin_disabled", "the admin API is off: the service has no ADMIN_TOKEN set")
-    windows = _auth_limits(settings.admin_auth_limit)
-    counted = _count_attempt(windows) if windows else []
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     # An auth scheme is case-insensitive (RFC 7235 2.1): Bearer, bearer and BEARER are one.
     token = credentials.strip(" ") if scheme.lower() == "bearer" else ""
     # Constant time: the comparison must not tell an attacker how much of a guess was right.
-    if hmac.compare_digest(token.encode(), expected.encode()):
-        if counted:
-            with extension("redis").pipeline(transaction=False) as pipe:
-                for key in counted:
-                    pipe.decr(key)  # a right token gives its count back
-                pipe.execute()
-    else:
+    right = hmac.compare_digest(token.encode(), expected.encode())
+    limit: AuthLimit | None = current_app.extensions.get("admin_auth_limit")
+    address = request.remote_addr or "unknown"  # ProxyFix's, behind TRUSTED_PROXIES (client_limits.py)
+    wait = (limit.over(address) if right else limit.fail(address)) if limit else 0
+    if wait:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many failed admin authentications from this address; try again later",
+            headers={"Retry-After": str(wait)},
+        )
+    if not right:
         raise ApiError(
             401,
             "unauthorized",

@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app.register_blueprint(api)
     batch_api.init_app(app)  # /api/batches
     app.register_blueprint(status_history.history_api)  # GET /api/status/history
-    app.register_blueprint(admin.admin)
+    admin.init_app(app)  # /api/admin and its limit on failed authentications
     client_limits.init_app(app)  # after the api and admin blueprints, which it limits
     app.register_blueprint(openapi.docs)
     metrics.init_app(app)  # GET /metrics

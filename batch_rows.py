@@ -11,6 +11,7 @@ the JSONL keeps every value as it is: it is data for programs, not for a spreads
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,14 +169,22 @@ def row(
 # the ' for those (and then defusedcsv, seeing a ', changes nothing more).  The cost, as with any
 # such escaping: a program reading the CSV gets the ' too (a lookup id starting with - reads '-...);
 # the JSONL is the format for programs.
+#
+# Nor does it know that the file is written with `,` but a spreadsheet in Brazil opens a .csv with
+# its list separator, `;`: a cell `a;=cmd|' /C calc'!A0` (an input line, an upstream's trade name)
+# is then two cells there, the second a formula.  So a trigger right after a `;`, `,`, tab or line
+# break inside a cell gets its ' as well (EMBEDDED_TRIGGER).
 CONTROL_TRIGGERS = ("\t", "\r")
+EMBEDDED_TRIGGER = re.compile(r"([;,\t\r\n][ ]*)(?=[=+\-@|%\t\r])")
 
 
 def _defused(cell: object) -> object:
-    """A cell with a ' before a leading tab or carriage return (defusedcsv handles the other triggers)."""
-    if isinstance(cell, str) and cell.startswith(CONTROL_TRIGGERS):
-        return "'" + cell
-    return cell
+    """A cell with a ' before a leading tab or carriage return (defusedcsv handles the other triggers
+    at the start of a cell) and before every trigger that follows a separator inside it."""
+    if not isinstance(cell, str):
+        return cell
+    cell = cell[:1] + EMBEDDED_TRIGGER.sub(r"\1'", cell[1:])  # the first character is the start's
+    return "'" + cell if cell.startswith(CONTROL_TRIGGERS) else cell
 
 
 def csv_lines(rows: Iterator[dict]) -> Iterator[str]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -59,7 +58,6 @@ SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
 STEP_LOCK_SECONDS = 30
-_CPF_LIKE = re.compile(r"[\d.\-\s]+")
 STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
@@ -125,11 +123,6 @@ return 1
 
 def item_key(identifier: Identifier) -> str:
     return f"{identifier.type}:{identifier.value}"
-
-
-def _looks_like_cpf(value: str) -> bool:
-    """An invalid line that may still be a person's CPF (11 digits, a typo in a check digit)."""
-    return bool(_CPF_LIKE.fullmatch(value.strip())) and sum(char.isdigit() for char in value) == 11
 
 
 def _running_entry(value: str) -> tuple[str, str, str]:
@@ -223,7 +216,7 @@ class BatchStore:
         valid = len(parsed.lines) - len(parsed.invalid)
         fields = {
             "status": "running",
-            "name": name[:200],
+            "name": cpf_answers.mask_digit_runs(name[:200]),
             "created_at": now,
             "total": len(unique),
             "lines": len(parsed.lines),
@@ -273,11 +266,12 @@ class BatchStore:
         """An input line as kept: a CPF (or what looks like one) only masked, its item under `cpf_keys`."""
         if isinstance(entry, batch_input.ValidLine):
             if entry.identifier.type is IdentifierType.CPF:
-                masked = cpf_answers.masked(entry.value)
+                masked = cpf_answers.mask_digit_runs(entry.value)
                 return orjson.dumps([entry.line, masked, cpf_keys[entry.identifier.value], ""])
             return orjson.dumps([entry.line, entry.value, item_key(entry.identifier), ""])
-        value = cpf_answers.masked(entry.value) if _looks_like_cpf(entry.value) else entry.value
-        return orjson.dumps([entry.line, value, "", entry.reason])
+        # A line it could not read may still hold a CPF (a typo, a prefix, the type column): masked.
+        value, reason = (cpf_answers.mask_digit_runs(text) for text in (entry.value, entry.reason))
+        return orjson.dumps([entry.line, value, "", reason])
 
     def _cached_summaries(self, unique: list[Identifier]) -> dict[str, dict]:
         """Items every source of which is cached: settled now, from the cache alone (no lookup record)."""

@@ -225,6 +225,12 @@ class Cache:
         pattern = self._entry_key(self.generation(), identifier_type, source or "*", identifier or "*")
         return self._delete_matching(pattern)
 
+    def purge_type(self, identifier_type: str) -> int:
+        """Delete a type's entries of every schema and generation (beat's cleanup: a CPF, which this
+        version never caches, left by an earlier one); announces nothing when there were none."""
+        keys = list(self.redis.scan_iter(match=self._key("v*", "g*", identifier_type, "*"), count=1000))
+        return self._delete_matching(self._key("v*", "g*", identifier_type, "*")) if keys else 0
+
     def _delete_matching(self, pattern: str) -> int:
         deleted = 0
         batch: list[bytes] = []

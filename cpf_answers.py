@@ -9,6 +9,7 @@ leak and no oracle for "was this CPF looked up today".  Logs show it masked (log
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -66,8 +67,39 @@ def answer(identifier: Identifier, priority: int) -> Lookup:
 
 
 def masked(value: str) -> str:
-    """A CPF as a batch keeps it: `111.***.***-35` (its first three and last two digits)."""
+    """A CPF as a batch keeps it: `***.***.***-35`, its check digits alone.
+
+    Fewer digits than logs show (`111******35`): a batch row also shows the fiscal region, the
+    ninth digit, and the first three with it would narrow the number to about a thousand.
+    """
     digits = "".join(char for char in value if char.isdigit())
-    if len(digits) != 11:
-        return "***.***.***-**"
-    return f"{digits[:3]}.***.***-{digits[9:]}"
+    return f"***.***.***-{digits[-2:]}" if len(digits) == 11 else "***.***.***-**"
+
+
+# A run of digits as people write them (dots, dashes, slashes, spaces between).
+_DIGIT_RUN = re.compile(r"\d(?:[\d./ -]*\d)?")
+CNPJ_DIGITS = 14
+
+
+def mask_digit_runs(text: str) -> str:
+    """`text` with every run of nine or more digits shown as `*` but its last two, separators kept.
+
+    For what a batch keeps of the lines it could not read (value and reason) and its name: a CPF
+    with a typo, a stray prefix or in the wrong column is still a person's number.  A run of exactly
+    14 digits (a numeric CNPJ, public registry data) is kept; a CEP has eight.
+    """
+
+    def mask(match: re.Match) -> str:
+        run = match.group(0)
+        total = sum(char.isdigit() for char in run)
+        if total < 9 or total == CNPJ_DIGITS:
+            return run
+        seen, shown = 0, []
+        for char in run:
+            if char.isdigit():
+                seen += 1
+                char = char if seen > total - 2 else "*"
+            shown.append(char)
+        return "".join(shown)
+
+    return _DIGIT_RUN.sub(mask, text)

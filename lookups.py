@@ -493,7 +493,9 @@ class LookupStore:
         Its call ids are registered like a record's, naming the alias, so `/api/tasks/<id>` answers
         them without revealing the shared record; the real task id stays inside the registry entry.
         """
-        ttl = self.settings.lookup_record_ttl
+        # It lives as long as the record it shows, and cleanup takes it with that record: the same
+        # time to live (from the record's creation) and the record's place in the cleanup index.
+        ttl = max(1, int(self.settings.lookup_record_ttl - (created_at - shared.created_at)))
         tasks = {source: secrets.token_hex(16) for source in shared.tasks}
         deadline_at = created_at + self.settings.lookup_deadline
         fields = {
@@ -506,7 +508,7 @@ class LookupStore:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.alias_key(alias_id), mapping=fields)
             pipe.expire(self.alias_key(alias_id), ttl)
-            pipe.zadd(self._key("lookups"), {alias_id: created_at})
+            pipe.zadd(self._key("lookups"), {alias_id: shared.created_at})
             for source, task_id in tasks.items():
                 registry = {
                     "name": "job_queue.fetch_source",
@@ -600,6 +602,36 @@ class LookupStore:
                 self.redis.unlink(*keys)
                 removed += 1
             self.redis.zrem(index, *ids)
+
+    def purge_type(self, identifier_type: str, event_key: Callable[[str], str]) -> int:
+        """Beat cleanup: delete every lookup of this type (a CPF, which this version never records,
+        left by an earlier one), with its event log, task ids, stored answer and single-flight lock."""
+        doomed: list[str] = []
+        for pattern in (self._key("lookup", "*"), self._key("answered", "*")):
+            keys = list(self.redis.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for key in chunk:
+                        pipe.hget(key, "type") if pattern.endswith("lookup:*") else pipe.get(key)
+                    values = pipe.execute()
+                for key, value in zip(chunk, values, strict=True):
+                    if value == identifier_type.encode() or (
+                        value and f'"type":"{identifier_type}"'.encode() in value.partition(b"\n")[2]
+                    ):
+                        doomed.append(key.decode().rsplit(":", 1)[1])
+        for lookup_id in doomed:
+            raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks")
+            task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
+            self.redis.unlink(
+                self.record_key(lookup_id),
+                self.answered_key(lookup_id),
+                event_key(lookup_id),
+                *map(self.task_key, task_ids),
+            )
+            self.redis.zrem(self._key("lookups"), lookup_id)
+        locks = list(self.redis.scan_iter(match=self._key("inflight", identifier_type, "*"), count=1000))
+        return len(doomed) + (self.redis.unlink(*locks) if locks else 0)
 
     def delete_stale_inflight(self) -> int:
         """Beat cleanup: drop single-flight entries (locks) whose lookup record is gone."""

@@ -62,6 +62,9 @@ def cleanup() -> dict:
         "locks": extension("lookups").delete_stale_inflight(),
         "dead_letters": extension("dead_letters").prune(),
         "batches": extension("batches").delete_older_than(started - settings.batch_retention),
+        # CPFs an earlier version cached or recorded (this one never does: cpf_answers.py).
+        "cpf_leftovers": extension("cache").purge_type("cpf")
+        + extension("lookups").purge_type("cpf", extension("events").stream_key),
         "workers": int(
             extension("redis").zremrangebyscore(
                 _key("workers"), "-inf", started - 10 * settings.worker_heartbeat_ttl

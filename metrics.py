@@ -107,7 +107,7 @@ def _never_raises(function: Callable[..., None]) -> Callable[..., None]:
 
 @_never_raises
 def lookup_finished(kind: str, outcome: str, created_at: float) -> None:
-    """A lookup gave its first answer (`cached`, `complete`, `failed` or `partial`)."""
+    """A lookup gave its first answer (`cached`, `answered` (a CPF), `complete`, `failed` or `partial`)."""
     LOOKUPS.labels(kind, outcome).inc()
     LOOKUP_DURATION.labels(kind, outcome).observe(max(0.0, time.time() - created_at))
 

@@ -78,7 +78,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     """
     began = time.time()
     if identifier.type is IdentifierType.CPF:
-        metrics.lookup_finished("cpf", "complete", began)
+        metrics.lookup_finished("cpf", "answered", began)
         return cpf_answers.answer(identifier, priority), True
     settings = extension("settings")
     store = extension("lookups")
@@ -241,6 +241,8 @@ def run_source_call(
     the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
     first held back to keep the interactive reserve (it skips the source after BATCH_SOURCE_WAIT).
     """
+    if kind == IdentifierType.CPF:
+        return _dropped_cpf_call(lookup_id)
     settings = extension("settings")
     store = extension("lookups")
     identifier = Identifier(type=IdentifierType(kind), value=value)
@@ -434,6 +436,8 @@ def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_
     Returns each source's outcome.  A source already settled (the task was redelivered after
     its worker died) is not called again; the lookup is finalized if that was all it needed.
     """
+    if kind == IdentifierType.CPF:
+        return _dropped_cpf_call(lookup_id)
     unsettled = extension("lookups").unsettled(lookup_id, list(call_ids))
     if not unsettled:
         finalize(lookup_id)
@@ -455,6 +459,13 @@ def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_
         for name in unsettled
     }
     return {name: call.result() for name, call in calls.items()}
+
+
+def _dropped_cpf_call(lookup_id: str) -> dict:
+    """A CPF call an earlier version queued, deferred or dead-lettered: never sent (cpf_answers.py);
+    beat's cleanup deletes its lookup."""
+    log.warning("dropped a CPF source call of lookup %s: CPFs are answered from the number alone", lookup_id)
+    return {"state": "dropped"}
 
 
 def _call_pool_size() -> int:

@@ -1,6 +1,7 @@
 """Redis connections (short timeouts, bounded retries) and the one place keys are named.
 
-Every key of the service lives under `settings.key_prefix` (default `enrich`):
+Every key of the service lives under `settings.key_prefix` (default `enrich`); none ever holds a
+CPF (cpf_answers.py):
 
     {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
     {p}:cache:generation, {p}:cache:stats                          cache generation and counters
@@ -9,6 +10,7 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
     {p}:ratelimit:{source}, {p}:ratelimit:{source}:starts         token buckets, logs of call starts (rate_limiter)
     {p}:lookup:{id}, {p}:lookups, {p}:inflight:{type}:{identifier} lookup records, index, single flight (lookups)
     {p}:answered:{id}, {p}:answer-body:{digest}                     lookups answered from the cache, their shared bodies (lookups)
+    {p}:alias:{id}                                                 a request that joined another's lookup: its own id (lookups)
     {p}:task:{task_id}                                             issued task ids (lookups)
     {p}:deferred                                                   calls waiting for their time (job_queue)
     {p}:deadlines                                                  lookup deadlines (job_queue)
@@ -16,7 +18,9 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`):
     {p}:events:{lookup_id}, {p}:events (pub/sub channel)           per-lookup event logs, their announcements (sse_streaming)
     {p}:health, {p}:cleanup, {p}:workers                           last beat reports, worker heartbeats (maintenance)
     {p}:history:{bucket start}                                     status page counters and gauges per 10 s (status_history)
-    {p}:LIMITER/client/{address}/...                               per-client lookup limit (client_limits, flask-limiter)
+    {p}:LIMITER/client/{address}/...                               per-client lookup and batch limits (client_limits, flask-limiter)
+    {p}:LIMITER/admin-auth/{address}/...                           failed admin authentications (admin, limits)
+    {p}:batch:{id}[:lines|:queue|:running|:items], {p}:batches...  bulk batches (batches)
     {p}:celery:*                                                   Celery broker queues and results (job_queue)
 """
 

@@ -96,3 +96,24 @@ def test_jsonl_keeps_every_value_as_it_is():
     assert invalid["input"] == HYPERLINK_LEAK
     assert found["fields"] == {**HOSTILE_FIELDS, "cep": "01310-100"}
     assert found["lookup_id"] == "-d6u1mQ9b0hW5s8m3Yw2Q"
+
+
+def test_a_cell_split_at_a_semicolon_by_a_brazilian_spreadsheet_runs_no_formula():
+    # Excel in pt-BR opens a .csv with `;` as its separator: every `;` in a cell starts a new cell there.
+    hostile = ["a;=1+1;b", "X; =cmd|' /C calc'!A0", "first line\n;@SUM(1)", "a,-2+3", "x\t=1"]
+    invalid = [batch_rows.row(n, value, "", "bad", None, None, "complete") for n, value in enumerate(hostile)]
+    text = "".join(batch_rows.csv_lines(iter(invalid)))
+
+    for delimiter in (",", ";", "\t"):
+        cells = [
+            cell.lstrip(" ") for row in csv.reader(io.StringIO(text), delimiter=delimiter) for cell in row
+        ]
+        assert [cell for cell in cells if cell.startswith(FORMULA_TRIGGERS)] == [], delimiter
+    _, rows = csv_rows(invalid)
+    assert [row["input"] for row in rows] == [
+        "a;'=1+1;b",
+        "X; '=cmd|' /C calc'!A0",
+        "first line\n;'@SUM(1)",
+        "a,'-2+3",
+        "x\t'=1",
+    ]

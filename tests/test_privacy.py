@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -143,8 +145,19 @@ def test_no_cpf_is_ever_kept_in_redis_or_shown_in_a_log(stack, sandbox):
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert orjson.loads(cli.stdout)["result"]["regiao_fiscal"] == int(cpfs[2][8])
-    # In a batch: valid CPFs, a duplicate, a typo, beside a CEP.
-    rows = [cpfs[3], _forms(cpfs[4])[1], cpfs[3], typo, "01310-100"]
+    # In a batch: valid CPFs, a duplicate, a typo, a CPF with a prefix, one digit short, one with a
+    # leading zero, beside a CEP; and a CPF in the type column and in the batch's name.
+    printed = _forms(cpfs[4])[1]
+    rows = [
+        cpfs[3],
+        printed,
+        cpfs[3],
+        typo,
+        f"CPF: {_forms(cpfs[5])[1]}",
+        printed[:-1],
+        "0" + cpfs[5],
+        "01310-100",
+    ]
     created = requests.post(
         f"{stack.web_url}/api/batches", data="\n".join(rows), headers={"Content-Type": "text/csv"}, timeout=10
     )
@@ -153,9 +166,18 @@ def test_no_cpf_is_ever_kept_in_redis_or_shown_in_a_log(stack, sandbox):
     wait_for(lambda: stack.get(f"/api/batches/{batch_id}").json()["finished_at"], 30, 0.1, "the batch")
     jsonl = stack.get(f"/api/batches/{batch_id}/results", params={"format": "jsonl"}).text
     results = [orjson.loads(line) for line in jsonl.splitlines()]
-    assert [row["state"] for row in results] == ["found", "found", "found", "invalid", "found"]
+    states = ["found", "found", "found", "invalid", "invalid", "invalid", "invalid", "found"]
+    assert [row["state"] for row in results] == states
     assert results[0]["fields"] == {"valido": True, "regiao_fiscal": int(cpfs[3][8])}
-    assert results[0]["identifier"] == results[0]["input"] == f"{cpfs[3][:3]}.***.***-{cpfs[3][9:]}"
+    assert results[0]["input"] == f"*********{cpfs[3][9:]}"
+    assert results[0]["identifier"] == f"***.***.***-{cpfs[3][9:]}"
+    assert results[1]["input"] == f"***.***.***-{cpfs[4][9:]}"
+    assert results[4]["input"] == f"CPF: ***.***.***-{cpfs[5][9:]}"
+    other = {"identifiers": [{"identifier": "01310100", "type": _forms(cpfs[0])[1]}], "name": printed}
+    created = requests.post(f"{stack.web_url}/api/batches", json=other, timeout=10)
+    assert created.status_code == 202, created.text
+    assert printed not in stack.get(f"/api/batches/{created.json()['id']}").text
+    wait_for(lambda: stack.get(f"/api/batches/{created.json()['id']}").json()["finished_at"], 30, 0.1, "it")
 
     assert sandbox.served("brasilapi") == served_before + 1  # the CEP's call; never a CPF
     everything = _redis_dump(stack.app.extensions["redis"])
@@ -174,5 +196,45 @@ def test_the_cli_shows_a_cpf_masked(stack):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert cpf not in done.stdout and f"{cpf[:3]}******{cpf[9:]}" in done.stdout
+    assert [form for form in _forms(cpf) if form in done.stdout] == []
+    assert f"{cpf[:3]}******{cpf[9:]}" in done.stdout
     assert "regiao_fiscal" in done.stdout
+
+
+def test_cleanup_purges_the_cpfs_an_earlier_version_cached_and_recorded(app, redis_client, settings):
+    import maintenance
+    from lookups import Lookup, LookupStatus, SourceResult, SourceState
+
+    cpf, cep = generated_cpfs(1, seed=1405)[0], "01310100"
+    store, cache = app.extensions["lookups"], app.extensions["cache"]
+    with app.app_context():
+        # What the earlier version left: a cache entry, a running lookup (record, lock, task id,
+        # event log) and one answered from the cache; and a CEP's, which must stay.
+        old_entry = cache._entry_key(cache.generation(), "cpf", "brasilapi", cpf)  # noqa: SLF001 (as written then)
+        redis_client.set(old_entry, orjson.dumps({"data": {"cpf": cpf}}), ex=3600)
+        cache.set("cep", "viacep", cep, {"cep": cep}, found=True)
+        for kind, value in (("cpf", cpf), ("cep", cep)):
+            lookup = Lookup(
+                id=f"old-{kind}",
+                type=kind,
+                identifier=value,
+                priority=5,
+                status=LookupStatus.RUNNING,
+                created_at=time.time(),
+                deadline_at=time.time() + 15,
+                sources={"brasilapi": SourceResult("brasilapi", SourceState.PENDING)},
+                tasks={"brasilapi": f"task-{kind}"},
+            )
+            store.create(lookup, claim=True)
+            app.extensions["events"].publish(lookup.id, "source", {"identifier": value})
+        answered = dataclasses.replace(lookup, id="old-answer", type="cpf", identifier=cpf, tasks={})
+        answered.status = LookupStatus.COMPLETE
+        store.create_answered(answered)
+        assert cpf in _redis_dump(redis_client)
+
+        report = maintenance.cleanup()
+
+    assert report["removed"]["cpf_leftovers"] >= 4, report
+    everything = _redis_dump(redis_client)
+    assert [form for form in _forms(cpf) if form in everything] == []
+    assert store.get("old-cep") is not None and cache.get_many("cep", ["viacep"], cep)

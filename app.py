@@ -36,7 +36,7 @@ from deferred_calls import DeferredCalls
 from extensions import extension
 from identifiers import InvalidIdentifier, parse
 from rate_limiter import RateLimiter
-from settings import Settings
+from settings import Settings, parse_allowed_hosts
 from sources import build_sources
 
 api = Blueprint("api", __name__)
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    # Only the service's own names (ALLOWED_HOSTS): a DNS-rebound page's requests are a 400.
+    app.config["TRUSTED_HOSTS"] = parse_allowed_hosts(settings.allowed_hosts) or None
     app.json.sort_keys = False
     # An empty id (`/api/lookups//events`) is a JSON 404, not werkzeug's HTML 308 to a merged path.
     app.url_map.merge_slashes = False

@@ -119,6 +119,27 @@ def parse_allowed_origins(text: str) -> frozenset[str]:
     return frozenset(origins)
 
 
+_HOST = re.compile(r"^\.?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?)+$")
+
+
+def parse_allowed_hosts(text: str) -> list[str]:
+    """ALLOWED_HOSTS, comma-separated host names or IPv4 addresses (no scheme, no port; `.example.com`
+    takes every subdomain); [] means any host (also for `*`).  ValueError naming a malformed entry.
+
+    No IPv6 literal: werkzeug's host check cuts an entry at its first colon, so `::1` can never match.
+    """
+    hosts = [entry.strip().lower() for entry in text.split(",") if entry.strip()]
+    if "*" in hosts:
+        return []
+    for host in hosts:
+        if not _HOST.match(host):
+            raise ValueError(
+                f"setting ALLOWED_HOSTS: {host!r} is not a host name or IPv4 address (no scheme, port, "
+                "path or IPv6 literal)"
+            )
+    return hosts
+
+
 def _env(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -172,6 +193,9 @@ class Settings:
     # Other sites' pages whose POST/PUT/PATCH/DELETE are accepted (comma-separated origins such as
     # https://app.example.com); the service's own origin always is (origin_check.py).
     allowed_origins: str = ""
+    # Host names the service answers to (Flask's TRUSTED_HOSTS; empty or * = any).  A page whose
+    # name was rebound to the service's address sends its own name: 400 instead of an answer.
+    allowed_hosts: str = "localhost,127.0.0.1"
     lookup_rate_limit: str = "60/minute"  # per client address, on POST /api/lookups; "off" for none
     trusted_proxies: int = 0  # reverse proxies in front whose X-Forwarded-For is believed
     max_request_bytes: int = 64 * 1024
@@ -260,6 +284,7 @@ class Settings:
         if values["log_level"] not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError("setting LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         parse_allowed_origins(values["allowed_origins"])  # a malformed entry fails here, at start-up
+        parse_allowed_hosts(values["allowed_hosts"])
         limit = values["admin_auth_limit"]
         if limit.strip().lower() not in RATE_LIMIT_OFF:
             try:

@@ -131,7 +131,7 @@ def test_a_forged_x_forwarded_host_does_not_make_another_site_same_origin(client
 
 
 def test_behind_trusted_proxies_the_forwarded_scheme_and_host_are_the_origin(make_app):
-    client = make_app(trusted_proxies=1).test_client()
+    client = make_app(trusted_proxies=1, allowed_hosts="app.example.com").test_client()
     proxied = {
         "X-Forwarded-For": "203.0.113.9",
         "X-Forwarded-Proto": "https",
@@ -165,3 +165,17 @@ def test_over_http_a_cross_site_batch_is_refused_and_the_services_own_page_is_no
     https = url.replace("http://", "https://")
     assert post(Origin=https, **{"X-Forwarded-Proto": "https"}).status_code == 403
     assert post(Origin=EVIL, **{"X-Forwarded-Host": "evil.example"}).status_code == 403
+
+
+def test_a_host_not_in_allowed_hosts_is_refused_whatever_it_asks(make_app):
+    # DNS rebinding: a page at rebind.evil.example whose name now points at the service sends its
+    # own name as Host and Origin, which would look same-origin.  Flask's TRUSTED_HOSTS refuses it.
+    client = make_app().test_client()  # ALLOWED_HOSTS' default: localhost and 127.0.0.1
+    rebound = {"Host": "rebind.evil.example:8000", "Origin": "http://rebind.evil.example:8000"}
+    refused = post_csv(client, **rebound)
+    assert refused.status_code == 400 and refused.get_json()["error"] == "bad_request", refused.data
+    assert client.get("/api/status", headers={"Host": "rebind.evil.example:8000"}).status_code == 400
+    for host in ("localhost:8000", "127.0.0.1:8000", "localhost"):
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+    anywhere = make_app(allowed_hosts="*").test_client()
+    assert anywhere.get("/healthz", headers={"Host": "rebind.evil.example"}).status_code == 200

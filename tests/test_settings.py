@@ -99,3 +99,17 @@ def test_admin_auth_limit_defaults_to_10_a_minute_and_a_malformed_one_fails_load
     assert Settings.from_env({"ADMIN_AUTH_LIMIT": "5/second;20/hour"}).admin_auth_limit == "5/second;20/hour"
     with pytest.raises(ValueError, match="ADMIN_AUTH_LIMIT='ten a minute' is not a rate limit"):
         Settings.from_env({"ADMIN_AUTH_LIMIT": "ten a minute"})
+
+
+def test_allowed_hosts_default_to_this_machine_and_a_malformed_one_fails_loading():
+    from settings import parse_allowed_hosts
+
+    assert parse_allowed_hosts(Settings.from_env({}).allowed_hosts) == ["localhost", "127.0.0.1"]
+    assert parse_allowed_hosts(" Enrich.Example.com , .example.org ") == [
+        "enrich.example.com",
+        ".example.org",
+    ]
+    assert parse_allowed_hosts("*") == parse_allowed_hosts("") == []
+    for bad in ("https://enrich.example.com", "enrich.example.com:443", "::1", "a/b", "ex ample.com"):
+        with pytest.raises(ValueError, match="ALLOWED_HOSTS"):
+            Settings.from_env({"ALLOWED_HOSTS": bad})

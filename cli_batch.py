@@ -18,11 +18,13 @@ from flask.cli import AppGroup
 
 import batch_input
 import batch_rows
+import cpf_answers
 import maintenance
 from batches import BatchStore
 from cli import echo_json, json_option, needs_redis
 from cli_lookup import clock
 from extensions import extension
+from identifiers import IdentifierType
 
 # A status read is a few round trips; twice a second keeps the bar lively at no cost to Redis.
 POLL_INTERVAL = 0.5
@@ -194,10 +196,13 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
         raise click.BadParameter(str(error), param_hint="'FILE'") from error
     if not parsed.lines:
         raise click.BadParameter("the file holds no identifiers", param_hint="'FILE'")
-    if parsed.unique and not maintenance.live_workers():
+    looked_up = [identifier for identifier in parsed.unique if identifier.type is not IdentifierType.CPF]
+    if looked_up and not maintenance.live_workers():  # a CPF needs no worker (cpf_answers.py)
         raise click.ClickException("no live worker to run the batch (start one: celery -A job_queue worker)")
     for entry in parsed.invalid:
-        _stderr(f"line {entry.line}: {entry.value}: {entry.reason}")
+        # Masked as the batch keeps it: an unreadable line may still hold a person's CPF.
+        value, reason = (cpf_answers.mask_digit_runs(text) for text in (entry.value, entry.reason))
+        _stderr(f"line {entry.line}: {value}: {reason}")
     default_name = "" if file == "-" else os.path.basename(file)
     status = _store().create(parsed, default_name if name is None else name)
     batch_id = status["id"]

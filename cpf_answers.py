@@ -36,7 +36,7 @@ def facts(identifier: Identifier) -> dict[str, Any]:
     }
 
 
-def checks(identifier: Identifier) -> list[dict[str, Any]]:
+def checks() -> list[dict[str, Any]]:
     """The one check a CPF gets: its check digits (parse() already refused a CPF whose digits fail)."""
     return [
         {
@@ -61,7 +61,7 @@ def answer(identifier: Identifier, priority: int) -> Lookup:
         created_at=now,
         deadline_at=now,
         sources={},
-        result={"data": facts(identifier), "checks": checks(identifier)},
+        result={"data": facts(identifier), "checks": checks()},
         completed_at=now,
     )
 

@@ -238,3 +238,24 @@ def test_cleanup_purges_the_cpfs_an_earlier_version_cached_and_recorded(app, red
     everything = _redis_dump(redis_client)
     assert [form for form in _forms(cpf) if form in everything] == []
     assert store.get("old-cep") is not None and cache.get_many("cep", ["viacep"], cep)
+
+
+def test_a_cpf_batch_runs_from_the_cli_without_a_worker_and_shows_no_whole_cpf(make_stack, tmp_path):
+    stack = make_stack()  # no worker: CPFs need none
+    cpf = generated_cpfs(1, seed=1406)[0]
+    path = tmp_path / "pessoas.csv"
+    path.write_text(f"{cpf}\nCPF {_forms(cpf)[1][:-1]}\n")
+    env = {**stack.env, "FLASK_APP": "app"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "batch", "run", str(path), "--format", "jsonl"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    rows = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert [row["state"] for row in rows] == ["found", "invalid"]
+    assert rows[0]["fields"]["valido"] is True
+    shown = done.stdout + done.stderr
+    assert [form for form in _forms(cpf) if form in shown] == []
+    assert f"CPF ***.***.**{cpf[8]}-{cpf[9]}" in done.stderr  # the unreadable line, masked there too

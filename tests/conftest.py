@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -79,6 +80,26 @@ def app(settings, redis_client):
     app = create_app(settings)
     yield app
     close_app(app)
+
+
+ADMIN_TOKEN = "admin-test-token"
+
+
+@pytest.fixture
+def make_app(settings, redis_client):
+    """Factory of in-process apps on the test Redis with an admin token and the given settings changed."""
+    from app import close_app, create_app
+
+    apps = []
+
+    def make(**changes):
+        app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN, **changes))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        close_app(app)
 
 
 @pytest.fixture

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 
 import pytest
 import requests
+from conftest import ADMIN_TOKEN
 
-from app import close_app, create_app
-
-ADMIN_TOKEN = "admin-test-token"
 RIGHT = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 WRONG = {"Authorization": "Bearer admin-test-tokeX"}
-
-
-@pytest.fixture
-def make_app(settings, redis_client):
-    apps = []
-
-    def make(**changes):
-        app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN, **changes))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        close_app(app)
 
 
 def flags(client, headers: dict, address: str = "10.0.0.1", path: str = "/api/admin/flags"):

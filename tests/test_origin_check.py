@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import pytest
 import requests
+from conftest import ADMIN_TOKEN
 
-from app import close_app, create_app
-
-ADMIN_TOKEN = "origin-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CSV = "identifier\n11222333000181\n"
 EVIL = "http://evil.example"
-
-
-@pytest.fixture
-def make_app(settings, redis_client):
-    apps = []
-
-    def make(**changes):
-        app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN, **changes))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        close_app(app)
 
 
 @pytest.fixture

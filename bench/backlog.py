@@ -54,7 +54,9 @@ async def _post_all(host: str, port: int, identifiers: list[str], connections: i
             value = queue.get_nowait()
             body = b'{"identifier":"' + value.encode() + b'"}'
             request = (
-                b"POST /api/lookups HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"POST /api/lookups HTTP/1.1\r\nHost: "
+                + host.encode()
+                + b"\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
             for attempt in range(5):

@@ -57,7 +57,9 @@ async def _offer(host: str, port: int, identifiers: list[str], rate: float, conn
         streams = await pool.get()
         body = b'{"identifier":"' + value.encode() + b'"}'
         request = (
-            b"POST /api/lookups HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"POST /api/lookups HTTP/1.1\r\nHost: "
+            + host.encode()
+            + b"\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         try:

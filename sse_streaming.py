@@ -288,7 +288,8 @@ def follow(events: EventLog, listener: Listener, after: str, heartbeat: float) -
 
 def _last_event_id() -> str:
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0-0"
-    if not _EVENT_ID.match(raw):
+    # A stream entry id is two unsigned 64-bit numbers: a larger part is malformed, not a Redis error.
+    if not _EVENT_ID.match(raw) or any(int(part) >= 2**64 for part in raw.split("-")):
         raise ApiError(
             400,
             "invalid_request",

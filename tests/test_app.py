@@ -839,3 +839,19 @@ def test_a_record_created_without_a_claim_reads_back(app):
     assert store.create(lookup) is None
     read = store.get(lookup.id)
     assert read is not None and read.to_dict() == lookup.to_dict()
+
+
+@pytest.mark.parametrize(
+    "event_id", ["99999999999999999999-0", "1-99999999999999999999", "18446744073709551616-0"]
+)
+def test_an_event_id_past_64_bits_is_a_400_not_a_redis_error(app, client, event_id):
+    cache_company(app)
+    lookup = post_lookup(client).get_json()  # complete at once, from the cache
+    batch = client.post("/api/batches", json={"identifiers": ["not-an-identifier"]}).get_json()  # complete
+    for path in (lookup["links"]["events"], batch["links"]["events"]):
+        response = client.get(path, headers={"Last-Event-ID": event_id})
+        assert_error(response, 400, "invalid_request", "last_event_id")
+    assert (
+        client.get(lookup["links"]["events"], headers={"Last-Event-ID": "18446744073709551615-0"}).status_code
+        == 200
+    )

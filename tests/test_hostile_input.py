@@ -189,3 +189,22 @@ def test_hostile_identifiers_to_the_admin_api_get_a_clear_400(admin_client, valu
 )  # fmt: skip
 def test_weird_ids_in_admin_paths_get_a_json_404(admin_client, path):
     assert_clear_error(admin_client.post(path, headers=ADMIN), (404,))
+
+
+@pytest.mark.parametrize("depth", [990, 1100, 20_000])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("post", "/api/lookups"), ("post", "/api/batches"), ("put", "/api/admin/flags/cache")],
+)
+def test_deeply_nested_json_is_a_clear_400_never_a_500(admin_client, method, path, depth):
+    # The standard library's parser let a RecursionError out of get_json(silent=True): a 500.
+    deep = "[" * depth + "]" * depth
+    response = getattr(admin_client, method)(path, data=deep, content_type="application/json", headers=ADMIN)
+    assert response.status_code == 400, (path, depth, response.data[:200])
+    assert response.get_json()["error"] == "invalid_request"
+    # Nested inside an object: a batch reads it as one line it cannot use; never a 500.
+    inside = '{"identifiers": ' + deep + "}"
+    response = getattr(admin_client, method)(
+        path, data=inside, content_type="application/json", headers=ADMIN
+    )
+    assert response.status_code in (202, 400) and response.is_json, (path, depth, response.data[:200])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 MAX_INPUT_LENGTH = 64
 SEPARATORS = frozenset(".-/ ")
+CNPJ_ONLY_SEPARATOR = "/"  # a CPF (111.444.777-35) or CEP (01310-100) never has one
 # Trimmed from the ends only: values pasted from spreadsheets and e-mails often carry a tab or newline.
 SURROUNDING_WHITESPACE = " \t\r\n"
 ASCII_DIGITS = frozenset("0123456789")
@@ -140,8 +141,9 @@ def _has_letters(compact: str) -> bool:
     return not set(compact) <= ASCII_DIGITS
 
 
-def _detect_complete(compact: str) -> IdentifierType:
-    if len(compact) == CNPJ_LENGTH:
+def _detect_complete(compact: str, raw: str) -> IdentifierType:
+    # A "/" belongs to a CNPJ's mask alone (12.345.678/0001-95): whatever its length, it is one.
+    if len(compact) == CNPJ_LENGTH or CNPJ_ONLY_SEPARATOR in raw:
         return IdentifierType.CNPJ
     if not _has_letters(compact):
         if len(compact) == CPF_LENGTH:
@@ -161,7 +163,7 @@ def detect_type(raw: str) -> IdentifierType | None:
     except InvalidIdentifier:
         return None
     # Letters, a "/" (only the CNPJ mask has one) or more than 11 characters can only be a CNPJ.
-    if _has_letters(compact) or "/" in raw or len(compact) > CPF_LENGTH:
+    if _has_letters(compact) or CNPJ_ONLY_SEPARATOR in raw or len(compact) > CPF_LENGTH:
         return IdentifierType.CNPJ if len(compact) <= CNPJ_LENGTH else None
     if len(compact) == CPF_LENGTH:
         return IdentifierType.CPF
@@ -213,6 +215,9 @@ def parse(raw: object, identifier_type: str | None = None) -> Identifier:
     # The type is checked first: a bad type is a malformed request whatever the identifier holds.
     wanted = _resolve_type(identifier_type)
     compact = _compact(raw)
-    resolved = wanted if wanted is not None else _detect_complete(compact)
+    resolved = wanted if wanted is not None else _detect_complete(compact, raw)
+    if resolved is not IdentifierType.CNPJ and CNPJ_ONLY_SEPARATOR in raw:
+        name = resolved.value.upper()
+        raise InvalidIdentifier(f"{name} cannot contain '/': only a CNPJ's mask has one")
     _VALIDATORS[resolved](compact)
     return Identifier(resolved, compact)

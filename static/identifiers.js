@@ -3,6 +3,7 @@
   "use strict";
   const MAX_INPUT_LENGTH = 64;
   const SEPARATORS = ".-/ ";
+  const CNPJ_ONLY_SEPARATOR = "/"; // a CPF (111.444.777-35) or CEP (01310-100) never has one
   const SURROUNDING_WHITESPACE = " \t\r\n";
   const LENGTH = { cnpj: 14, cpf: 11, cep: 8 };
   const CNPJ_FIRST_WEIGHTS = [5, 4, 3, 2, 9, 8, 7, 6, 5, 4, 3, 2];
@@ -78,8 +79,9 @@
     return result;
   }
 
-  function detectComplete(value) {
-    if (value.length === LENGTH.cnpj) return "cnpj";
+  function detectComplete(value, raw) {
+    // A "/" belongs to a CNPJ's mask alone (12.345.678/0001-95): whatever its length, it is one.
+    if (value.length === LENGTH.cnpj || raw.includes(CNPJ_ONLY_SEPARATOR)) return "cnpj";
     if (!hasLetters(value)) {
       if (value.length === LENGTH.cpf) return "cpf";
       if (value.length === LENGTH.cep) return "cep";
@@ -96,7 +98,7 @@
       if (error instanceof InvalidIdentifier) return null;
       throw error;
     }
-    if (hasLetters(value) || raw.includes("/") || value.length > LENGTH.cpf) {
+    if (hasLetters(value) || raw.includes(CNPJ_ONLY_SEPARATOR) || value.length > LENGTH.cpf) {
       return value.length <= LENGTH.cnpj ? "cnpj" : null;
     }
     if (value.length === LENGTH.cpf) return "cpf";
@@ -127,7 +129,8 @@
   // Validate and normalize: {type, value} or throws InvalidIdentifier (parse() of identifiers.py).
   function parse(raw, type) {
     const value = compact(raw);
-    const resolved = type || detectComplete(value);
+    const resolved = type || detectComplete(value, raw);
+    if (resolved !== "cnpj" && raw.includes(CNPJ_ONLY_SEPARATOR)) throw new InvalidIdentifier(resolved + "_slash");
     validators[resolved](value);
     return { type: resolved, value };
   }

@@ -309,3 +309,68 @@ def test_changing_a_cpf_check_digit_is_rejected(value: str, position: int, shift
     tampered = value[:position] + changed_digit + value[position + 1 :]
     with pytest.raises(InvalidIdentifier):
         parse(tampered)
+
+
+@pytest.mark.parametrize("raw", ["111.444.777/35", "11.144.477/7-35", "01310/100", "0131/0100"])
+def test_a_slash_makes_any_input_a_cnpj_for_parsing_and_detection_alike(raw: str) -> None:
+    # Only a CNPJ's mask has a "/": the page's detection always said CNPJ, and parsing now agrees.
+    assert detect_type(raw) is IdentifierType.CNPJ
+    with pytest.raises(InvalidIdentifier, match="CNPJ must have 14 characters"):
+        parse(raw)
+
+
+@pytest.mark.parametrize(("raw", "kind"), [("111.444.777/35", "cpf"), ("01310/100", "cep")])
+def test_a_cpf_or_cep_of_an_explicit_type_refuses_a_slash(raw: str, kind: str) -> None:
+    with pytest.raises(InvalidIdentifier, match=f"{kind.upper()} cannot contain '/'"):
+        parse(raw, kind)
+    assert parse(raw.replace("/", "-"), kind).type is IdentifierType(kind)
+
+
+def _python_outcome(raw: str, kind: str | None) -> list:
+    try:
+        identifier = parse(raw, kind)
+    except InvalidIdentifier:
+        return ["invalid"]
+    return [identifier.type.value, identifier.value]
+
+
+def test_the_pages_rules_agree_with_the_servers_on_thousands_of_inputs(page) -> None:
+    # The page validates as you type with static/identifiers.js, a port of this module: run both.
+    import random
+
+    from conftest import ROOT
+
+    generator = random.Random(1415)
+    alphabet = "0123456789" * 4 + "./- " + "aAbZ"
+    inputs = ["111.444.777-35", "11.222.333/0001-81", "12.ABC.345/01DE-35", "01310-100", "01.310-100"]
+    inputs += [
+        "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 19))) for _ in range(4000)
+    ]
+    for valid in ("11144477735", "11222333000181", "01310100"):  # valid ones, separators sprinkled in
+        for _ in range(300):
+            chars = list(valid)
+            for _ in range(generator.randint(0, 4)):
+                chars.insert(generator.randint(0, len(chars)), generator.choice("./- "))
+            inputs.append("".join(chars))
+    page.set_content("<!doctype html><html><body></body></html>")
+    page.add_script_tag(path=str(ROOT / "static" / "identifiers.js"))
+    kinds = [None, "cnpj", "cpf", "cep"]
+    page_outcomes = page.evaluate(
+        """([inputs, kinds]) => inputs.map((raw) => [Identifiers.detectType(raw), ...kinds.map((kind) => {
+            try { const parsed = Identifiers.parse(raw, kind); return [parsed.type, parsed.value]; }
+            catch (error) { if (error instanceof Identifiers.InvalidIdentifier) return ["invalid"]; throw error; }
+        })])""",
+        [inputs, kinds],
+    )
+    differences = []
+    for raw, (detected, *outcomes) in zip(inputs, page_outcomes, strict=True):
+        python = [(detect_type(raw).value if detect_type(raw) else None)] + [
+            _python_outcome(raw, k) for k in kinds
+        ]
+        if [detected, *outcomes] != python:
+            differences.append((raw, [detected, *outcomes], python))
+        elif (
+            python[1] != ["invalid"] and python[1][0] != python[0]
+        ):  # parsed as one type, detected as another
+            differences.append((raw, "detection", python))
+    assert differences == [], differences[:5]

@@ -79,11 +79,13 @@ redis.call('HINCRBY', KEYS[1], 'n:running', #items)
 return items
 """
 
-# KEYS: batch hash, running, items, inflight.  ARGV: item key, summary json, state, inflight member.
-# Settles an item in flight once (0 when another step already did).
+# KEYS: batch hash, running, items, inflight.  ARGV: item key, summary json, state, inflight member,
+# ttl.  Settles an item in flight once (0 when another step already did).  The items hash may be
+# made here (no item was cached at creation): it gets the batch's TTL then.
 _SETTLE = """
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('TTL', KEYS[3]) < 0 then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
 redis.call('HINCRBY', KEYS[1], 'n:running', -1)
 redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[3], 1)
 redis.call('ZREM', KEYS[4], ARGV[4])
@@ -543,7 +545,7 @@ class BatchStore:
         return bool(
             self._settle(
                 keys=self._keys(batch_id, "", "running", "items") + [self.inflight_key],
-                args=[key, orjson.dumps(summary), summary["state"], f"{batch_id}|{key}"],
+                args=[key, orjson.dumps(summary), summary["state"], f"{batch_id}|{key}", self.ttl],
             )
         )
 

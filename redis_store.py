@@ -35,6 +35,25 @@ from redis.retry import Retry
 
 from settings import Settings
 
+# The keys (globs under the prefix) that carry no TTL, each bounded some other way; every other key
+# the service writes expires (tests/test_redis_store.py walks the keyspace and holds to it).
+WITHOUT_TTL: tuple[str, ...] = (
+    "lookups",  # index of lookup records: cleanup removes ids past LOOKUP_RETENTION
+    "batches",  # index of batches: cleanup removes ids past BATCH_RETENTION
+    "batches:unfinished",  # batches not finished: the finish script and cleanup remove them
+    "batches:inflight",  # batch items in flight: at most BATCH_CONCURRENCY, dropped when settled or lost
+    "breaker:*:state",  # one small hash per source
+    "cache:generation",  # one number
+    "cache:stats",  # a few counters
+    "flags",  # one hash of feature flags
+    "deferred",  # calls waiting for their time: each is sent when due
+    "deadletters",  # capped at DEAD_LETTER_MAX
+    "workers",  # heartbeats: cleanup drops the stale ones
+    "health",  # the last health check's report
+    "cleanup",  # the last cleanup's report
+    "celery:*",  # kombu's broker keys (queues, bindings, unacknowledged): kombu's own
+)
+
 
 def connect(settings: Settings, url: str | None = None, **options) -> redis.Redis:
     """A client whose calls fail fast when Redis is away (no 10 s of default retries).

@@ -9,6 +9,7 @@ import orjson
 import redis
 from flask import Blueprint, Flask, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import RequestEntityTooLarge
 
 import admin
 import api_errors
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
     origin_check.init_app(app)  # the first hook: a cross-site POST is refused before it counts
+    app.before_request(whole_body_or_413)
     app.register_blueprint(api)
     batch_api.init_app(app)  # /api/batches
     app.register_blueprint(status_history.history_api)  # GET /api/status/history
@@ -90,6 +92,31 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     pages.init_app(app)
     cli.init_app(app)  # the `flask` commands (cli.py)
     return app
+
+
+# Form bodies are left to werkzeug's form parser, which reads until the end and so does raise 413.
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def whole_body_or_413() -> None:
+    """A body sent without a Content-Length (chunked) is read here, whole, or refused 413.
+
+    werkzeug caps such a stream at the request's limit but raises only on a read past it, and a
+    body read in one go stops at the limit: a chunked upload over the limit was cut there and
+    accepted (a batch lost its last 492 rows, or got its last line cut mid-value).  So the body is
+    read up to the limit and one more byte is asked of the server's stream: anything there is a 413.
+    """
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if not chunked or "wsgi.input_terminated" not in request.environ:
+        return  # a Content-Length over the limit is werkzeug's 413 already; neither: no body
+    if request.mimetype in FORM_TYPES:
+        return
+    if request.endpoint == batch_api.CREATE_ENDPOINT:
+        request.max_content_length = extension("settings").batch_max_bytes
+    limit = request.max_content_length
+    data = request.get_data(cache=True)
+    if limit is not None and len(data) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
 
 
 def close_app(app: Flask) -> None:

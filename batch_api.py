@@ -19,6 +19,7 @@ from batches import BatchStore
 from extensions import extension
 
 batch_api = Blueprint("batch_api", __name__)
+CREATE_ENDPOINT = "batch_api.create_batch"  # POST /api/batches: BATCH_MAX_BYTES, not MAX_REQUEST_BYTES
 log = logging.getLogger("api")
 
 CSV_TYPES = ("text/csv", "text/plain", "application/csv", "application/vnd.ms-excel")

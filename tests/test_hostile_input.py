@@ -208,3 +208,32 @@ def test_deeply_nested_json_is_a_clear_400_never_a_500(admin_client, method, pat
         path, data=inside, content_type="application/json", headers=ADMIN
     )
     assert response.status_code in (202, 400) and response.is_json, (path, depth, response.data[:200])
+
+
+@pytest.mark.slow
+def test_a_chunked_body_over_the_limit_is_a_413_never_cut_short(make_stack, sandbox):
+    import requests
+
+    stack = make_stack(BATCH_MAX_BYTES="60000", MAX_REQUEST_BYTES="4096")
+    url = stack.start_web()
+    line = b"11222333000181\n"
+
+    def chunked(total: int):  # requests sends a generator with Transfer-Encoding: chunked
+        sent = 0
+        while sent < total:
+            piece = line * min(100, (total - sent) // len(line) or 1)
+            sent += len(piece)
+            yield piece
+
+    def post(path: str, total: int, content_type: str) -> requests.Response:
+        return requests.post(
+            f"{url}{path}", data=chunked(total), headers={"Content-Type": content_type}, timeout=30
+        )
+
+    over = post("/api/batches", 61_500, "text/csv")  # 4,100 lines, past 60,000 bytes
+    assert over.status_code == 413, over.text[:300]
+    assert over.json()["error"] == "request_entity_too_large"
+    under = post("/api/batches", 45_000, "text/csv")  # 3,000 lines: every one of them read
+    assert under.status_code == 202, under.text[:300]
+    assert under.json()["lines"] == 3000
+    assert post("/api/lookups", 4_500, "application/json").status_code == 413  # other endpoints alike

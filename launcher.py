@@ -1,7 +1,8 @@
 """`make run`: Redis (embedded unless REDIS_URL is set), sandbox, gunicorn, Celery worker and beat.
 
-Runs every process in the foreground; Ctrl-C or SIGTERM stops them all (a child that dies
-stops the rest too, so a broken setup is never half running).
+Runs every process in the foreground; Ctrl-C or SIGTERM stops them all and exits 0.  A child
+that dies unasked, the embedded Redis included, stops the rest too (a broken setup is never half
+running) and `make run` exits 1, naming it and its exit status.
 """
 
 from __future__ import annotations
@@ -105,7 +106,10 @@ def main() -> int:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
 
     children: dict[str, subprocess.Popen] = {}
+    if redis_server is not None and redis_server.process is not None:
+        children["redis"] = redis_server.process  # watched like the others; stopped last, below
     stopping = False
+    failed = False
 
     def stop(*_: object) -> None:
         nonlocal stopping
@@ -119,16 +123,20 @@ def main() -> int:
         print(f"web on http://{settings.host}:{settings.port}  sandbox on {settings.sandbox_url}", flush=True)
         while not stopping:
             for name, child in children.items():
-                if child.poll() is not None:
-                    print(f"{name} exited with {child.returncode}; stopping everything", flush=True)
-                    stopping = True
+                if child.poll() is not None and not stopping:
+                    print(
+                        f"{name} exited unasked with {_status(child.returncode)}; stopping everything",
+                        flush=True,
+                    )
+                    stopping = failed = True
             time.sleep(0.2)
     finally:
-        for child in reversed(list(children.values())):
+        services = [child for name, child in children.items() if name != "redis"]
+        for child in reversed(services):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 25
-        for child in children.values():
+        for child in services:
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -136,7 +144,14 @@ def main() -> int:
         if redis_server is not None:
             redis_server.stop()
         print("stopped", flush=True)
-    return 0
+    return 1 if failed else 0
+
+
+def _status(returncode: int) -> str:
+    """`exit code 3`, or `signal SIGKILL` for a child a signal ended."""
+    if returncode < 0:
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
 
 
 if __name__ == "__main__":

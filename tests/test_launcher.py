@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 import requests
 from conftest import ROOT, wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -75,3 +76,43 @@ def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
     assert launcher.returncode == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.pid for p in alive]
+
+
+def _child(launcher: subprocess.Popen, wanted: str) -> psutil.Process:
+    """The launcher's direct child whose command line names `wanted` (valkey-server, the worker, ...)."""
+    for child in psutil.Process(launcher.pid).children():
+        if wanted in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no child running {wanted}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("killed", "named"), [("valkey-server", "redis"), ("job_queue worker", "worker")])
+def test_a_child_that_dies_unasked_stops_everything_and_make_run_fails(tmp_path, killed, named):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    env.update(
+        PORT=str(port),
+        SANDBOX_PORT=str(free_port()),
+        EMBEDDED_REDIS_PORT=str(free_port()),
+        DATA_DIR=str(tmp_path / "var"),
+        KEY_PREFIX="launcher",
+        WORKER_METRICS_PORT="0",
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "launcher.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(lambda: len(psutil.Process(launcher.pid).children()) >= 5, 60, 0.2, "every child")
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        _child(launcher, killed).kill()  # SIGKILL: a crash, not a stop
+
+        output = launcher.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 1, output[-2000:]
+    assert f"{named} exited unasked with signal SIGKILL; stopping everything" in output
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]  # nothing left running, no zombie Redis

@@ -15,6 +15,7 @@ from flask import Blueprint, Response, request, stream_with_context
 import batch_input
 from api_errors import ApiError, json_response
 from batch_rows import csv_lines, jsonl_lines
+from batch_storage import StorageFull
 from batches import BatchStore
 from extensions import extension
 
@@ -70,7 +71,17 @@ def create_batch():
     parsed, name = _parse_upload()
     if not parsed.unique and not parsed.invalid:
         raise ApiError(400, "invalid_batch", "the batch holds no identifiers")
-    body = _store().create(parsed, name)
+    try:
+        # The client's address as the per-client limits see it (ProxyFix behind TRUSTED_PROXIES).
+        body = _store().create(parsed, name, client=request.remote_addr or "unknown")
+    except StorageFull as full:
+        whose = "all batches together" if full.scope == "all" else "this address's batches"
+        raise ApiError(
+            503,
+            "storage_full",
+            f"{whose} hold as much as the service keeps; retry once older batches are deleted",
+            headers={"Retry-After": str(full.retry_after)},
+        ) from full
     body["invalid"] = [entry.to_dict() for entry in parsed.invalid]
     return json_response(body, 202, {"Location": body["links"]["self"]})
 

@@ -43,8 +43,9 @@ import cpf_answers
 import cross_checks
 import pipeline
 import redis_store
+from batch_storage import BatchStorage
 from extensions import extension
-from identifiers import Identifier, IdentifierType
+from identifiers import MAX_INPUT_LENGTH, Identifier, IdentifierType
 from lookups import LookupStatus
 from settings import Settings
 from sources import sources_for
@@ -58,6 +59,8 @@ SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
 STEP_LOCK_SECONDS = 30
+MAX_REASON_LENGTH = 200  # what is kept of why a line could not be read
+SUMMARY_BYTES = 400  # reserved per queued item for the summary it gets (state, main fields, sources)
 STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
@@ -154,6 +157,7 @@ class BatchStore:
         self._settle = client.register_script(_SETTLE)
         self._cancel = client.register_script(_CANCEL)
         self._finish = client.register_script(_FINISH)
+        self.storage = BatchStorage(client, settings)
 
     # -- keys ------------------------------------------------------------------------------
     def key(self, batch_id: str, part: str | None = None) -> str:
@@ -186,9 +190,12 @@ class BatchStore:
         return f"batch.{batch_id}"
 
     # -- creation --------------------------------------------------------------------------
-    def create(self, parsed: batch_input.ParsedBatch, name: str = "") -> dict:
+    def create(self, parsed: batch_input.ParsedBatch, name: str = "", client: str = "cli") -> dict:
         """Store a parsed batch, settle its cached items, queue the rest; returns its status plus
         `cancel_token`, the secret `DELETE /api/batches/<id>` needs (in `X-Cancel-Token`).
+
+        Its bytes are reserved first against the caps for all batches and for `client` (its
+        address; "cli" for `flask batch run`): batch_storage.StorageFull when there is no room.
 
         The token is returned here and only here: the batch keeps its hash, and no status, event or
         result shows either.  The id is meant to be shared (progress, results); the token is not.
@@ -228,19 +235,26 @@ class BatchStore:
             "cancel_token_sha256": _token_hash(cancel_token),
             **{f"n:{state}": n for state, n in counts.items()},
         }
+        entries = [self._line_entry(entry, cpf_keys) for entry in parsed.lines]
+        summaries = {key: orjson.dumps(summary) for key, summary in settled.items()}
+        stored = (
+            sum(map(len, entries)) + sum(map(len, queued)) + sum(map(len, [*summaries, *summaries.values()]))
+        )
+        stored += len(queued) * SUMMARY_BYTES  # what each queued item's summary will add once it settles
+        oldest = self.redis.zrange(self.index_key, 0, 0, withscores=True)
+        self.storage.reserve(
+            batch_id, client, stored + len(orjson.dumps(fields)), oldest[0][1] if oldest else None
+        )
         ttl = self.ttl
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(batch_id), mapping=fields)
             lines_key, queue_key, items_key = self._keys(batch_id, "lines", "queue", "items")
-            for start in range(0, len(parsed.lines), 1000):
-                pipe.rpush(
-                    lines_key,
-                    *(self._line_entry(entry, cpf_keys) for entry in parsed.lines[start : start + 1000]),
-                )
+            for start in range(0, len(entries), 1000):
+                pipe.rpush(lines_key, *entries[start : start + 1000])
             for start in range(0, len(queued), 1000):
                 pipe.rpush(queue_key, *queued[start : start + 1000])
-            if settled:
-                pipe.hset(items_key, mapping={k: orjson.dumps(v) for k, v in settled.items()})
+            if summaries:
+                pipe.hset(items_key, mapping=summaries)
             for key in (self.key(batch_id), lines_key, queue_key, items_key):
                 pipe.expire(key, ttl)
             pipe.zadd(self.index_key, {batch_id: now})
@@ -271,8 +285,12 @@ class BatchStore:
                 masked = cpf_answers.mask_digit_runs(entry.value)
                 return orjson.dumps([entry.line, masked, cpf_keys[entry.identifier.value], ""])
             return orjson.dumps([entry.line, entry.value, item_key(entry.identifier), ""])
-        # A line it could not read may still hold a CPF (a typo, a prefix, the type column): masked.
-        value, reason = (cpf_answers.mask_digit_runs(text) for text in (entry.value, entry.reason))
+        # A line it could not read may still hold a CPF (a typo, a prefix, the type column): masked,
+        # and cut to what an identifier may be (the rest is no identifier anyway, only bytes).
+        value, reason = (
+            cpf_answers.mask_digit_runs(text[:limit])
+            for text, limit in ((entry.value, MAX_INPUT_LENGTH), (entry.reason, MAX_REASON_LENGTH))
+        )
         return orjson.dumps([entry.line, value, "", reason])
 
     def _cached_summaries(self, unique: list[Identifier]) -> dict[str, dict]:
@@ -599,6 +617,7 @@ class BatchStore:
             if not ids:
                 return removed
             for batch_id in ids:
+                self.storage.release(batch_id)
                 parts = ("", "lines", "queue", "running", "items", "step", "kicked")
                 self.redis.unlink(
                     *self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id))

@@ -399,7 +399,13 @@ PATHS = {
                     **_error("over BATCH_RATE_LIMIT for this client"),
                     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                 },
-                "503": UNAVAILABLE,
+                "503": {
+                    **_error(
+                        "unavailable: Redis unreachable; or storage_full: the batches kept already hold "
+                        "BATCH_STORAGE_MAX_BYTES, or this address's BATCH_STORAGE_PER_CLIENT_BYTES"
+                    ),
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                },
             },
         }
     },

@@ -21,6 +21,7 @@ CPF (cpf_answers.py):
     {p}:LIMITER/client/{address}/...                               per-client lookup and batch limits (client_limits, flask-limiter)
     {p}:LIMITER/admin-auth/{address}/...                           failed admin authentications (admin, limits)
     {p}:batch:{id}[:lines|:queue|:running|:items], {p}:batches...  bulk batches (batches)
+    {p}:batches:storage                                            bytes batches hold, all and per client (batch_storage)
     {p}:celery:*                                                   Celery broker queues and results (job_queue)
 """
 
@@ -42,6 +43,7 @@ WITHOUT_TTL: tuple[str, ...] = (
     "batches",  # index of batches: cleanup removes ids past BATCH_RETENTION
     "batches:unfinished",  # batches not finished: the finish script and cleanup remove them
     "batches:inflight",  # batch items in flight: at most BATCH_CONCURRENCY, dropped when settled or lost
+    "batches:storage",  # bytes batches reserve: a field per live batch and per client holding one
     "breaker:*:state",  # one small hash per source
     "cache:generation",  # one number
     "cache:stats",  # a few counters

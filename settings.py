@@ -257,6 +257,9 @@ class Settings:
     batch_item_timeout: float = 120.0  # an item not complete by then settles with what it has
     batch_poll_interval: float = 0.2  # how often a running batch collects answers and starts items
     batch_retention: float = 7 * 86400.0  # a batch and its results are kept this long
+    # The bytes all batches kept may hold in Redis, and one client address's share (batch_storage.py).
+    batch_storage_max_bytes: int = 1024 * 1024 * 1024
+    batch_storage_per_client_bytes: int = 64 * 1024 * 1024
 
     sources: dict[str, SourceSettings] = field(default_factory=dict, compare=False)
 

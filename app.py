@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     job_queue.init_app(app, celery)
     api_errors.init_app(app)
     origin_check.init_app(app)  # the first hook: a cross-site POST is refused before it counts
+    app.before_request(batch_api.batch_body_limit)  # before anything reads a body
     app.before_request(whole_body_or_413)
     app.register_blueprint(api)
     batch_api.init_app(app)  # /api/batches
@@ -111,9 +112,7 @@ def whole_body_or_413() -> None:
         return  # a Content-Length over the limit is werkzeug's 413 already; neither: no body
     if request.mimetype in FORM_TYPES:
         return
-    if request.endpoint == batch_api.CREATE_ENDPOINT:
-        request.max_content_length = extension("settings").batch_max_bytes
-    limit = request.max_content_length
+    limit = request.max_content_length  # the endpoint's (batch_api.batch_body_limit)
     data = request.get_data(cache=True)
     if limit is not None and len(data) >= limit and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()

@@ -21,6 +21,15 @@ from extensions import extension
 
 batch_api = Blueprint("batch_api", __name__)
 CREATE_ENDPOINT = "batch_api.create_batch"  # POST /api/batches: BATCH_MAX_BYTES, not MAX_REQUEST_BYTES
+
+
+def batch_body_limit() -> None:
+    """A batch's body may be BATCH_MAX_BYTES, not MAX_REQUEST_BYTES: set before anything reads it
+    (an app hook, registered ahead of app.whole_body_or_413)."""
+    if request.endpoint == CREATE_ENDPOINT:
+        request.max_content_length = extension("settings").batch_max_bytes
+
+
 log = logging.getLogger("api")
 
 CSV_TYPES = ("text/csv", "text/plain", "application/csv", "application/vnd.ms-excel")
@@ -34,7 +43,6 @@ def _store() -> BatchStore:
 def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
     """The batch in the request (JSON, a CSV body or a multipart `file`) and a name for it."""
     settings = extension("settings")
-    request.max_content_length = settings.batch_max_bytes  # a batch is bigger than other requests
     rows = settings.batch_max_rows
     mimetype = request.mimetype
     try:

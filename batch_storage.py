@@ -15,6 +15,7 @@ client's, `batch:<id>` "address|bytes" of one batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -72,11 +73,11 @@ class BatchStorage:
     def key(self) -> str:
         return redis_store.key(self.settings, "batches", "storage")
 
-    def reserve(self, batch_id: str, client: str, size: int, oldest: float | None) -> None:
+    def reserve(self, batch_id: str, client: str, size: int, oldest: Callable[[], float | None]) -> None:
         """Reserve `size` bytes for a new batch of `client`; StorageFull when a cap would be passed.
 
-        `oldest`: when the oldest batch still kept was created, so Retry-After says when cleanup
-        frees its room (at most a day away).
+        `oldest()`: when the oldest batch still kept was created (asked only on a refusal), so
+        Retry-After says when cleanup frees its room (at most a day away).
         """
         settings = self.settings
         refused = self._reserve(
@@ -90,7 +91,7 @@ class BatchStorage:
             ],
         )
         if refused:
-            frees_at = (oldest or time.time()) + settings.batch_retention + settings.cleanup_interval
+            frees_at = (oldest() or time.time()) + settings.batch_retention + settings.cleanup_interval
             retry_after = int(min(86_400, max(60, frees_at - time.time())))
             raise StorageFull("all" if refused == 1 else "client", retry_after)
 

@@ -241,10 +241,7 @@ class BatchStore:
             sum(map(len, entries)) + sum(map(len, queued)) + sum(map(len, [*summaries, *summaries.values()]))
         )
         stored += len(queued) * SUMMARY_BYTES  # what each queued item's summary will add once it settles
-        oldest = self.redis.zrange(self.index_key, 0, 0, withscores=True)
-        self.storage.reserve(
-            batch_id, client, stored + len(orjson.dumps(fields)), oldest[0][1] if oldest else None
-        )
+        self.storage.reserve(batch_id, client, stored + len(orjson.dumps(fields)), self._oldest_created)
         ttl = self.ttl
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.key(batch_id), mapping=fields)
@@ -274,6 +271,11 @@ class BatchStore:
         if queued:
             self.kick(batch_id)
         return {**self.status(batch_id), "cancel_token": cancel_token}
+
+    def _oldest_created(self) -> float | None:
+        """When the oldest batch still kept was created (None: there is none)."""
+        oldest = self.redis.zrange(self.index_key, 0, 0, withscores=True)
+        return oldest[0][1] if oldest else None
 
     @staticmethod
     def _line_entry(

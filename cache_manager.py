@@ -228,10 +228,11 @@ class Cache:
     def purge_type(self, identifier_type: str) -> int:
         """Delete a type's entries of every schema and generation (beat's cleanup: a CPF, which this
         version never caches, left by an earlier one); announces nothing when there were none."""
-        keys = list(self.redis.scan_iter(match=self._key("v*", "g*", identifier_type, "*"), count=1000))
-        return self._delete_matching(self._key("v*", "g*", identifier_type, "*")) if keys else 0
+        return self._delete_matching(self._key("v*", "g*", identifier_type, "*"), announce_none=False)
 
-    def _delete_matching(self, pattern: str) -> int:
+    def _delete_matching(self, pattern: str, announce_none: bool = True) -> int:
+        """Delete the keys matching `pattern`; near caches drop everything (`announce_none`: even
+        when nothing matched)."""
         deleted = 0
         batch: list[bytes] = []
         for key in self.redis.scan_iter(match=pattern, count=1000):
@@ -241,6 +242,8 @@ class Cache:
                 batch.clear()
         if batch:
             deleted += self.redis.unlink(*batch)
+        if not deleted and not announce_none:
+            return 0
         with self.redis.pipeline(transaction=False) as pipe:
             self._announce(pipe, FLUSH)  # near caches drop everything
             pipe.execute()

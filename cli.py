@@ -25,7 +25,6 @@ import pipeline
 from circuit_breaker_manager import BreakerUnavailable
 from extensions import extension
 from identifiers import IdentifierType, InvalidIdentifier, parse
-from log_redaction import mask_identifier
 from lookups import SourceResult
 
 IDENTIFIER_TYPES = ("cnpj", "cep", "cpf")
@@ -92,9 +91,6 @@ def lookup(identifier: str, kind: str | None, priority: int, refresh: bool, time
             return
         for line in cli_lookup.summary_lines(answer):
             click.echo(line)
-        for name, value in (answer.result or {}).get("data", {}).items():
-            shown = mask_identifier("cpf", parsed.value) if name == "cpf" else value
-            click.echo(f"  {name:<14} {', '.join(shown) if isinstance(shown, list) else shown}")
         return
     if not maintenance.live_workers() and (
         refresh or not cli_lookup.fully_cached(parsed, extension("cache"), extension("sources"))

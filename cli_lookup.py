@@ -107,11 +107,16 @@ def summary_lines(lookup: Lookup) -> list[str]:
     """The lookup's status, how long it took, and its cross-checks."""
     took = (lookup.completed_at or time.time()) - lookup.created_at
     cached = ", all from cache" if lookup.cached else ""
-    if not lookup.id:  # a CPF: answered from the number alone, nothing kept
-        source = ", from the number alone (no source called, nothing stored)"
-        return [f"{lookup.status}: {lookup.type} {mask_identifier('cpf', lookup.identifier)}{source}"] + [
-            f"  {check['status']:<10} {check['name']}: {check['detail']}"
-            for check in (lookup.result or {}).get("checks") or []
+    if not lookup.id:  # a CPF: answered from the number alone, nothing kept; shown masked
+        masked = mask_identifier("cpf", lookup.identifier)
+        facts = {**((lookup.result or {}).get("data") or {}), "cpf": masked}
+        return [
+            f"{lookup.status}: {lookup.type} {masked}, from the number alone (no source called, nothing stored)",
+            *(
+                f"  {check['status']:<10} {check['name']}: {check['detail']}"
+                for check in lookup.result["checks"]
+            ),
+            *(f"  {name:<14} {', '.join(v) if isinstance(v, list) else v}" for name, v in facts.items()),
         ]
     lines = [
         f"{lookup.status}: {lookup.type} {lookup.identifier} in {took * 1000:.0f} ms{cached} (id {lookup.id})"

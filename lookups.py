@@ -589,9 +589,11 @@ class LookupStore:
                 return removed
             for lookup_id in ids:
                 # An id is a record's or an alias's (a request that joined another's lookup).
-                raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks") or self.redis.hget(
-                    self.alias_key(lookup_id), "tasks"
-                )
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(self.record_key(lookup_id), "tasks")
+                    pipe.hget(self.alias_key(lookup_id), "tasks")
+                    own, aliased = pipe.execute()
+                raw_tasks = own or aliased
                 task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
                 keys = [
                     self.record_key(lookup_id),
@@ -606,20 +608,15 @@ class LookupStore:
     def purge_type(self, identifier_type: str, event_key: Callable[[str], str]) -> int:
         """Beat cleanup: delete every lookup of this type (a CPF, which this version never records,
         left by an earlier one), with its event log, task ids, stored answer and single-flight lock."""
-        doomed: list[str] = []
-        for pattern in (self._key("lookup", "*"), self._key("answered", "*")):
-            keys = list(self.redis.scan_iter(match=pattern, count=1000))
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for key in chunk:
-                        pipe.hget(key, "type") if pattern.endswith("lookup:*") else pipe.get(key)
-                    values = pipe.execute()
-                for key, value in zip(chunk, values, strict=True):
-                    if value == identifier_type.encode() or (
-                        value and f'"type":"{identifier_type}"'.encode() in value.partition(b"\n")[2]
-                    ):
-                        doomed.append(key.decode().rsplit(":", 1)[1])
+        recorded = self._ids_where(self._key("lookup", "*"), lambda pipe, key: pipe.hget(key, "type"))
+        answered = self._ids_where(self._key("answered", "*"), lambda pipe, key: pipe.get(key))
+        kind = identifier_type.encode()
+        doomed = [lookup_id for lookup_id, value in recorded if value == kind]
+        # A stored answer is "digest\n" + its head's JSON, which names the type.
+        marker = b'"type":"' + kind + b'"'
+        doomed += [
+            lookup_id for lookup_id, value in answered if value and marker in value.partition(b"\n")[2]
+        ]
         for lookup_id in doomed:
             raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks")
             task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
@@ -632,6 +629,21 @@ class LookupStore:
             self.redis.zrem(self._key("lookups"), lookup_id)
         locks = list(self.redis.scan_iter(match=self._key("inflight", identifier_type, "*"), count=1000))
         return len(doomed) + (self.redis.unlink(*locks) if locks else 0)
+
+    def _ids_where(self, pattern: str, read: Callable[[redis.client.Pipeline, bytes], object]) -> list[tuple]:
+        """(lookup id, what `read` queued for its key) for every key matching `pattern`, 500 a round trip."""
+        keys = list(self.redis.scan_iter(match=pattern, count=1000))
+        found = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    read(pipe, key)
+                values = pipe.execute()
+            found += [
+                (key.decode().rsplit(":", 1)[1], value) for key, value in zip(chunk, values, strict=True)
+            ]
+        return found
 
     def delete_stale_inflight(self) -> int:
         """Beat cleanup: drop single-flight entries (locks) whose lookup record is gone."""

@@ -62,9 +62,7 @@ def cleanup() -> dict:
         "locks": extension("lookups").delete_stale_inflight(),
         "dead_letters": extension("dead_letters").prune(),
         "batches": extension("batches").delete_older_than(started - settings.batch_retention),
-        # CPFs an earlier version cached or recorded (this one never does: cpf_answers.py).
-        "cpf_leftovers": extension("cache").purge_type("cpf")
-        + extension("lookups").purge_type("cpf", extension("events").stream_key),
+        "cpf_leftovers": _purge_cpf_leftovers(),
         "workers": int(
             extension("redis").zremrangebyscore(
                 _key("workers"), "-inf", started - 10 * settings.worker_heartbeat_ttl
@@ -75,6 +73,22 @@ def cleanup() -> dict:
     extension("redis").set(_key("cleanup"), orjson.dumps(report))
     log.info("cleanup removed %s", result)
     return report
+
+
+def _purge_cpf_leftovers() -> int:
+    """Delete the CPFs an earlier version cached or recorded (this one never does: cpf_answers.py).
+
+    Once per deployment: it scans every lookup record, and after the first run there is nothing
+    left to find (an upgraded process writes no CPF), so a marker key says it is done.
+    """
+    client = extension("redis")
+    if client.exists(_key("cpf-purged")):
+        return 0
+    removed = extension("cache").purge_type("cpf") + extension("lookups").purge_type(
+        "cpf", extension("events").stream_key
+    )
+    client.set(_key("cpf-purged"), int(time.time()))
+    return removed
 
 
 def health_check() -> dict:

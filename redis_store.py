@@ -53,6 +53,7 @@ WITHOUT_TTL: tuple[str, ...] = (
     "workers",  # heartbeats: cleanup drops the stale ones
     "health",  # the last health check's report
     "cleanup",  # the last cleanup's report
+    "cpf-purged",  # when cleanup removed an earlier version's CPFs (once per deployment)
     "celery:*",  # kombu's broker keys (queues, bindings, unacknowledged): kombu's own
 )
 

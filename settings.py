@@ -119,9 +119,6 @@ def parse_allowed_origins(text: str) -> frozenset[str]:
     return frozenset(origins)
 
 
-_HOST = re.compile(r"^\.?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.?)+$")
-
-
 def parse_allowed_hosts(text: str) -> list[str]:
     """ALLOWED_HOSTS, comma-separated host names or IPv4 addresses (no scheme, no port; `.example.com`
     takes every subdomain); [] means any host (also for `*`).  ValueError naming a malformed entry.
@@ -132,7 +129,7 @@ def parse_allowed_hosts(text: str) -> list[str]:
     if "*" in hosts:
         return []
     for host in hosts:
-        if not _HOST.match(host):
+        if not HOST_NAME.fullmatch(host.removeprefix(".")):
             raise ValueError(
                 f"setting ALLOWED_HOSTS: {host!r} is not a host name or IPv4 address (no scheme, port, "
                 "path or IPv6 literal)"

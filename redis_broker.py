@@ -1,34 +1,118 @@
-"""kombu's Redis transport and Celery's Redis result backend, each with one fix.
+"""The project's Redis broker transport (kombu's, with two fixes) and result backend (Celery's, with one).
 
-Transport: a worker must survive losing Redis while tasks are running.
+Fix 1, the lost-task window: a message is recorded unacknowledged in the same atomic step that
+takes it off its queue.  kombu's own transport pops a message with one BRPOP over the priority
+lists and records it in the unacked hash in a second command, so a worker killed between the two
+lost it for good (celery/kombu#305, #1836; celery#7950), and a popped reply waiting in the
+socket while the worker was busy was the same gap made longer.  A Lua script cannot block and
+BRPOP cannot write a second key, so taking is split in two:
 
-With kombu 5.7.0, when a worker loses its broker connection while it holds delivered but
-unacknowledged tasks (acks_late), Celery collects the broken connection and then closes it; the
-close tries to push the in-memory unacked tasks back through a connection pool it can no longer
-build (its transport's client is already gone), raises AttributeError, which escapes Celery's
-`ignore_errors`, and the worker exits with "Unrecoverable error" instead of reconnecting
-(tests/faults/test_redis_outage.py catches it).  Skipping that push loses nothing: each of those
-tasks is also in the unacked index in Redis, and the visibility-timeout sweep (job_queue sets it
-to a fifth of VISIBILITY_TIMEOUT) redelivers it.  job_queue installs this transport for `redis://` and `rediss://`.
+- every publish also pushes a wake-up token onto the queue's `<queue>:wake` list (one pipeline,
+  the message first);
+- a consumer blocks with BRPOP on the wake lists only (the same event-loop path, timeouts and
+  health checks as kombu's BRPOP), then runs `_TAKE`, one script that pops the highest-priority
+  message of its queues and records it in `unacked` and `unacked_index` as kombu's QoS would.
+  A consumer that can take nothing deletes the wake lists of its empty queues, so tokens never
+  outnumber messages for long; a message without a token (a consumer killed right after taking
+  a token, a restored message) is taken at the next BRPOP timeout (`brpop_timeout`, 1 s) at the
+  latest.
+
+Priorities (priority-major over the queues, as kombu's BRPOP key order), prefetch and the
+visibility-timeout restore are unchanged: a message taken and then lost with its worker is in
+the unacked index and the sweep (job_queue sets it to a fifth of VISIBILITY_TIMEOUT) sends it
+again.  A no-ack consumer (Celery's control replies) is not recorded, as with kombu.
+
+Fix 2, a worker must survive losing Redis while tasks are running.  With kombu 5.7.0, when a
+worker loses its broker connection while it holds delivered but unacknowledged tasks (acks_late),
+Celery collects the broken connection and then closes it; the close tries to push the in-memory
+unacked tasks back through a connection pool it can no longer build, raises AttributeError, which
+escapes Celery's `ignore_errors`, and the worker exits with "Unrecoverable error" instead of
+reconnecting (tests/faults/test_redis_outage.py).  Skipping that push loses nothing: each of those
+tasks is in the unacked index and the sweep redelivers it.
 
 Result backend: Celery's subscribes to every sent task's result channel so that a caller could
 block on `.get()`; nothing here ever does (task states are read with GET by /api/tasks), yet each
-subscription holds a pub/sub connection per thread or greenlet, so a web process under load
-opened one Redis connection per concurrent request.  `ResultBackend` never subscribes.
+subscription holds a pub/sub connection per thread or greenlet.  `ResultBackend` never subscribes.
+
+job_queue installs the transport for `redis://` and `rediss://`.  Test-only fault point:
+BROKER_TAKE_PAUSE (seconds) pauses a consumer between taking a message and handing it to the
+worker, and logs that it does, so tests/faults/test_broker_take.py can kill a worker inside the
+window that used to lose the message.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import time
+from queue import Empty
 
 from celery.backends.redis import RedisBackend
-from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger("broker")
 
+WAKE_SUFFIX = "wake"  # `<queue>:wake`: one token per message published or restored
+
+# KEYS: unacked hash, unacked index, then the wake list of each of the n queues, then the
+# priority lists priority-major (for each priority step, one list per queue: BRPOP's key order).
+# ARGV: now, n, steps, then per queue 1 to record what it takes as unacknowledged (0: a no-ack
+# consumer).  Returns {queue number, message} or false.  The stored entry is kombu's
+# `[message, exchange, routing key]` with the message's own bytes (never re-encoded: cjson would
+# turn an empty list into an object).  A message cjson cannot read is handed over unrecorded, as
+# kombu would; a script error after the RPOP would lose it.
+_TAKE = """
+local n, steps = tonumber(ARGV[2]), tonumber(ARGV[3])
+for p = 0, steps - 1 do
+  for q = 1, n do
+    local item = redis.call('RPOP', KEYS[2 + n + p * n + q])
+    if item then
+      if ARGV[3 + q] == '1' then
+        local ok, message = pcall(cjson.decode, item)
+        if ok and type(message) == 'table' and type(message['properties']) == 'table' then
+          local props = message['properties']
+          local info = props['delivery_info']
+          local tag = props['delivery_tag']
+          if type(tag) == 'string' and type(info) == 'table' then
+            redis.call('HSET', KEYS[1], tag,
+              '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+            redis.call('ZADD', KEYS[2], ARGV[1], tag)
+          end
+        end
+      end
+      return {q, item}
+    end
+  end
+end
+for q = 1, n do redis.call('DEL', KEYS[2 + q]) end
+return false
+"""
+
+
+def _take_pause() -> float:
+    """The test-only fault point's pause (BROKER_TAKE_PAUSE seconds; 0 outside the fault tests)."""
+    try:
+        return max(0.0, float(os.environ.get("BROKER_TAKE_PAUSE", "0") or 0))
+    except ValueError:
+        return 0.0
+
 
 class QoS(kombu_redis.QoS):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._recorded: set[str] = set()  # delivery tags `_TAKE` already recorded as unacknowledged
+
+    def append(self, message, delivery_tag):
+        if delivery_tag in self._recorded:
+            self._recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # kombu's bookkeeping, no second write
+            return
+        super().append(message, delivery_tag)
+
     def restore_unacked(self, client=None):
         if client is None and self.channel.connection.client is None:
             log.warning(
@@ -42,6 +126,154 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+
+    def __init__(self, *args, **kwargs):
+        self._no_ack_queues: set[str] = set()
+        self._taking: list[str] = []  # the queues of the BRPOP in flight
+        self._get_no_ack = False
+        super().__init__(*args, **kwargs)
+        self._take_script = None
+
+    def wake_key(self, queue: str) -> str:
+        return f"{queue}{self.sep}{WAKE_SUFFIX}"
+
+    # -- consuming -----------------------------------------------------------------------------
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        self._get_no_ack = no_ack
+        try:
+            return super().basic_get(queue, no_ack, **kwargs)
+        finally:
+            self._get_no_ack = False
+
+    def _brpop_start(self, timeout=None):
+        """Block on the queues' wake lists (kombu's BRPOP on the message lists, moved)."""
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        self._taking = list(queues)
+        command_args = ["BRPOP", *(self.wake_key(queue) for queue in queues), timeout or 0]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*command_args)
+
+    def _brpop_read(self, **options):
+        """A token or a timeout: either way take (and record) a message in one script."""
+        try:
+            try:
+                self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            taken = self._take(self._taking, record=[q not in self._no_ack_queues for q in self._taking])
+            if taken is None:
+                raise Empty()
+            queue, payload = taken
+            self._queue_cycle.rotate(queue)
+            _fault_pause()
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue):
+        """basic_get's synchronous take, atomic like the consumer's."""
+        taken = self._take([queue], record=[not self._get_no_ack])
+        if taken is None:
+            raise Empty()
+        return taken[1]
+
+    def _take(self, queues: list[str], record: list[bool]) -> tuple[str, dict] | None:
+        prefix = self.global_keyprefix or ""
+        names = [self.unacked_key, self.unacked_index_key, *(self.wake_key(queue) for queue in queues)]
+        names += [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        args = [time.time(), len(queues), len(self.priority_steps), *("1" if r else "0" for r in record)]
+        with self.conn_or_acquire() as client:
+            reply = self._run_take(client, [prefix + name for name in names], args)
+        if not reply:
+            return None
+        number, raw = reply
+        payload = loads(bytes_to_str(raw))
+        if record[int(number) - 1]:
+            tag = payload.get("properties", {}).get("delivery_tag")
+            if tag:
+                self.qos._recorded.add(tag)
+        return queues[int(number) - 1], payload
+
+    def _run_take(self, client, keys: list[str], args: list):
+        # kombu's prefixing client prefixes only an EVALSHA's first key: the keys arrive prefixed,
+        # so the script is run through redis-py's own command path.
+        run = super(kombu_redis.GlobalKeyPrefixMixin, client).execute_command
+        if self._take_script is None:
+            self._take_script = run("SCRIPT", "LOAD", _TAKE)
+        try:
+            return run("EVALSHA", self._take_script, len(keys), *keys, *args)
+        except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted since it was loaded
+            self._take_script = run("SCRIPT", "LOAD", _TAKE)
+            return run("EVALSHA", self._take_script, len(keys), *keys, *args)
+
+    # -- publishing and restoring: each message gets its wake-up token ---------------------------
+    def _put(self, queue, message, **kwargs):
+        """kombu's publish, with the message's wake-up token pushed right after it."""
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        commands = [("lpush", key, dumps(message)), ("lpush", self.wake_key(queue), 1)]
+        expires = self._expires.get(queue) if self._expires else None
+        if expires:
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps] + [self.wake_key(queue)]
+            commands += [("pexpire", name, expires) for name in keys]
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:
+            for name, *args in commands:
+                batch.add(name, *args)
+            return
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            for name, *args in commands:
+                getattr(pipe, name)(*args)
+            pipe.execute()
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        for queue in self._lookup(exchange, routing_key):
+            pipe.lpush(self.wake_key(queue), 1)
+
+
+def _fault_pause() -> None:
+    pause = _take_pause()
+    if pause:
+        log.warning("BROKER_TAKE_PAUSE: pausing %.2f s between taking a message and running it", pause)
+        time.sleep(pause)
+
+
+def mentions(message: dict, text: str) -> bool:
+    """Whether a broker message (kombu's payload) mentions `text` in its task's arguments."""
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return text in (body.decode() if isinstance(body, bytes) else str(body))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True  # unreadable: assume it may
+
+
+def unacked_mention(client, broker_prefix: str, text: str) -> bool:
+    """Whether a message delivered to a worker and not acknowledged yet mentions `text`
+    (`broker_prefix`: the broker's global key prefix, `{KEY_PREFIX}:celery:`)."""
+    for raw in client.hvals(f"{broker_prefix}{Channel.unacked_key}"):
+        try:
+            message = loads(bytes_to_str(raw))[0]
+        except (ValueError, IndexError, TypeError):
+            return True  # unreadable: assume it may rather than send twice
+        if mentions(message, text):
+            return True
+    return False
 
 
 class Transport(kombu_redis.Transport):

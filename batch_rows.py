@@ -10,6 +10,7 @@ the JSONL keeps every value as it is: it is data for programs, not for a spreads
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from collections.abc import Iterator
@@ -74,10 +75,11 @@ def main_fields(kind: str, data: dict | None) -> dict[str, Any]:
 
 
 def summarize(kind: str, sources: dict, data: dict | None, complete: bool, lookup_id: str | None) -> dict:
-    """An item's outcome from its lookup's sources and merged data.
+    """An item's outcome from its lookup's sources and merged data (`complete`: its lookup is).
 
-    found: some source answered with data (partial: and some never settled); not_found: the
-    sources that answered all said "no such identifier"; failed: nobody answered.
+    found: some source answered with data; not_found: the sources that answered all said "no such
+    identifier"; failed: nobody answered.  Not complete (its lookup's work was lost, see `lost`):
+    partial when some source answered with data, else failed.
     """
     states = {name: str(result.state) for name, result in sources.items()}
     if data:
@@ -109,6 +111,29 @@ def summary_of(lookup: Lookup, complete: bool) -> dict:
     return summarize(lookup.type, lookup.sources, data, complete, lookup.id)
 
 
+def lost(lookup: Lookup, idle: float) -> dict:
+    """The summary of an item whose lookup's work was lost for good: none of its sources moved for
+    `idle` seconds and no task of it is left anywhere (batches.BatchStore._collect).
+
+    What the settled sources answered is kept (`partial` with data, else `failed`); each source that
+    never settled shows `error` with why, never the `running` or `pending` it was left in.
+    """
+    sources = {
+        name: result
+        if result.settled
+        else dataclasses.replace(
+            result,
+            state=SourceState.ERROR,
+            error=f"no answer: its call was lost ({result.state} when its work stopped)",
+        )
+        for name, result in lookup.sources.items()
+    }
+    summary = summarize(lookup.type, sources, cross_checks.merge(lookup.type, sources), False, lookup.id)
+    why = f"its lookup's work was lost: nothing happened to it for {idle:.0f} s and no task of it is left to run"
+    summary["error"] = "; ".join(part for part in (why, summary["error"]) if part)
+    return summary
+
+
 def cpf_summary(identifier: Identifier) -> dict:
     """A CPF item, settled from the number alone (cpf_answers.py): shown masked, never looked up."""
     return {
@@ -122,7 +147,7 @@ def cpf_summary(identifier: Identifier) -> dict:
 
 
 def failed(error: str, lookup_id: str | None = None) -> dict:
-    """The summary of an item that ends without an answer (its lookup vanished)."""
+    """The summary of an item that ends without an answer or a lookup to show (its lookup expired)."""
     return {"state": "failed", "fields": {}, "sources": {}, "error": error, "lookup_id": lookup_id}
 
 

@@ -9,8 +9,20 @@ fewer than BATCH_CONCURRENCY batch items in flight.  Feeding them this way, not 
 10,000 tasks at once, is what keeps interactive lookups fast: the broker never holds more batch
 work than a few worker threads, a cancel only has to empty the batch's queue, and an item's
 lookup deadline starts when it really starts.  Its source calls also keep each source's
-interactive reserve of tokens (rate_limiter.py) and skip a source that cannot give them one
-within BATCH_SOURCE_WAIT.
+interactive reserve of tokens (rate_limiter.py) and skip a source they would wait for (a token,
+room in its log of starts) past BATCH_SOURCE_WAIT from when they were first held.
+
+An item settles from its lookup once that is complete (a lookup `partial` at its deadline still
+completes when its last source settles), so its row shows the lookup's final state and sources,
+and a batch is complete only when nothing will change.  A worker killed mid-call leaves its
+sources `running` until the broker sends its task again, VISIBILITY_TIMEOUT plus up to one
+sweep after it took it.  So an item is given up only when its lookup's work is lost for good:
+nothing happened to the lookup for `item_limit` seconds (BATCH_ITEM_TIMEOUT, never less than a
+redelivery takes) counted from its last sign of work (the item's start, the latest state a source
+recorded: a source goes `running` when its call really starts, again when a redelivered task
+reruns it; or a waiting call's due time), and no task of it is left to run (queued, taken by a
+worker and not acknowledged, or deferred).  It then settles `failed` (`partial` if some source
+gave data) with a reason saying so, each source that never answered shown as an `error`.
 
 Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
 - the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`, and
@@ -20,7 +32,9 @@ Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
   (the lookup id is the item's own; the shared id is the lookup it joined, when it joined one);
 - `:items` item key -> its summary JSON once settled (state, main fields, sources, error).
 `{prefix}:batches` indexes batches by creation time; `{prefix}:batches:inflight` holds every
-batch's items in flight (the cluster-wide BATCH_CONCURRENCY).  Every change of counts is one
+batch's items in flight (the cluster-wide BATCH_CONCURRENCY), each scored by the last step that
+saw it in flight (a member no step has seen for twice `item_limit` is dropped: its batch is
+gone).  Every change of counts is one
 Lua script, so two steps that ever overlap (a redelivered task) cannot count an item twice.
 """
 
@@ -42,11 +56,12 @@ import batch_rows
 import cpf_answers
 import cross_checks
 import pipeline
+import redis_broker
 import redis_store
 from batch_storage import BatchStorage
 from extensions import extension
 from identifiers import MAX_INPUT_LENGTH, Identifier, IdentifierType
-from lookups import LookupStatus
+from lookups import Lookup, LookupStatus
 from settings import Settings
 from sources import sources_for
 
@@ -62,9 +77,11 @@ STEP_LOCK_SECONDS = 30
 MAX_REASON_LENGTH = 200  # what is kept of why a line could not be read
 SUMMARY_BYTES = 400  # reserved per queued item for the summary it gets (state, main fields, sources)
 STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
+BROKER_SCAN_MAX = 10_000  # tasks read at most to tell whether a lost-looking lookup still has one
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
-# started before this (lost), ttl.  Moves up to (cap - in flight) keys from the queue into running.
+# no step has seen in flight since this (their batch is gone), ttl.  Moves up to (cap - in flight)
+# keys from the queue into running.
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {} end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
@@ -145,6 +162,16 @@ def _token_hash(cancel_token: str) -> str:
 def _identifier(key: str) -> Identifier:
     kind, _, value = key.partition(":")
     return Identifier(type=IdentifierType(kind), value=value)
+
+
+def _last_sign_of_work(lookup: Lookup, started: float) -> float:
+    """When an item's lookup last showed its work alive: the item's start, the latest state one of
+    its sources recorded (a source goes `running` when its call really starts, and again when a
+    redelivered task reruns it), or the due time of a call waiting in the deferred set."""
+    times = [started]
+    for result in lookup.sources.values():
+        times += [t for t in (result.updated_at, result.scheduled_at) if t]
+    return max(times)
 
 
 class BatchStore:
@@ -355,8 +382,18 @@ class BatchStore:
         return body
 
     def _eta(self, batch_id: str, values: dict, counts: dict) -> dict:
-        """Seconds left: the items left at the pace the sources' rate limits allow, or at the pace
-        measured lately when that is slower (the workers, the upstreams' latency, other traffic)."""
+        """Seconds left: the items left at the slowest of three paces, and never less than the
+        longest wait a held call of an item in flight still has ahead of it.
+
+        The paces: what the sources' rate limits allow (`_rate_limit_pace`); the throughput
+        measured lately (the workers, the upstreams' latency, other traffic); and what the items'
+        held calls allow.  An item whose call waits for its source's rate limit (a token above the
+        reserve, room in the log of starts: at most BATCH_SOURCE_WAIT, then it skips the source)
+        keeps its place among the items in flight all that time, so n items in flight whose held
+        calls were given W seconds in all get through at most n / (W / n) items a second, taking
+        the items to come to meet the waits of those in flight (`_held_calls`).  The first two
+        alone said 0.2 s while each item waited ~5 s for ReceitaWS: the rate pace counts only the
+        sources an item waits for every time, and the measured one needs seconds of history."""
         left = counts["pending"] + counts["running"]
         if values.get("finished_at") or left == 0:
             return {"eta_seconds": 0.0, "throughput_per_second": None, "rate_limit_per_second": None}
@@ -367,8 +404,12 @@ class BatchStore:
         done_now = sum(counts[state] for state in SETTLED_STATES) - int(values.get("cached", 0))
         if then_t and now - then_t >= 2:
             measured = max(0.0, (done_now - then_done) / (now - then_t))
-        paces = [pace for pace in (limit, measured) if pace]
+        in_flight, given, ahead = self._held_calls(batch_id)
+        held = in_flight * in_flight / given if given > 0 else None
+        paces = [pace for pace in (limit, measured, held) if pace]
         eta = left / min(paces) if paces else None
+        if ahead > 0:
+            eta = max(eta or 0.0, ahead)
         return {
             "eta_seconds": round(eta, 1) if eta is not None else None,
             "throughput_per_second": round(measured, 3) if measured is not None else None,
@@ -399,6 +440,39 @@ class BatchStore:
         # Seconds per item, averaged over the mix of types left.
         per_item = sum(1.0 / paces[kind] if paces[kind] else 0.0 for kind in kinds) / len(kinds)
         return 1.0 / per_item if per_item else None
+
+    def _held_calls(self, batch_id: str) -> tuple[int, float, float]:
+        """The batch's items in flight and their calls waiting for a rate limit, read off their
+        lookups (a waiting call is `rate_limited` with `scheduled_at`, the due time of its entry in
+        the deferred set): (items in flight, the waits their calls were given, each item's longest
+        one summed (its due time less when it was set), the longest wait still ahead of one).
+        """
+        sources = extension("sources")
+        entries = []
+        for raw_key, raw_value in self.redis.hgetall(self.key(batch_id, "running")).items():
+            lookup_id, _, work_id = _running_entry(raw_value.decode())
+            if lookup_id:  # claimed but not started (a lost step): nothing waits yet
+                kind = raw_key.decode().partition(":")[0]
+                entries.append((work_id, [f"s:{s.name}" for s in sources_for(kind, sources)]))
+        if not entries:
+            return 0, 0.0, 0.0
+        store = extension("lookups")
+        with self.redis.pipeline(transaction=False) as pipe:
+            for work_id, fields in entries:
+                pipe.hmget(store.record_key(work_id), fields)
+            replies = pipe.execute()
+        now, given, ahead = time.time(), 0.0, 0.0
+        for raw_states in replies:
+            states = (orjson.loads(raw) for raw in raw_states if raw)
+            waits = [
+                (state["scheduled_at"], state.get("updated_at") or now)
+                for state in states
+                if state["state"] == "rate_limited" and state.get("scheduled_at")
+            ]
+            if waits:
+                given += max(0.0, max(due - since for due, since in waits))
+                ahead = max(ahead, max(due for due, _ in waits) - now)
+        return len(entries), given, ahead
 
     def rows(self, batch_id: str) -> Iterator[dict]:
         """One row per input line, in order, read ROWS_CHUNK lines at a time (never all at once)."""
@@ -502,7 +576,21 @@ class BatchStore:
             call_id=f"batch-step:{batch_id}",
         )
 
+    @property
+    def item_limit(self) -> float:
+        """Seconds an item in flight waits with no sign of its lookup's work before that work may be
+        lost: BATCH_ITEM_TIMEOUT, but never less than VISIBILITY_TIMEOUT plus two of the broker's
+        sweeps for unacknowledged tasks (one for the sweep, one for the task sent again to start),
+        so an item whose task is owed a redelivery waits for it (see the module's docstring)."""
+        return max(
+            self.settings.batch_item_timeout,
+            self.settings.visibility_timeout
+            + 2 * redis_broker.sweep_interval(self.settings.visibility_timeout),
+        )
+
     def _collect(self, batch_id: str) -> None:
+        """Settle the items in flight whose lookups completed, and those whose lookups' work was lost;
+        an item claimed by a step that stopped before starting it is started."""
         running = {
             k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(batch_id, "running")).items()
         }
@@ -510,20 +598,23 @@ class BatchStore:
             return
         store = extension("lookups")
         now = time.time()
+        limit = self.item_limit
         entries = {key: _running_entry(value) for key, value in running.items()}
         with self.redis.pipeline(transaction=False) as pipe:
             for lookup_id, _, work_id in entries.values():
                 if lookup_id:
                     pipe.hget(store.record_key(work_id), "status")
                     pipe.exists(store.answered_key(work_id))
-            replies = iter(pipe.execute())
+            # Seen in flight by this step: what _CLAIM's cutoff for stale members counts from.
+            pipe.zadd(self.inflight_key, {f"{batch_id}|{key}": now for key in entries}, xx=True)
+            replies = iter(pipe.execute()[:-1])
+        overdue: dict[str, tuple[Lookup, float]] = {}
         for key, (lookup_id, started, _) in entries.items():
             if not lookup_id:
                 # Claimed by a step that stopped before starting it (a lost worker): start it now.
                 self._start(batch_id, key, float(started or now))
                 continue
             status, answered = next(replies), next(replies)
-            timed_out = now - float(started or now) > self.settings.batch_item_timeout
             if status == b"complete" or answered:
                 lookup = store.get(lookup_id)
                 if lookup is not None:
@@ -532,10 +623,53 @@ class BatchStore:
             if status is None and not answered:
                 error = "its lookup expired before it completed"
                 self._settle_item(batch_id, key, batch_rows.failed(error, lookup_id))
-            elif timed_out:
+            elif now - float(started or now) > limit:  # its last sign of work is no earlier than that
                 lookup = store.get(lookup_id)
-                if lookup is not None:
-                    self._settle_item(batch_id, key, batch_rows.summary_of(lookup, False))
+                since = _last_sign_of_work(lookup, float(started or now)) if lookup else now
+                if lookup is not None and now - since > limit:
+                    overdue[key] = (lookup, since)
+        if overdue:
+            self._settle_lost(batch_id, overdue, now)
+
+    def _settle_lost(self, batch_id: str, overdue: dict[str, tuple[Lookup, float]], now: float) -> None:
+        """Of the items whose lookups did nothing for `item_limit`, settle those no task of which is
+        left to run (`_owed` names the rest: they wait, as for a task the broker still owes)."""
+        owed = self._owed({lookup.work_id for lookup, _ in overdue.values()})
+        for key, (lookup, since) in overdue.items():
+            if lookup.work_id in owed:
+                continue
+            if lookup.done == len(lookup.sources):
+                # Every source settled but the finalize was lost with its worker: finish it here.
+                pipeline.finalize(lookup.work_id)
+                finished = extension("lookups").get(lookup.id)
+                if finished is not None and finished.status == LookupStatus.COMPLETE:
+                    self._settle_item(batch_id, key, batch_rows.summary_of(finished, True))
+                    continue
+            log.warning(
+                "batch %s: the lookup %s of an item did nothing for %.0f s and has no task left; "
+                "the item settles without it",
+                batch_id,
+                lookup.id,
+                now - since,
+                extra={"batch_id": batch_id, "lookup_id": lookup.id},
+            )
+            self._settle_item(batch_id, key, batch_rows.lost(lookup, now - since))
+
+    def _owed(self, work_ids: set[str]) -> set[str]:
+        """Those of `work_ids` (lookup records) that some task still names: queued on the broker,
+        taken by a worker and not acknowledged (running, or lost with its worker and owed a
+        redelivery), or waiting in the deferred set.  All of them when there are more than
+        BROKER_SCAN_MAX such tasks to read (a backlog: theirs may be among them)."""
+        named = redis_broker.messages_naming(self.redis, self.settings.key_prefix, work_ids, BROKER_SCAN_MAX)
+        if named is None:
+            return set(work_ids)
+        deferred = extension("deferred").key  # its members are plain JSON: [call id, task, args, options]
+        if self.redis.zcard(deferred) > BROKER_SCAN_MAX:
+            return set(work_ids)
+        for raw in self.redis.zrange(deferred, 0, -1):
+            text = raw.decode(errors="replace")
+            named.update(work_id for work_id in work_ids if work_id in text)
+        return named
 
     def _start_items(self, batch_id: str) -> None:
         now = time.time()
@@ -545,7 +679,7 @@ class BatchStore:
                 max(1, self.settings.batch_concurrency),
                 now,
                 batch_id,
-                now - self.settings.batch_item_timeout * 2,
+                now - self.item_limit * 2,
                 self.ttl,
             ],
         )

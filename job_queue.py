@@ -46,8 +46,8 @@ from settings import Settings  # noqa: E402
 log = logging.getLogger("job_queue")
 redis_broker.install()  # kombu's Redis transport, fixed to survive a lost broker with tasks running
 
-PRIORITY_LEVELS = list(range(10))
-DEFAULT_QUEUE = "celery"
+PRIORITY_LEVELS = redis_broker.PRIORITY_STEPS
+DEFAULT_QUEUE = redis_broker.DEFAULT_QUEUE
 
 
 class FlaskTask(Task):
@@ -85,12 +85,12 @@ class LookupCelery(Celery):
 def celery_config(settings: Settings) -> dict:
     """Broker, backend and worker settings (see the README's reliability notes)."""
     url = settings.effective_redis_url
-    prefix = f"{settings.key_prefix}:celery:"
+    prefix = redis_broker.broker_prefix(settings.key_prefix)
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         # kombu sweeps for a dead worker's unacknowledged tasks only every 10 s x 10 calls by
         # default (~100 s whatever the visibility timeout); sweep every fifth of it instead.
-        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+        "unacked_restore_interval": redis_broker.sweep_interval(settings.visibility_timeout),
         "unacked_restore_throttle": 1,
         "priority_steps": PRIORITY_LEVELS,
         "sep": ":",

@@ -9,6 +9,7 @@ import orjson
 import redis
 from flask import Flask
 
+import redis_broker
 import redis_store
 from extensions import extension
 
@@ -39,11 +40,9 @@ def queue_depths() -> dict[str, int]:
     """Messages waiting on the broker per API priority (10 most urgent)."""
     settings = extension("settings")
     client = extension("redis")
-    prefix = f"{settings.key_prefix}:celery:"
     with client.pipeline(transaction=False) as pipe:
-        for level in range(10):
-            name = "celery" if level == 0 else f"celery:{level}"
-            pipe.llen(prefix + name)
+        for name in redis_broker.priority_lists(settings.key_prefix):
+            pipe.llen(name)
         lengths = pipe.execute()
     return {str(10 - level): int(length) for level, length in enumerate(lengths)}
 

@@ -6,14 +6,12 @@ Flask app context and reach the shared parts through `app.extensions`.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import random
 import time
 import uuid
 
-import orjson
 from celery import current_task
 from flask import current_app
 
@@ -24,6 +22,7 @@ import log_redaction
 import log_setup
 import maintenance
 import metrics
+import redis_broker
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
 from extensions import extension
@@ -239,7 +238,9 @@ def run_source_call(
     and this function returns at once.  Returns a small dict describing what happened.
     `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
     the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
-    first held back to keep the interactive reserve (it skips the source after BATCH_SOURCE_WAIT).
+    first held back, for a token above the interactive reserve or for room in the log of starts;
+    every re-send carries it, and the call skips the source rather than wait past
+    BATCH_SOURCE_WAIT from then (`batch_wait`).  Retries after a failure are not holds.
     """
     if kind == IdentifierType.CPF:
         return _dropped_cpf_call(lookup_id)
@@ -284,26 +285,40 @@ def run_source_call(
         )
         return record(result)
 
-    def wait_for_slot(due: float) -> dict:
-        extension("deferred").add(
-            due, FETCH_TASK, [*args, attempt, True, requeue], slot_options, rate_limit_wait=True
+    batch = priority == BATCH_PRIORITY
+
+    def batch_wait(wait: float) -> tuple[float, dict | None]:
+        """A batch call about to wait `wait` s for its source's rate limit (a token above the
+        reserve, or room in the log of starts): (its due time, None), or its skip when it would
+        then have waited past BATCH_SOURCE_WAIT since it was first held.  Every wait a batch call
+        can meet goes through here, so one cap holds for them all, however they follow each other.
+        """
+        nonlocal held_since
+        now = time.time()
+        held_since = held_since or now
+        due = now + wait
+        if due - held_since <= settings.batch_source_wait:
+            return due, None
+        metrics.rate_limit_delay(source_name, "exhausted", wait)
+        skipped = rate_limited(
+            f"skipped: the source's tokens are kept for interactive lookups (next one in {wait:.1f}s)"
         )
+        return due, skipped
+
+    def wait_for_slot(due: float) -> dict:
+        # A batch call's hold goes on counting from when it began (`held_since`, last argument).
+        resend = [*args, attempt, True, requeue, *([held_since] if batch and held_since else [])]
+        extension("deferred").add(due, FETCH_TASK, resend, slot_options, rate_limit_wait=True)
         return rate_limited("waiting for the source's rate limit", due)
 
-    batch = priority == BATCH_PRIORITY
     if not reserved:
         reservation = limiter.reserve(source_name, batch=batch)
         if reservation.held:
             # A batch call that would eat into the interactive reserve: ask again when a token
             # beyond it should exist, without holding one, or skip this source past its wait.
-            held_since = held_since or time.time()
-            due = time.time() + reservation.wait
-            if due - held_since > settings.batch_source_wait:
-                metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
-                return rate_limited(
-                    "skipped: the source's tokens are kept for interactive lookups "
-                    f"(next one in {reservation.wait:.1f}s)"
-                )
+            due, skipped = batch_wait(reservation.wait)
+            if skipped is not None:
+                return skipped
             extension("deferred").add(
                 due, FETCH_TASK, [*args, attempt, False, requeue, held_since], options, rate_limit_wait=True
             )
@@ -339,9 +354,16 @@ def run_source_call(
         data = extension("breakers").call(source_name, admitted_fetch, identifier)
     except Paced as paced:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
-        # limit allows.  Keep the token and go a little later, ahead of new work.
+        # limit allows (for a batch call, as leaves the reserve of starts).  Keep the token and go
+        # a little later, ahead of new work; a batch call only within BATCH_SOURCE_WAIT of its hold.
+        if batch:
+            due, skipped = batch_wait(paced.wait)
+            if skipped is not None:
+                return skipped
+        else:
+            due = time.time() + paced.wait
         metrics.rate_limit_delay(source_name, "paced", paced.wait)
-        return wait_for_slot(time.time() + paced.wait)
+        return wait_for_slot(due)
     except NotFound as error:
         cache.set(kind, source_name, value, None, found=False)
         return record(
@@ -621,9 +643,11 @@ def _resend_if_lost(lookup: Lookup) -> None:
     """At its deadline, send again the lookup task of a lookup none of whose sources ever started,
     when the broker provably holds no message for it.
 
-    kombu's Redis transport pops a message (BRPOP) and records it as unacknowledged in a second
-    command, so a worker killed between the two loses the message (celery/kombu#305): such a
-    lookup would stay `partial` with every source `pending` for good.  "Provably": every priority
+    The broker no longer loses a message it hands to a worker (redis_broker takes and records it in
+    one step), but a task can still be lost before it reaches the broker: `start_lookup` writes
+    the record (and its single-flight claim) and then sends the task, so a web process killed
+    between the two, or a send that failed, leaves a lookup that every later request would join
+    and that would stay `partial` with every source `pending` for good.  "Provably": every priority
     queue is empty and no unacknowledged message names the lookup.  A backlog is left alone: its
     tasks are still queued, and a second send of each would double it.
     """
@@ -632,8 +656,7 @@ def _resend_if_lost(lookup: Lookup) -> None:
         return
     if any(maintenance.queue_depths().values()):
         return
-    unacked = extension("redis").hvals(f"{extension('settings').key_prefix}:celery:unacked")
-    if any(_names_lookup(raw, lookup.id) for raw in unacked):
+    if redis_broker.unacked_mention(extension("redis"), extension("settings").key_prefix, lookup.id):
         return
     log.warning(
         "lookup %s: no source started by its deadline and no message for it on the broker; sending its task again",
@@ -651,15 +674,3 @@ def _resend_if_lost(lookup: Lookup) -> None:
         ],
         {"task_id": uuid.uuid4().hex, "priority": celery_priority(lookup.priority)},
     )
-
-
-def _names_lookup(raw: bytes, lookup_id: str) -> bool:
-    """Whether an unacknowledged broker message (kombu's [message, exchange, routing key]) is for this lookup."""
-    try:
-        message = orjson.loads(raw)[0]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        return lookup_id in (body.decode() if isinstance(body, bytes) else str(body))
-    except (ValueError, KeyError, IndexError, TypeError):
-        return True  # unreadable: assume it may be ours rather than send twice

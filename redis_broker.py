@@ -252,21 +252,77 @@ def _fault_pause() -> None:
         time.sleep(pause)
 
 
-def mentions(message: dict, text: str) -> bool:
-    """Whether a broker message (kombu's payload) mentions `text` in its task's arguments."""
+# -- the broker's layout, for the few parts of the service that must read it --------------------
+DEFAULT_QUEUE = "celery"
+PRIORITY_STEPS = list(range(10))  # kombu's priority lists: `<queue>` for 0, `<queue>:<n>` for n
+
+
+def broker_prefix(key_prefix: str) -> str:
+    """The broker's global key prefix for the service's KEY_PREFIX (job_queue.celery_config)."""
+    return f"{key_prefix}:celery:"
+
+
+def sweep_interval(visibility_timeout: int) -> int:
+    """Seconds between the sweeps that send a dead worker's unacknowledged tasks again: a fifth of
+    the visibility timeout, 1-10 s (kombu's default sweeps every ~100 s whatever the timeout)."""
+    return max(1, min(10, visibility_timeout // 5))
+
+
+def priority_lists(key_prefix: str, queue: str = DEFAULT_QUEUE) -> list[str]:
+    """The Redis lists of `queue`, most urgent first (kombu's `_q_for_pri`)."""
+    prefix = broker_prefix(key_prefix)
+    return [prefix + (queue if step == 0 else f"{queue}:{step}") for step in PRIORITY_STEPS]
+
+
+def message_text(message: dict) -> str | None:
+    """A broker message's (kombu's payload's) body as text, to look for an id in; None if unreadable."""
     try:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        return text in (body.decode() if isinstance(body, bytes) else str(body))
+        return body.decode() if isinstance(body, bytes) else str(body)
     except (ValueError, KeyError, TypeError, AttributeError):
-        return True  # unreadable: assume it may
+        return None
 
 
-def unacked_mention(client, broker_prefix: str, text: str) -> bool:
-    """Whether a message delivered to a worker and not acknowledged yet mentions `text`
-    (`broker_prefix`: the broker's global key prefix, `{KEY_PREFIX}:celery:`)."""
-    for raw in client.hvals(f"{broker_prefix}{Channel.unacked_key}"):
+def mentions(message: dict, text: str) -> bool:
+    """Whether a broker message mentions `text` in its task's arguments (an unreadable one may)."""
+    body = message_text(message)
+    return body is None or text in body
+
+
+def messages_naming(client, key_prefix: str, texts: set[str], limit: int) -> set[str] | None:
+    """Those of `texts` that a message still to run mentions: queued (any priority), or taken by a
+    worker and not acknowledged (running, or lost with its worker and owed a redelivery by the
+    sweep).  None when more than `limit` messages would have to be read, or one cannot be: any of
+    `texts` may be among them."""
+    lists, unacked = priority_lists(key_prefix), broker_prefix(key_prefix) + Channel.unacked_key
+    with client.pipeline(transaction=False) as pipe:
+        for name in lists:
+            pipe.llen(name)
+        pipe.hlen(unacked)
+        if sum(pipe.execute()) > limit:
+            return None
+        for name in lists:
+            pipe.lrange(name, 0, -1)
+        pipe.hvals(unacked)
+        *queued, taken = pipe.execute()
+    named: set[str] = set()
+    for raw, entry in [(raw, False) for reply in queued for raw in reply] + [(raw, True) for raw in taken]:
+        try:
+            value = loads(bytes_to_str(raw))
+            body = message_text(value[0] if entry else value)
+        except (ValueError, IndexError, KeyError, TypeError):
+            body = None
+        if body is None:
+            return None
+        named.update(text for text in texts if text in body)
+    return named
+
+
+def unacked_mention(client, key_prefix: str, text: str) -> bool:
+    """Whether a message taken by a worker and not acknowledged yet mentions `text`."""
+    for raw in client.hvals(broker_prefix(key_prefix) + Channel.unacked_key):
         try:
             message = loads(bytes_to_str(raw))[0]
         except (ValueError, IndexError, TypeError):

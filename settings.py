@@ -250,8 +250,13 @@ class Settings:
     # Tokens of each source's bucket kept for interactive lookups: a batch item's call takes one
     # only while more would remain (rate_limiter.py).
     batch_token_reserve: int = 2
-    batch_source_wait: float = 5.0  # longest a batch call waits for a token; then it skips the source
-    batch_item_timeout: float = 120.0  # an item not complete by then settles with what it has
+    # Longest a batch call waits for its source's rate limit (a token above the reserve, room in the
+    # log of starts), counted from when it was first held; then it skips the source.
+    batch_source_wait: float = 5.0
+    # Seconds an item waits with nothing happening to its lookup (from its last sign of work; never
+    # less than visibility_timeout plus two sweeps) before that work counts as lost, and then only
+    # if no task of it is left to run: it settles `failed` saying so (batches.BatchStore.item_limit).
+    batch_item_timeout: float = 120.0
     batch_poll_interval: float = 0.2  # how often a running batch collects answers and starts items
     batch_retention: float = 7 * 86400.0  # a batch and its results are kept this long
     # The bytes all batches kept may hold in Redis, and one client address's share (batch_storage.py).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 
 import orjson
 import pytest
@@ -13,7 +14,9 @@ from sse_client import Event, read_all
 from test_batches import BATCH_ENV, fast_upstreams  # noqa: F401 - the autouse fixture applies here too
 
 import batch_input
+import batch_rows
 import maintenance
+import redis_broker
 from app import close_app, create_app
 from embedded_redis import free_port
 from settings import Settings
@@ -49,6 +52,132 @@ def test_a_batch_finishes_after_its_worker_is_killed(make_stack, sandbox):
     assert counts["found"] + counts["not_found"] >= 140, counts  # the in-flight ones were redelivered
     rows = stack.get(f"/api/batches/{batch_id}/results", params={"format": "jsonl"}).text.splitlines()
     assert len(rows) == 150
+
+
+# The defaults' VISIBILITY_TIMEOUT : BATCH_ITEM_TIMEOUT : LOOKUP_DEADLINE (120 : 120 : 15), a tenth.
+SCALED_TIMEOUTS = {"VISIBILITY_TIMEOUT": "12", "BATCH_ITEM_TIMEOUT": "12", "LOOKUP_DEADLINE": "1.5"}
+
+
+def _rows(stack, batch_id: str) -> list[dict]:
+    text = stack.get(f"/api/batches/{batch_id}/results", params={"format": "jsonl"}).text
+    return [orjson.loads(line) for line in text.splitlines()]
+
+
+def _row_differs(row: dict, lookup: dict) -> str | None:
+    """How a settled row differs from its (complete) lookup, or None when it shows exactly that."""
+    sources = {name: result["state"] for name, result in lookup["sources"].items()}
+    if lookup["result"]:
+        state = "found"
+    elif "not_found" in sources.values():
+        state = "not_found"
+    else:
+        state = "failed"
+    wanted = {
+        "state": state,
+        "sources": sources,
+        "fields": batch_rows.main_fields(lookup["type"], lookup["result"]),
+    }
+    shown = {name: row[name] for name in wanted}
+    return None if shown == wanted else f"row {shown} but lookup {lookup['status']} {wanted}"
+
+
+@pytest.mark.timeout(90)
+def test_after_a_worker_is_killed_mid_batch_every_row_equals_its_lookup(make_stack, sandbox):
+    """Issue 15: with the default timeouts (scaled down together), SIGKILL the only worker mid-batch
+    and start another.  An item in flight waits for its lookup's redelivered task instead of settling
+    `failed` with its sources `running` first; the batch finishes once every lookup is complete, and
+    every row then shows its lookup's final state and sources, and never changes again."""
+    began = time.monotonic()
+    stack = make_stack(**BATCH_ENV, **SCALED_TIMEOUTS)
+    stack.start_worker("w1")
+    stack.start_web()
+    for name in ("viacep", "brasilapi", "opencnpj", "receitaws"):
+        sandbox.control(name, latency_ms=300)
+    identifiers = sandbox.identifiers("cep", 200, seed=141) + sandbox.identifiers("cnpj", 100, seed=142)
+    created = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": identifiers}, timeout=10)
+    batch_id = created.json()["id"]
+    wait_for(lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 60, 30, 0.05, "60 items done")
+    # Killed between two steps, as it mostly is (a step takes milliseconds): a step killed holding the
+    # batch's lock stalls the batch for the lock's 30 s, which is not scaled down with the timeouts.
+    client, lock = stack.app.extensions["redis"], stack.app.extensions["batches"].key(batch_id, "step")
+    wait_for(lambda: not client.exists(lock), 5, 0.001, "a moment between two steps")
+    stack.kill("w1", signal.SIGKILL)
+    in_flight = stack.get(f"/api/batches/{batch_id}").json()["counts"]["running"]
+    stack.start_worker("w2")
+
+    body = _finished(stack, batch_id, 60)
+    rows = _rows(stack, batch_id)
+    lookups = {row["lookup_id"]: stack.get(f"/api/lookups/{row['lookup_id']}").json() for row in rows}
+    # Finished only once nothing will change: every lookup is complete (a complete one never changes).
+    unfinished = {i: (lookup["status"], lookup["sources"]) for i, lookup in lookups.items()}
+    unfinished = {i: v for i, v in unfinished.items() if v[0] != "complete"}
+    # (Were some not, wait for them, to show how their rows differ from what they became.)
+    wait_for(
+        lambda: all(stack.get(f"/api/lookups/{i}").json()["status"] == "complete" for i in unfinished),
+        30,
+        0.5,
+        "every lookup to complete",
+    )
+    lookups.update({i: stack.get(f"/api/lookups/{i}").json() for i in unfinished})
+    wrong = {row["line"]: _row_differs(row, lookups[row["lookup_id"]]) for row in rows}
+    wrong = {line: why for line, why in wrong.items() if why}
+    silent = [row for row in rows if "running" in row["sources"].values() and not row["error"]]
+    report = (
+        f"{len(wrong)} of {len(rows)} rows differ from their lookups, {len(unfinished)} lookups not complete "
+        f"when the batch finished, {len(silent)} rows with a source running and no error "
+        f"({in_flight} items in flight at the kill); e.g. {list(wrong.items())[:2]}"
+    )
+    print(f"\n{report}; {time.monotonic() - began:.1f} s")
+    assert body["status"] == "complete" and body["counts"]["running"] == body["counts"]["pending"] == 0
+    assert sum(body["counts"].values()) == len(identifiers), body["counts"]  # each item counted once
+    assert in_flight > 0, "nothing was in flight at the kill: the test shows nothing"
+    assert not wrong and not unfinished and not silent, report
+    assert _rows(stack, batch_id) == rows  # nothing changed after the batch finished
+    assert stack.get(f"/api/batches/{batch_id}").json()["finished_at"] == body["finished_at"]
+    assert time.monotonic() - began < 75
+
+
+def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_none_is(make_app, sandbox):
+    """No worker: the test plays the broker's part.  Two items whose sources were left `running` long
+    ago (a worker killed mid-call): the one whose task a dead worker still holds unacknowledged waits
+    for its redelivery; the one no task of which is left anywhere settles `failed`, saying its work
+    was lost, each source an `error` with why (never `running` with no error)."""
+    from lookups import SourceResult, SourceState
+
+    app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
+    client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
+    queues = redis_broker.priority_lists(prefix)
+    with app.app_context():
+        store, lookups = app.extensions["batches"], app.extensions["lookups"]
+        assert store.item_limit == 3.0
+        batch_id = store.create(batch_input.parse_json(sandbox.identifiers("cep", 2, seed=151), 10))["id"]
+        store._start_items(batch_id)
+        running_key = store.key(batch_id, "running")
+        items = {k.decode(): v.decode().split("|") for k, v in client.hgetall(running_key).items()}
+        (lost_key, (lost_id, _)), (held_key, (held_id, _)) = sorted(items.items())
+        long_ago = time.time() - 10
+        for key, (lookup_id, _) in items.items():
+            client.hset(running_key, key, f"{lookup_id}|{long_ago}")
+            for name in lookups.get(lookup_id).sources:
+                lookups.set_source(lookup_id, SourceResult(name, SourceState.RUNNING, updated_at=long_ago))
+        messages = [raw for queue in queues for raw in client.lrange(queue, 0, -1)]
+        held = next(raw for raw in messages if redis_broker.mentions(orjson.loads(raw), held_id))
+        client.delete(*queues, app.extensions["deferred"].key)  # the tasks and the deadlines: gone
+        client.hset(f"{prefix}:celery:unacked", "tag", b"[" + held + b', "", "celery"]')  # a dead worker's
+
+        store._collect(batch_id)
+        assert set(client.hkeys(running_key)) == {held_key.encode()}  # owed a redelivery: it waits
+        lost = orjson.loads(client.hget(store.key(batch_id, "items"), lost_key))
+        assert lost["state"] == "failed" and lost["lookup_id"] == lost_id
+        assert set(lost["sources"].values()) == {"error"}
+        assert lost["error"].startswith("its lookup's work was lost: nothing happened to it for 10 s")
+        assert "brasilapi: no answer: its call was lost (running when its work stopped)" in lost["error"]
+
+        client.delete(f"{prefix}:celery:unacked")  # the redelivery lost after all
+        store._collect(batch_id)
+        assert client.hlen(running_key) == 0 and store._finish_if_done(batch_id)
+        assert store.status(batch_id)["counts"]["failed"] == 2
+        assert client.zcard(store.inflight_key) == 0
 
 
 def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox):
@@ -95,6 +224,80 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
     skipped = [row for row in rows if row["sources"].get("viacep") == "rate_limited"]
     assert skipped, "the batch never ran short of ViaCEP tokens: the test shows nothing"
     assert all(row["state"] in ("found", "not_found", "cancelled") for row in rows)  # BrasilAPI answered
+
+
+def test_a_held_batch_call_never_waits_past_batch_source_wait(make_stack, sandbox):
+    """A batch call held for ReceitaWS's token, then paced by the log of starts (the second and the
+    minute) gives up BATCH_SOURCE_WAIT after it was first held, whatever it waits for: the source
+    settles `rate_limited`, the item from the others.  One paced within the wait runs after it, and
+    the batch's ETA meanwhile counts the wait (it said 0 s while the item waited)."""
+    import redis_store
+
+    limit = 3.0  # BATCH_SOURCE_WAIT, scaled down
+    margin = 1.0  # the dispatcher's poll, the broker, a busy machine
+    stack = make_stack(**BATCH_ENV, BATCH_SOURCE_WAIT=str(limit))
+    stack.start_worker("w1")
+    stack.start_web()
+    client, settings = stack.app.extensions["redis"], stack.settings
+    limiter = stack.app.extensions["rate_limiter"]
+
+    def receitaws(token_in: float, room_in: float) -> None:
+        """ReceitaWS's next token above the reserve `token_in` s away, and a start in its log that
+        leaves a batch call no room in the minute for `room_in` s (a batch's share at 2.85 a minute
+        and a reserve of 2 is one start a minute)."""
+        limiter.reset("receitaws")
+        seconds, micros = client.time()
+        now = seconds + micros / 1e6
+        tokens = limiter.capacity("receitaws") - token_in * settings.sources["receitaws"].rate_per_minute / 60
+        bucket = redis_store.key(settings, "ratelimit", "receitaws")
+        client.hset(bucket, mapping={"tokens": tokens, "ts": now})
+        starts = redis_store.key(settings, "ratelimit", "receitaws", "starts")
+        client.zadd(starts, {"an earlier call": now - 60 + room_in})
+
+    def receitaws_of(batch_id: str) -> tuple[dict, dict] | None:
+        """(the item's lookup, its ReceitaWS state) while the batch's one item is in flight."""
+        running = client.hvals(stack.app.extensions["batches"].key(batch_id, "running"))
+        lookup_id = running[0].decode().partition("|")[0] if running else ""
+        lookup = stack.get(f"/api/lookups/{lookup_id}").json() if lookup_id else None
+        return (lookup, lookup["sources"]["receitaws"]) if lookup else None
+
+    def item_after(batch_id: str) -> tuple[dict, dict, dict]:
+        """(the item's result row, its lookup, its ReceitaWS state) once the batch finished."""
+        body = _finished(stack, batch_id, 30)
+        results = stack.get(body["links"]["results"], params={"format": "jsonl"}).text.splitlines()
+        (row,) = [orjson.loads(line) for line in results]
+        lookup = stack.get(f"/api/lookups/{row['lookup_id']}").json()
+        return row, lookup, lookup["sources"]["receitaws"]
+
+    def post_batch(seed: int) -> str:
+        identifiers = [sandbox.known("cnpj", seed=seed)]
+        created = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": identifiers}, timeout=10)
+        return created.json()["id"]
+
+    # Held 1 s for the token, then the log of starts has no room for another 7 s: it gives up at ~1 s.
+    receitaws(token_in=1.0, room_in=8.0)
+    row, lookup, call = item_after(post_batch(141))
+    assert row["state"] == "found" and row["sources"]["receitaws"] == "rate_limited", row
+    assert call["state"] == "rate_limited" and call["scheduled_at"] is None, call
+    assert "skipped: the source's tokens are kept for interactive lookups" in call["error"], call
+    assert call["updated_at"] - lookup["created_at"] <= limit + margin, (call, lookup["created_at"])
+
+    # Paced 2.5 s, within the wait: it waits, the ETA says so, then it runs.
+    receitaws(token_in=0.0, room_in=2.5)
+    batch_id = post_batch(142)
+
+    def held() -> tuple[dict, dict] | None:
+        found = receitaws_of(batch_id)
+        return found if found and found[1]["state"] == "rate_limited" and found[1]["scheduled_at"] else None
+
+    _, call = wait_for(held, 10, 0.05, "the batch's ReceitaWS call to be held")
+    eta = stack.get(f"/api/batches/{batch_id}").json()["eta_seconds"]
+    still_held = call["scheduled_at"] - time.time()
+    assert still_held > 0, "the call ran before the status was read: the test shows nothing"
+    assert eta is not None and eta >= still_held - 0.1, (eta, still_held)
+    row, lookup, call = item_after(batch_id)
+    assert row["state"] == "found" and row["sources"]["receitaws"] == "ok", row
+    assert call["updated_at"] - lookup["created_at"] <= limit + margin, (call, lookup["created_at"])
 
 
 def test_with_redis_down_batch_requests_get_a_503():

@@ -12,10 +12,11 @@ BRPOP cannot write a second key, so taking is split in two:
 - a consumer blocks with BRPOP on the wake lists only (the same event-loop path, timeouts and
   health checks as kombu's BRPOP), then runs `_TAKE`, one script that pops the highest-priority
   message of its queues and records it in `unacked` and `unacked_index` as kombu's QoS would.
-  A consumer that can take nothing deletes the wake lists of its empty queues, so tokens never
-  outnumber messages for long; a message without a token (a consumer killed right after taking
-  a token, a restored message) is taken at the next BRPOP timeout (`brpop_timeout`, 1 s) at the
-  latest.
+  The script is sent once, never retried (a retried take would take a second message).
+  Each run also leaves each queue's wake list holding one token per message left, so a message
+  without one (queued before this transport, a token lost with its consumer or on a closed
+  channel) wakes a consumer at the next take anywhere, and after a BRPOP timeout (`brpop_timeout`,
+  1 s) at the latest; tokens never outlive their messages.
 
 Priorities (priority-major over the queues, as kombu's BRPOP key order), prefetch and the
 visibility-timeout restore are unchanged: a message taken and then lost with its worker is in
@@ -61,16 +62,41 @@ WAKE_SUFFIX = "wake"  # `<queue>:wake`: one token per message published or resto
 # KEYS: unacked hash, unacked index, then the wake list of each of the n queues, then the
 # priority lists priority-major (for each priority step, one list per queue: BRPOP's key order).
 # ARGV: now, n, steps, then per queue 1 to record what it takes as unacknowledged (0: a no-ack
-# consumer).  Returns {queue number, message} or false.  The stored entry is kombu's
-# `[message, exchange, routing key]` with the message's own bytes (never re-encoded: cjson would
-# turn an empty list into an object).  A message cjson cannot read is handed over unrecorded, as
-# kombu would; a script error after the RPOP would lose it.
+# consumer), then per queue its expiry in ms (0: none).  Returns {queue number, message, 1 when
+# recorded} or false.  The stored entry is kombu's `[message, exchange, routing key]` with the
+# message's own bytes (never re-encoded: cjson would turn an empty list into an object).  A message
+# cjson cannot read is handed over unrecorded, as kombu would hand it; a script error after the
+# RPOP would lose it.  Every call leaves each queue's wake list holding one token per message
+# left (at most 1,000 added a call): a shortfall (messages queued before this transport, a token
+# lost with its consumer) heals at the next take, and tokens never outlive their messages.
 _TAKE = """
 local n, steps = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function list(p, q) return KEYS[2 + n + p * n + q] end
+local function balance()
+  for q = 1, n do
+    local left, wake = 0, KEYS[2 + q]
+    for p = 0, steps - 1 do left = left + redis.call('LLEN', list(p, q)) end
+    if left == 0 then
+      redis.call('DEL', wake)
+    else
+      local tokens = redis.call('LLEN', wake)
+      if tokens > left then
+        redis.call('LTRIM', wake, 0, left - 1)
+      elseif tokens < left then
+        local ones = {}
+        for i = 1, math.min(left - tokens, 1000) do ones[i] = '1' end
+        redis.call('LPUSH', wake, unpack(ones))
+        local expires = tonumber(ARGV[3 + n + q])
+        if expires > 0 then redis.call('PEXPIRE', wake, expires) end
+      end
+    end
+  end
+end
 for p = 0, steps - 1 do
   for q = 1, n do
-    local item = redis.call('RPOP', KEYS[2 + n + p * n + q])
+    local item = redis.call('RPOP', list(p, q))
     if item then
+      local recorded = 0
       if ARGV[3 + q] == '1' then
         local ok, message = pcall(cjson.decode, item)
         if ok and type(message) == 'table' and type(message['properties']) == 'table' then
@@ -81,14 +107,16 @@ for p = 0, steps - 1 do
             redis.call('HSET', KEYS[1], tag,
               '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
             redis.call('ZADD', KEYS[2], ARGV[1], tag)
+            recorded = 1
           end
         end
       end
-      return {q, item}
+      balance()
+      return {q, item, recorded}
     end
   end
 end
-for q = 1, n do redis.call('DEL', KEYS[2 + q]) end
+balance()
 return false
 """
 
@@ -172,6 +200,8 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            if self._closing:  # the channel's close reads the BRPOP in flight: take nothing now
+                raise Empty()
             taken = self._take(self._taking, record=[q not in self._no_ack_queues for q in self._taking])
             if taken is None:
                 raise Empty()
@@ -187,6 +217,8 @@ class Channel(kombu_redis.Channel):
     def _get(self, queue):
         """basic_get's synchronous take, atomic like the consumer's."""
         taken = self._take([queue], record=[not self._get_no_ack])
+        with self.conn_or_acquire() as client:
+            self._maybe_update_queues_expire(client, queue)
         if taken is None:
             raise Empty()
         return taken[1]
@@ -196,29 +228,51 @@ class Channel(kombu_redis.Channel):
         names = [self.unacked_key, self.unacked_index_key, *(self.wake_key(queue) for queue in queues)]
         names += [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         args = [time.time(), len(queues), len(self.priority_steps), *("1" if r else "0" for r in record)]
+        args += [int(self._expires.get(queue, 0)) if self._expires else 0 for queue in queues]
         with self.conn_or_acquire() as client:
             reply = self._run_take(client, [prefix + name for name in names], args)
         if not reply:
             return None
-        number, raw = reply
+        number, raw, recorded = reply
         payload = loads(bytes_to_str(raw))
-        if record[int(number) - 1]:
-            tag = payload.get("properties", {}).get("delivery_tag")
-            if tag:
-                self.qos._recorded.add(tag)
+        if recorded:
+            self.qos._recorded.add(payload["properties"]["delivery_tag"])
         return queues[int(number) - 1], payload
 
     def _run_take(self, client, keys: list[str], args: list):
-        # kombu's prefixing client prefixes only an EVALSHA's first key: the keys arrive prefixed,
-        # so the script is run through redis-py's own command path.
-        run = super(kombu_redis.GlobalKeyPrefixMixin, client).execute_command
-        if self._take_script is None:
-            self._take_script = run("SCRIPT", "LOAD", _TAKE)
+        """Run `_TAKE` once, never retried: redis-py retries a command whose reply timed out or was
+        cut (retry_on_timeout), and a second run would take a second message, recorded but never
+        handed over.  On one connection of the pool, with the keys as given (kombu's prefixing
+        client would prefix only an EVALSHA's first key)."""
+        pool = client.connection_pool
+        connection = pool.get_connection()
         try:
-            return run("EVALSHA", self._take_script, len(keys), *keys, *args)
-        except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted since it was loaded
-            self._take_script = run("SCRIPT", "LOAD", _TAKE)
-            return run("EVALSHA", self._take_script, len(keys), *keys, *args)
+            if self._take_script is None:
+                self._take_script = _once(connection, "SCRIPT", "LOAD", _TAKE)
+            try:
+                return _once(connection, "EVALSHA", self._take_script, len(keys), *keys, *args)
+            except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted: nothing ran
+                self._take_script = _once(connection, "SCRIPT", "LOAD", _TAKE)
+                return _once(connection, "EVALSHA", self._take_script, len(keys), *keys, *args)
+        finally:
+            pool.release(connection)
+
+    # -- queue housekeeping: the wake list goes with its queue -------------------------------------
+    def _purge(self, queue):
+        size = super()._purge(queue)
+        with self.conn_or_acquire() as client:
+            client.delete(self.wake_key(queue))
+        return size
+
+    def _delete(self, queue, *args, **kwargs):
+        super()._delete(queue, *args, **kwargs)
+        with self.conn_or_acquire(client=kwargs.get("client")) as client:
+            client.delete(self.wake_key(queue))
+
+    def _maybe_update_queues_expire(self, client, queue):
+        super()._maybe_update_queues_expire(client, queue)
+        if self._expires and queue in self._expires:
+            client.pexpire(self.wake_key(queue), self._expires[queue])
 
     # -- publishing and restoring: each message gets its wake-up token ---------------------------
     def _put(self, queue, message, **kwargs):
@@ -243,6 +297,16 @@ class Channel(kombu_redis.Channel):
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         for queue in self._lookup(exchange, routing_key):
             pipe.lpush(self.wake_key(queue), 1)
+
+
+def _once(connection, *command):
+    """One command on one connection, with no retry; a connection error drops the connection."""
+    try:
+        connection.send_command(*command)
+        return connection.read_response()
+    except (kombu_redis.redis.exceptions.ConnectionError, kombu_redis.redis.exceptions.TimeoutError):
+        connection.disconnect()
+        raise
 
 
 def _fault_pause() -> None:
@@ -303,6 +367,9 @@ def messages_naming(client, key_prefix: str, texts: set[str], limit: int) -> set
         pipe.hlen(unacked)
         if sum(pipe.execute()) > limit:
             return None
+    # One snapshot (MULTI): a sweep moving a task from unacked back to its queue between two
+    # reads would hide it from both.
+    with client.pipeline(transaction=True) as pipe:
         for name in lists:
             pipe.lrange(name, 0, -1)
         pipe.hvals(unacked)

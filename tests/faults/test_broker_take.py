@@ -19,6 +19,7 @@ import pytest
 from conftest import wait_for
 
 import job_queue
+import redis_broker
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,8 @@ CELERY = str(Path(sys.executable).parent / "celery")
 
 
 def _kill_in_the_window(make_stack, kills: int, stock: bool, per_kill: int = 5) -> dict:
-    """Send tasks, kill `kills` workers each inside the window, drain with a last worker; count."""
+    """Send tasks, kill `kills` workers each inside the window while a worker never killed competes
+    for every message (tokens taken by one and messages by the other), drain; count."""
     stack = make_stack(VISIBILITY_TIMEOUT="2", PROBE_STOCK_TAKE="1" if stock else "0")
     client = stack.app.extensions["redis"]
     done_key = f"{stack.settings.key_prefix}:probe:done"
@@ -48,7 +50,8 @@ def _kill_in_the_window(make_stack, kills: int, stock: bool, per_kill: int = 5) 
         return stack._spawn(name, command)
 
     stack.env["PYTHONPATH"] = str(HERE)  # workers start in the repository's root; the probe app lives here
-    send(40)
+    send(100)
+    worker("survivor", "0.5")
     for kill in range(kills):
         process = worker(f"killed{kill}", "0.5")
         log = stack.processes[f"killed{kill}"][1]
@@ -63,16 +66,20 @@ def _kill_in_the_window(make_stack, kills: int, stock: bool, per_kill: int = 5) 
         send(per_kill)  # tasks keep arriving between the kills
 
     worker("drain", "0")
-    prefix = f"{stack.settings.key_prefix}:celery:"
+    lists = redis_broker.priority_lists(stack.settings.key_prefix)
+    unacked = redis_broker.broker_prefix(stack.settings.key_prefix) + "unacked"
 
     def settled() -> bool:
-        queued = sum(client.llen(f"{prefix}celery{'' if p == 0 else f':{p}'}") for p in range(10))
-        return queued == 0 and client.hlen(f"{prefix}unacked") == 0 and client.scard(done_key) > 0
+        queued = sum(client.llen(name) for name in lists)
+        return queued == 0 and client.hlen(unacked) == 0 and client.scard(done_key) > 0
 
-    if stock:
-        wait_for(settled, 90, message="the queues and the unacked index empty")
-    else:
-        wait_for(lambda: client.scard(done_key) == sent, 90, message=f"all {sent} tasks run")
+    try:
+        if stock:
+            wait_for(settled, 90, message="the queues and the unacked index empty")
+        else:
+            wait_for(lambda: client.scard(done_key) == sent, 90, message=f"all {sent} tasks run")
+    finally:
+        celery.close()
     return {"sent": sent, "ran": client.scard(done_key), "lost": sent - client.scard(done_key)}
 
 

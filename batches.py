@@ -22,7 +22,10 @@ redelivery takes) counted from its last sign of work (the item's start, the late
 recorded: a source goes `running` when its call really starts, again when a redelivered task
 reruns it; or a waiting call's due time), and no task of it is left to run (queued, taken by a
 worker and not acknowledged, or deferred).  It then settles `failed` (`partial` if some source
-gave data) with a reason saying so, each source that never answered shown as an `error`.
+gave data) with a reason saying so, each source that never answered shown as an `error`; but a
+lookup none of whose sources ever started is not lost, only never sent (Redis lost inside a step,
+between writing its record and sending its task; the item, started again, joins that record):
+its task is sent again and the item waits for it.
 
 Redis, under `{prefix}:batch:<id>` (all expiring after BATCH_RETENTION):
 - the hash itself: status (running|complete|cancelled), times, totals, counts `n:<state>`, and
@@ -633,18 +636,36 @@ class BatchStore:
 
     def _settle_lost(self, batch_id: str, overdue: dict[str, tuple[Lookup, float]], now: float) -> None:
         """Of the items whose lookups did nothing for `item_limit`, settle those no task of which is
-        left to run (`_owed` names the rest: they wait, as for a task the broker still owes)."""
+        left to run (`_owed` names the rest: they wait, as for a task the broker still owes).
+
+        A lookup none of whose sources ever started is not lost but never sent: its record was
+        written and its task was not (Redis lost inside a step, between the two; the step after
+        starts the item again and it joins that record, its single flight).  Its deadline sends it
+        again only with every queue empty, which a batch's backlog never is; here no message for
+        it is left, so it is sent again and the item waits for it."""
         owed = self._owed({lookup.work_id for lookup, _ in overdue.values()})
+        store = extension("lookups")
         for key, (lookup, since) in overdue.items():
             if lookup.work_id in owed:
                 continue
             if lookup.done == len(lookup.sources):
                 # Every source settled but the finalize was lost with its worker: finish it here.
                 pipeline.finalize(lookup.work_id)
-                finished = extension("lookups").get(lookup.id)
+                finished = store.get(lookup.id)
                 if finished is not None and finished.status == LookupStatus.COMPLETE:
                     self._settle_item(batch_id, key, batch_rows.summary_of(finished, True))
                     continue
+            work = store.get(lookup.work_id) if lookup.shared_id else lookup  # the record: its call ids
+            if work is not None and pipeline.never_started(work):
+                log.warning(
+                    "batch %s: the lookup %s of an item never started and no task of it is left; "
+                    "sending its task again",
+                    batch_id,
+                    work.id,
+                    extra={"batch_id": batch_id, "lookup_id": work.id},
+                )
+                pipeline.send_again(work)
+                continue
             log.warning(
                 "batch %s: the lookup %s of an item did nothing for %.0f s and has no task left; "
                 "the item settles without it",

@@ -649,10 +649,11 @@ def _resend_if_lost(lookup: Lookup) -> None:
     between the two, or a send that failed, leaves a lookup that every later request would join
     and that would stay `partial` with every source `pending` for good.  "Provably": every priority
     queue is empty and no unacknowledged message names the lookup.  A backlog is left alone: its
-    tasks are still queued, and a second send of each would double it.
+    tasks are still queued, and a second send of each would double it.  (A batch item's lookup
+    left so is sent again by the batch's step, which reads the messages for it: see
+    batches.BatchStore._settle_lost.)
     """
-    unsettled = [name for name, result in lookup.sources.items() if not result.settled]
-    if not unsettled or any(lookup.sources[name].state != SourceState.PENDING for name in unsettled):
+    if not never_started(lookup):
         return
     if any(maintenance.queue_depths().values()):
         return
@@ -663,6 +664,22 @@ def _resend_if_lost(lookup: Lookup) -> None:
         lookup.id,
         extra={"lookup_id": lookup.id},
     )
+    send_again(lookup)
+
+
+def never_started(lookup: Lookup) -> bool:
+    """Whether a lookup has sources left to settle and none of them ever started (all `pending`):
+    its task never ran."""
+    unsettled = [result for result in lookup.sources.values() if not result.settled]
+    return bool(unsettled) and all(result.state == SourceState.PENDING for result in unsettled)
+
+
+def send_again(lookup: Lookup) -> None:
+    """Send the lookup task of a lookup record (not an alias: its call ids are the record's) again
+    for its unsettled sources.  The caller has made sure that no message for it is left anywhere:
+    `_resend_if_lost` at its deadline, a batch's step for an item's lookup that never started
+    (batches.BatchStore._settle_lost)."""
+    unsettled = [name for name, result in lookup.sources.items() if not result.settled]
     send_task(
         LOOKUP_TASK,
         [

@@ -18,7 +18,7 @@ import batch_rows
 import maintenance
 import redis_broker
 from app import close_app, create_app
-from embedded_redis import free_port
+from embedded_redis import EmbeddedRedis, free_port
 from settings import Settings
 
 
@@ -137,6 +137,125 @@ def test_after_a_worker_is_killed_mid_batch_every_row_equals_its_lookup(make_sta
     assert time.monotonic() - began < 75
 
 
+LOST = "its lookup's work was lost"
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own (appendonly, as `make run`'s), which it may kill and start again."""
+    server = EmbeddedRedis(free_port(), tmp_path / "redis", appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _answer(stack, path: str, **kwargs) -> requests.Response | None:
+    """GET `path`, None while Redis is not back (503) or the web process does not answer."""
+    try:
+        response = stack.get(path, **kwargs)
+    except requests.RequestException:
+        return None
+    return None if response.status_code == 503 else response
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_after_redis_is_killed_mid_batch_every_row_equals_its_lookup(
+    own_redis, sandbox_url, sandbox, tmp_path
+):
+    """Issue 15, its Redis variant: SIGKILL the Redis (appendonly) mid-batch and start it again on
+    the same port and data.  Every row then shows its lookup's final state and sources; only an item
+    whose lookup's work Redis really lost (the last writes before the kill: a task, a record) may
+    settle otherwise, `failed` or `partial` saying its work was lost, and its lookup never completes
+    after all.  No row shows a source `running` with no error, and the batch finishes (`finished_at`)
+    only once its rows stop changing."""
+    from stack import Stack
+
+    began = time.monotonic()
+    stack = Stack(own_redis.url, sandbox_url, tmp_path / "stack", **BATCH_ENV, **SCALED_TIMEOUTS)
+    stack.tmp.mkdir()
+    try:
+        stack.start_worker("w1")
+        stack.start_web()
+        for name in ("viacep", "brasilapi", "opencnpj", "receitaws"):
+            sandbox.control(name, latency_ms=300)
+        identifiers = sandbox.identifiers("cep", 200, seed=161) + sandbox.identifiers("cnpj", 100, seed=162)
+        created = requests.post(f"{stack.web_url}/api/batches", json={"identifiers": identifiers}, timeout=10)
+        batch_id = created.json()["id"]
+        wait_for(
+            lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 60, 30, 0.05, "60 items done"
+        )
+        # Killed between two steps, as the worker in the test above: a step cut off holding the
+        # batch's lock stalls the batch for the lock's 30 s, which is not scaled down.
+        store = stack.app.extensions["batches"]
+        client, lock = stack.app.extensions["redis"], store.key(batch_id, "step")
+        wait_for(lambda: not client.exists(lock), 5, 0.001, "a moment between two steps")
+        in_flight = int(client.hget(store.key(batch_id), "n:running"))
+        own_redis.kill()
+        killed_at = time.monotonic()
+        time.sleep(3)  # Redis down: the workers' calls and steps fail meanwhile
+        own_redis.start()
+        restarted_in = time.monotonic() - killed_at
+
+        def finished():
+            response = _answer(stack, f"/api/batches/{batch_id}")
+            body = response.json() if response is not None else {}
+            return body if body.get("finished_at") else None
+
+        body = wait_for(finished, 60, 0.2, f"batch {batch_id} to finish")
+        finished_in = time.monotonic() - killed_at
+        rows = _rows(stack, batch_id)
+
+        def lookup_of(lookup_id: str) -> dict | None:
+            response = stack.get(f"/api/lookups/{lookup_id}")
+            return response.json() if response.status_code == 200 else None  # 404: Redis lost its record
+
+        lookups = {row["lookup_id"]: lookup_of(row["lookup_id"]) for row in rows if row["lookup_id"]}
+        unfinished = {i for i, lookup in lookups.items() if lookup and lookup["status"] != "complete"}
+        if unfinished:
+            # A lookup not complete when the batch finished had its work lost for good: nothing of it
+            # is left to run.  Were something left after all, it would complete by then.
+            limit = store.item_limit
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline and any(
+                (lookup_of(i) or {}).get("status") != "complete" for i in unfinished
+            ):
+                time.sleep(0.5)
+            lookups.update({i: lookup_of(i) for i in unfinished})
+
+        def wrong(row: dict) -> str | None:
+            lookup = lookups.get(row["lookup_id"]) if row["lookup_id"] else None
+            if lookup is not None and lookup["status"] == "complete":
+                return _row_differs(row, lookup)
+            # Its lookup's work was lost for good (or its record with it).
+            settled = row["state"] in ("failed", "partial") and LOST in (row["error"] or "")
+            unanswered = {"running", "pending"} & set(row["sources"].values())
+            if settled and not unanswered:
+                return None
+            status = lookup["status"] if lookup else "gone"
+            return f"row {row['state']} {row['sources']} {row['error']!r} but lookup {status}"
+
+        differ = {row["line"]: why for row in rows if (why := wrong(row))}
+        lost = [row for row in rows if LOST in (row["error"] or "")]
+        silent = [row for row in rows if "running" in row["sources"].values() and not row["error"]]
+        report = (
+            f"{len(differ)} of {len(rows)} rows wrong, {len(lost)} lost for good, {len(silent)} with a source "
+            f"running and no error ({in_flight} items in flight at the kill; Redis back in {restarted_in:.1f} s, "
+            f"the batch finished {finished_in:.1f} s after the kill); e.g. {list(differ.items())[:2]}"
+        )
+        print(f"\n{report}; {time.monotonic() - began:.1f} s")
+        assert body["status"] == "complete" and body["counts"]["running"] == body["counts"]["pending"] == 0
+        assert sum(body["counts"].values()) == len(identifiers), body["counts"]  # each item counted once
+        assert len(rows) == len(identifiers)
+        assert in_flight > 0, "nothing was in flight at the kill: the test shows nothing"
+        assert not differ and not silent, report
+        assert _rows(stack, batch_id) == rows  # nothing changed after the batch finished
+        assert stack.get(f"/api/batches/{batch_id}").json()["finished_at"] == body["finished_at"]
+        assert time.monotonic() - began < 75
+    finally:
+        stack.stop()
+
+
 def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_none_is(make_app, sandbox):
     """No worker: the test plays the broker's part.  Two items whose sources were left `running` long
     ago (a worker killed mid-call): the one whose task a dead worker still holds unacknowledged waits
@@ -178,6 +297,76 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
         assert client.hlen(running_key) == 0 and store._finish_if_done(batch_id)
         assert store.status(batch_id)["counts"]["failed"] == 2
         assert client.zcard(store.inflight_key) == 0
+
+
+def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of_settling_lost(
+    make_app, sandbox, monkeypatch
+):
+    """No worker: the test plays the broker's part.  Redis killed inside a step, between writing an
+    item's lookup record (with its single-flight claim and deadline) and sending its task: the step
+    after the restart starts the item again, and it joins that lookup, which never runs (at its
+    deadline it is sent again only while every queue is empty, and a batch keeps a backlog).  Once
+    nothing happened to it for `item_limit` and no task of it is left, its task is sent again
+    rather than the item given up as lost: the lookup then completes and the item settles from it."""
+    from kombu.exceptions import OperationalError
+
+    import pipeline
+    from identifiers import parse
+    from lookups import SourceResult, SourceState
+
+    app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
+    client = app.extensions["redis"]
+    with app.app_context():
+        store, lookups = app.extensions["batches"], app.extensions["lookups"]
+        cep, other = sandbox.identifiers("cep", 2, seed=171)
+        batch_id = store.create(batch_input.parse_json([cep], 10))["id"]
+        pipeline.start_lookup(parse(other), pipeline.BATCH_PRIORITY)  # another item's task: a backlog
+
+        def redis_gone(*args, **kwargs):
+            raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        monkeypatch.setattr(pipeline, "send_task", redis_gone)
+        with pytest.raises(OperationalError):
+            store._start_items(batch_id)  # the record is written, its task is not sent
+        monkeypatch.undo()
+        running_key = store.key(batch_id, "running")
+        ((key, entry),) = client.hgetall(running_key).items()
+        assert entry.startswith(b"|")  # claimed, not started
+        orphan_id = client.get(lookups.inflight_key("cep", parse(cep).value)).decode()
+        queues = redis_broker.priority_lists(app.extensions["settings"].key_prefix)
+
+        def queued_naming(lookup_id: str) -> list[dict]:
+            messages = [orjson.loads(raw) for queue in queues for raw in client.lrange(queue, 0, -1)]
+            return [message for message in messages if redis_broker.mentions(message, lookup_id)]
+
+        assert not queued_naming(orphan_id)
+        # Its deadline: `partial`, and not sent again (a queue holds something).
+        client.delete(app.extensions["deferred"].key)  # taken by the dispatcher
+        assert pipeline.finalize(orphan_id, at_deadline=True) == "partial"
+        assert not queued_naming(orphan_id)
+
+        store._collect(batch_id)  # the item starts again: it joins the lookup that never ran
+        lookup_id, _, shared_id = client.hget(running_key, key).decode().split("|")
+        assert shared_id == orphan_id and lookup_id != orphan_id
+        client.hset(running_key, key, f"{lookup_id}|{time.time() - 10}|{shared_id}")  # long ago
+
+        store._collect(batch_id)
+        assert client.hexists(running_key, key), "the item settled as lost though its lookup never ran"
+        (message,) = queued_naming(orphan_id)  # its task, sent again
+        assert message["headers"]["task"] == pipeline.LOOKUP_TASK
+        store._collect(batch_id)
+        assert len(queued_naming(orphan_id)) == 1  # sent once: now a task of it is owed
+
+        orphan = lookups.get(orphan_id)
+        args, _, _ = orjson.loads(redis_broker.message_text(message))
+        assert args == [orphan_id, "cep", orphan.identifier, pipeline.BATCH_PRIORITY, orphan.tasks]
+        for name in orphan.sources:  # the worker's part: the sources answer
+            lookups.set_source(orphan_id, SourceResult(name, SourceState.NOT_FOUND, updated_at=time.time()))
+        assert pipeline.finalize(orphan_id) == "complete"
+        store._collect(batch_id)
+        (row,) = store.rows(batch_id)
+        assert row["lookup_id"] == lookup_id and row["state"] == "not_found", row
+        assert _row_differs(row, orjson.loads(orjson.dumps(lookups.get(lookup_id).to_dict()))) is None
 
 
 def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox):

@@ -76,11 +76,14 @@ COUNT_FIELDS = tuple(f"n:{state}" for state in ITEM_STATES)  # the batch hash's 
 SETTLED_STATES = ("found", "not_found", "partial", "failed", "cancelled")
 CACHE_READ_CHUNK = 200  # identifiers whose cache entries are read in one round trip at creation
 ROWS_CHUNK = 500  # input lines read per round trip while results stream out
-STEP_LOCK_SECONDS = 30
+# One step at a time per batch: a step takes milliseconds, and two that overlap once its lock
+# lapses change counts only through the Lua scripts, so a step cut off by a lost worker or Redis
+# (its lock left behind) holds the batch up for this long at most.
+STEP_LOCK_SECONDS = 5
+LOST_CHECK_SECONDS = 5.0  # how often a step may read the broker for an overdue item's tasks (`_owed`)
 MAX_REASON_LENGTH = 200  # what is kept of why a line could not be read
 SUMMARY_BYTES = 400  # reserved per queued item for the summary it gets (state, main fields, sources)
 STALL_SECONDS = 10.0  # a running batch with no step for this long gets one (a lost worker took it)
-BROKER_SCAN_MAX = 10_000  # tasks read at most to tell whether a lost-looking lookup still has one
 
 # KEYS: batch hash, queue, running, inflight.  ARGV: cluster-wide cap, now, batch id, drop members
 # no step has seen in flight since this (their batch is gone), ttl.  Moves up to (cap - in flight)
@@ -631,7 +634,10 @@ class BatchStore:
                 since = _last_sign_of_work(lookup, float(started or now)) if lookup else now
                 if lookup is not None and now - since > limit:
                     overdue[key] = (lookup, since)
-        if overdue:
+        # Reading the broker for their tasks costs up to redis_broker.SCAN_MAX messages: once in a while.
+        if overdue and self.redis.set(
+            self.key(batch_id, "lost-check"), 1, nx=True, px=int(LOST_CHECK_SECONDS * 1000)
+        ):
             self._settle_lost(batch_id, overdue, now)
 
     def _settle_lost(self, batch_id: str, overdue: dict[str, tuple[Lookup, float]], now: float) -> None:
@@ -680,12 +686,14 @@ class BatchStore:
         """Those of `work_ids` (lookup records) that some task still names: queued on the broker,
         taken by a worker and not acknowledged (running, or lost with its worker and owed a
         redelivery), or waiting in the deferred set.  All of them when there are more than
-        BROKER_SCAN_MAX such tasks to read (a backlog: theirs may be among them)."""
-        named = redis_broker.messages_naming(self.redis, self.settings.key_prefix, work_ids, BROKER_SCAN_MAX)
+        redis_broker.SCAN_MAX such tasks to read (a backlog: theirs may be among them)."""
+        named = redis_broker.messages_naming(
+            self.redis, self.settings.key_prefix, work_ids, redis_broker.SCAN_MAX
+        )
         if named is None:
             return set(work_ids)
         deferred = extension("deferred").key  # its members are plain JSON: [call id, task, args, options]
-        if self.redis.zcard(deferred) > BROKER_SCAN_MAX:
+        if self.redis.zcard(deferred) > redis_broker.SCAN_MAX:
             return set(work_ids)
         for raw in self.redis.zrange(deferred, 0, -1):
             text = raw.decode(errors="replace")
@@ -775,7 +783,7 @@ class BatchStore:
                 return removed
             for batch_id in ids:
                 self.storage.release(batch_id)
-                parts = ("", "lines", "queue", "running", "items", "step", "kicked")
+                parts = ("", "lines", "queue", "running", "items", "step", "kicked", "lost-check")
                 self.redis.unlink(
                     *self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id))
                 )

@@ -20,7 +20,6 @@ import cpf_answers
 import cross_checks
 import log_redaction
 import log_setup
-import maintenance
 import metrics
 import redis_broker
 from cache_manager import CacheEntry
@@ -647,17 +646,16 @@ def _resend_if_lost(lookup: Lookup) -> None:
     one step), but a task can still be lost before it reaches the broker: `start_lookup` writes
     the record (and its single-flight claim) and then sends the task, so a web process killed
     between the two, or a send that failed, leaves a lookup that every later request would join
-    and that would stay `partial` with every source `pending` for good.  "Provably": every priority
-    queue is empty and no unacknowledged message names the lookup.  A backlog is left alone: its
-    tasks are still queued, and a second send of each would double it.  (A batch item's lookup
-    left so is sent again by the batch's step, which reads the messages for it: see
-    batches.BatchStore._settle_lost.)
+    and that would stay `partial` with every source `pending` for good.  "Provably": no message
+    queued or taken by a worker and not acknowledged names it (redis_broker.messages_naming); a
+    backlog of more than redis_broker.SCAN_MAX messages is left alone (it is not read at every deadline,
+    and a message for it may be among them).  A batch item's lookup is sent again the same way by
+    its batch's step (batches.BatchStore._settle_lost).
     """
     if not never_started(lookup):
         return
-    if any(maintenance.queue_depths().values()):
-        return
-    if redis_broker.unacked_mention(extension("redis"), extension("settings").key_prefix, lookup.id):
+    named = redis_broker.messages_naming(extension("redis"), extension("settings").key_prefix, {lookup.id})
+    if named is None or lookup.id in named:
         return
     log.warning(
         "lookup %s: no source started by its deadline and no message for it on the broker; sending its task again",

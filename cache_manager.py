@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 import redis
-from flask import current_app
 
 import metrics
 import redis_store
@@ -353,7 +352,3 @@ def init_app(app) -> None:
         near if settings.near_cache_size else None,
         app.extensions.get("flags"),
     )
-
-
-def get_cache() -> Cache:
-    return current_app.extensions["cache"]

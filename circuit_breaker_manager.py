@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import pybreaker
 import redis
-from flask import current_app
 
 import metrics
 import redis_store
@@ -402,20 +401,6 @@ class BreakerManager:
             return func(*args, **kwargs)
         return self.breaker(source_name).call(func, *args, **kwargs)
 
-    def call_with_fallback(
-        self,
-        source_name: str,
-        func: Callable[..., T],
-        fallback: Callable[[BreakerOpen], T],
-        *args: Any,
-        **kwargs: Any,
-    ) -> T:
-        """Like call, but returns fallback(error) while the breaker is open."""
-        try:
-            return self.call(source_name, func, *args, **kwargs)
-        except BreakerOpen as error:
-            return fallback(error)
-
     def status(self, source_name: str) -> BreakerStatus:
         """The source's breaker state as stored in Redis."""
         return self.breaker(source_name).status()
@@ -438,8 +423,3 @@ def init_app(app: Any) -> None:
     app.extensions["breakers"] = BreakerManager(
         app.extensions["redis"], app.extensions["settings"], app.extensions.get("flags")
     )
-
-
-def get_breakers() -> BreakerManager:
-    """The current app's BreakerManager."""
-    return current_app.extensions["breakers"]

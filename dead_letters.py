@@ -8,7 +8,6 @@ import uuid
 
 import orjson
 import redis
-from flask import current_app
 
 import metrics
 import redis_store
@@ -126,7 +125,3 @@ def requeue(entry_id: str) -> dict | None:
 
 def init_app(app) -> None:
     app.extensions["dead_letters"] = DeadLetters(app.extensions["redis"], app.extensions["settings"])
-
-
-def get_dead_letters() -> DeadLetters:
-    return current_app.extensions["dead_letters"]

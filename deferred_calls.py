@@ -96,10 +96,6 @@ class DeferredCalls:
     def pending(self) -> int:
         return int(self.redis.zcard(self.key))
 
-    def next_due(self) -> float | None:
-        first = self.redis.zrange(self.key, 0, 0, withscores=True)
-        return first[0][1] if first else None
-
 
 class Dispatcher(threading.Thread):
     """Background thread that sends due deferred calls with `send(task, args, options)`."""

@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 import redis
-from flask import current_app
 
 import redis_store
 import status_history
@@ -657,7 +656,3 @@ class LookupStore:
 
 def init_app(app) -> None:
     app.extensions["lookups"] = LookupStore(app.extensions["redis"], app.extensions["settings"])
-
-
-def get_lookups() -> LookupStore:
-    return current_app.extensions["lookups"]

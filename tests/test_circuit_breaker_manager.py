@@ -295,18 +295,13 @@ def test_force_open_and_reset(settings, redis_client, caplog):
     assert messages == [f"breaker {SOURCE}: closed -> open", f"breaker {SOURCE}: open -> closed"]
 
 
-def test_call_with_fallback_returns_the_fallback_while_open(settings, redis_client):
+def test_an_open_breaker_refuses_calls_with_an_error_naming_its_source(settings, redis_client):
     manager = BreakerManager(redis_client, settings)
-    errors = []
-
-    def fallback(error: BreakerOpen) -> str:
-        errors.append(error)
-        return "stale"
-
-    assert manager.call_with_fallback(SOURCE, lambda: "live", fallback) == "live"
+    assert manager.call(SOURCE, lambda: "live") == "live"
     manager.force_open(SOURCE)
-    assert manager.call_with_fallback(SOURCE, lambda: "live", fallback) == "stale"
-    assert [(type(error), error.source) for error in errors] == [(BreakerOpen, SOURCE)]
+    with pytest.raises(BreakerOpen) as refused:
+        manager.call(SOURCE, lambda: "live")
+    assert refused.value.source == SOURCE
 
 
 def test_success_threshold_two_needs_two_probe_successes(settings, redis_client):

@@ -84,6 +84,20 @@ def _drain(generator, count):
     return [next(generator) for _ in range(count)]
 
 
+def test_the_flask_sse_api_publishes_to_a_stream_and_reads_it_back(app):
+    """`sse.publish` and `sse.messages`: flask-sse's blueprint API, which the README documents, over
+    the lookup logs; an event published through it reaches a stream, which ends at `complete`."""
+    from sse_streaming import sse
+
+    with app.app_context():
+        first = sse.publish({"state": "ok"}, type="source", channel="L-api")
+        sse.publish("done", type="complete", channel="L-api")
+        received = list(sse.messages(channel="L-api"))
+    assert [(m.type, m.id) for m in received][0] == ("source", first)
+    assert [m.type for m in received] == ["source", "complete"]
+    assert '"state":"ok"' in received[0].data and '"data":"done"' in received[1].data
+
+
 def test_follow_replays_then_goes_live_without_duplicates(events):
     listener = Listener("L3")
     first = events.publish("L3", "source", {"n": 1})

@@ -12,8 +12,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
@@ -30,7 +31,7 @@ messages: $(VENV)/.runtime
 
 ## run: install into .venv and run Redis, sandbox, web, worker and beat in the foreground
 run: $(VENV)/.runtime $(CATALOG).mo
-	$(BIN)/python launcher.py
+	$(BIN)/python -m devstack.launcher
 
 ## test: install into .venv and run the whole suite against private Redis servers
 test: $(VENV)/.dev $(CATALOG).mo browser promtool
@@ -77,6 +78,7 @@ promtool:
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

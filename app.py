@@ -11,36 +11,33 @@ from flask import Blueprint, Flask, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 
-import admin
-import api_errors
-import batch_api
-import batches
 import cache_manager
 import circuit_breaker_manager
-import cli
-import client_limits
-import dead_letters
-import feature_flags
 import job_queue
-import log_redaction
-import log_setup
-import lookups
-import maintenance
-import metrics
-import openapi
-import origin_check
-import pages
-import pipeline
-import redis_store
 import sse_streaming
-import status_history
-from api_errors import ApiError, json_response
-from deferred_calls import DeferredCalls
-from extensions import extension
-from identifiers import InvalidIdentifier, parse
-from rate_limiter import RateLimiter
-from settings import Settings, parse_allowed_hosts
-from sources import build_sources
+from enrich import (
+    api_errors,
+    cli,
+    dead_letters,
+    feature_flags,
+    log_redaction,
+    log_setup,
+    lookups,
+    maintenance,
+    metrics,
+    pipeline,
+    redis_store,
+    status_history,
+)
+from enrich.api_errors import ApiError, json_response
+from enrich.batches import store as batches
+from enrich.deferred_calls import DeferredCalls
+from enrich.extensions import extension
+from enrich.identifiers import InvalidIdentifier, parse
+from enrich.rate_limiter import RateLimiter
+from enrich.settings import Settings, parse_allowed_hosts
+from enrich.sources import build_sources
+from enrich.web import admin, batch_api, client_limits, openapi, origin_check, pages
 
 api = Blueprint("api", __name__)
 log = logging.getLogger("api")

@@ -20,11 +20,10 @@ from typing import Any
 import orjson
 import redis
 
-import metrics
-import redis_store
-from feature_flags import FeatureFlags
-from near_cache import FLUSH, NearCache
-from settings import Settings
+from enrich import metrics, redis_store
+from enrich.feature_flags import FeatureFlags
+from enrich.near_cache import FLUSH, NearCache
+from enrich.settings import Settings
 
 log = logging.getLogger("cache")
 

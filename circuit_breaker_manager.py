@@ -12,11 +12,10 @@ from typing import Any, TypeVar
 import pybreaker
 import redis
 
-import metrics
-import redis_store
-from feature_flags import FeatureFlags
-from settings import Settings, SourceSettings
-from sources import NotFound, SourceError, TransientError, UpstreamRejected
+from enrich import metrics, redis_store
+from enrich.feature_flags import FeatureFlags
+from enrich.settings import Settings, SourceSettings
+from enrich.sources import NotFound, SourceError, TransientError, UpstreamRejected
 
 logger = logging.getLogger("breakers")
 T = TypeVar("T")

@@ -16,13 +16,9 @@ workers, bind below): everything else here starts with an underscore.
 from __future__ import annotations
 
 import os as _os
-import sys as _sys
 
-# The project's modules, wherever gunicorn was started from (--chdir), as job_queue.py does for celery.
-_sys.path.insert(0, _os.path.dirname(_os.path.abspath(__file__)))
-
-import log_setup as _log_setup  # noqa: E402
-from settings import Settings as _Settings  # noqa: E402
+from enrich import log_setup as _log_setup
+from enrich.settings import Settings as _Settings
 
 _settings = _Settings.from_env()
 

@@ -10,38 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
-import sys
 import threading
 import time
 from datetime import UTC, datetime
 
-# `celery -A job_queue` puts the working directory on sys.path only while it imports this
-# module (and removes that entry afterwards); add our own entry so the project's flat modules
-# stay importable, lazily imported ones included.
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-
-from celery import Celery, Task, shared_task  # noqa: E402
-from celery.result import AsyncResult  # noqa: E402
-from celery.signals import (  # noqa: E402
+from celery import Celery, Task, shared_task
+from celery.result import AsyncResult
+from celery.signals import (
     beat_init,
     task_postrun,
     task_prerun,
     worker_ready,
     worker_shutdown,
 )
-from flask import Flask, current_app  # noqa: E402
+from flask import Flask, current_app
 
-import log_setup  # noqa: E402
-import maintenance  # noqa: E402
-import metrics  # noqa: E402
-import pipeline  # noqa: E402
-import redis_broker  # noqa: E402
-import status_history  # noqa: E402
-from deferred_calls import DeferredCalls, Dispatcher  # noqa: E402
-from lookups import LookupStore, SourceState  # noqa: E402
-from settings import Settings  # noqa: E402
+from enrich import log_setup, maintenance, metrics, pipeline, redis_broker, status_history
+from enrich.deferred_calls import DeferredCalls, Dispatcher
+from enrich.lookups import LookupStore, SourceState
+from enrich.settings import Settings
 
 log = logging.getLogger("job_queue")
 redis_broker.install()  # kombu's Redis transport, fixed to survive a lost broker with tasks running

@@ -34,12 +34,11 @@ import redis
 from flask import Response, current_app, request
 from flask_sse import Message, ServerSentEventsBlueprint
 
-import metrics
-import redis_store
-from api_errors import ApiError
-from extensions import extension
-from lookups import Lookup, alias_head
-from settings import Settings
+from enrich import metrics, redis_store
+from enrich.api_errors import ApiError
+from enrich.extensions import extension
+from enrich.lookups import Lookup, alias_head
+from enrich.settings import Settings
 
 log = logging.getLogger("events")
 

@@ -27,8 +27,8 @@ import harness  # noqa: E402
 from harness import Processes, fmt, log, wait_for  # noqa: E402
 from stack import Stack  # noqa: E402
 
-import launcher  # noqa: E402
-from embedded_redis import free_port  # noqa: E402
+from devstack import launcher  # noqa: E402
+from devstack.embedded_redis import free_port  # noqa: E402
 
 NAME = "backlog"
 GOAL_PEAK_MEMORY = 2**30

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import batch_input  # noqa: E402
-from app import close_app, create_app  # noqa: E402
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+from app import close_app, create_app
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich.batches import input as batch_input
+from enrich.settings import Settings
 
 ROWS = 10_000
 

@@ -41,8 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from sandbox_fixture import GENERATORS  # noqa: E402
 from throughput import cpu_seconds  # noqa: E402
 
-from embedded_redis import free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+from devstack.embedded_redis import free_port  # noqa: E402
+from enrich.settings import Settings  # noqa: E402
 
 NAME = "batch_interference"
 LATENCY_MS, JITTER_MS = 100, 50

@@ -17,17 +17,14 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.transport import redis as kombu_redis
 
-from kombu import Connection, Consumer, Exchange, Producer, Queue  # noqa: E402
-from kombu.transport import redis as kombu_redis  # noqa: E402
-
-import job_queue  # noqa: E402
-import redis_broker  # noqa: E402
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+import job_queue
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich import redis_broker
+from enrich.settings import Settings
 
 MESSAGES = 5_000
 

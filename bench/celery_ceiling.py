@@ -27,7 +27,7 @@ import harness  # noqa: E402
 from harness import BIN, ROOT, Processes, cell, fmt, log, spread, wait_for  # noqa: E402
 
 import job_queue  # noqa: E402
-from settings import Settings  # noqa: E402
+from enrich.settings import Settings  # noqa: E402
 
 NAME = "celery_ceiling"
 TASK = "bench.noop"

@@ -23,9 +23,9 @@ from pathlib import Path
 import requests
 from harness import BIN, NO_LIMITS, NO_QUOTAS, ROOT, Processes, start_redis, wait_for
 
-import launcher
-from embedded_redis import free_port
-from settings import Settings
+from devstack import launcher
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
 
 
 @dataclass

@@ -29,8 +29,8 @@ for entry in (str(ROOT / "tests"), str(ROOT)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from identifiers import cnpj_check_digits  # noqa: E402
+from devstack.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from enrich.identifiers import cnpj_check_digits  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -120,7 +120,7 @@ def start_sandbox(processes: Processes, env: dict) -> str:
             f"127.0.0.1:{port}",
             "--log-level",
             "warning",
-            "sandbox:create_app()",
+            "devstack.sandbox:create_app()",
         ],
         {**os.environ, **env},
     )

@@ -34,7 +34,7 @@ import harness  # noqa: E402
 from backlog import start_service_with  # noqa: E402
 from harness import Processes, cell, fmt, log, spread  # noqa: E402
 
-import redis_store  # noqa: E402
+from enrich import redis_store  # noqa: E402
 
 NAME = "rate_fidelity"
 SOURCE = "opencnpj"

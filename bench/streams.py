@@ -35,11 +35,10 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "baselines"))
 
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+from devstack.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from enrich.settings import Settings  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -329,7 +328,7 @@ class FlaskSse:
 
 
 def random_cnpj() -> str:
-    from identifiers import cnpj_check_digits
+    from enrich.identifiers import cnpj_check_digits
 
     base = f"{random.randrange(10**7, 10**8)}{random.randrange(1, 10**4):04d}"
     return base + cnpj_check_digits(base)
@@ -342,9 +341,9 @@ def new_lookup(store) -> str:
     POST /api/lookups; the single-flight key, deadline entry and Celery messages are left out
     because no worker runs here (they would only sit in Redis).
     """
-    from identifiers import parse
-    from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
-    from sources import build_sources, sources_for
+    from enrich.identifiers import parse
+    from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+    from enrich.sources import build_sources, sources_for
 
     identifier = parse(random_cnpj(), "cnpj")
     sources = build_sources(store.settings)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent  # the project directory
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich import redis_store
+from enrich.settings import Settings
 
-import redis_store  # noqa: E402
-from embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the project directory
 
 pytest_plugins = ["sandbox_fixture", "browser_fixture"]
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import requests
 
-from embedded_redis import free_port
-from identifiers import cnpj_check_digits, cpf_check_digits
-from sandbox import is_known
+from devstack.embedded_redis import free_port
+from devstack.sandbox import is_known
+from enrich.identifiers import cnpj_check_digits, cpf_check_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -54,7 +54,7 @@ def sandbox_url(tmp_path_factory) -> Iterator[str]:
     environ = {key: value for key, value in os.environ.items() if not key.startswith("SANDBOX_")}
     command = [
         sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
-        "--graceful-timeout", "2", "--no-control-socket", "sandbox:create_app()",
+        "--graceful-timeout", "2", "--no-control-socket", "devstack.sandbox:create_app()",
     ]  # fmt: skip
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import requests
 
-from embedded_redis import free_port
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

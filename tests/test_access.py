@@ -9,10 +9,10 @@ import hmac
 import pytest
 
 from app import close_app, create_app
-from embedded_redis import free_port
-from lookups import new_lookup_id
-from pages import SECURITY_HEADERS
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich.lookups import new_lookup_id
+from enrich.settings import Settings
+from enrich.web.pages import SECURITY_HEADERS
 
 ADMIN_TOKEN = "access-admin-token"
 CNPJ = "11222333000181"

@@ -1,4 +1,4 @@
-"""The HTTP contract of DESIGN.md, in-process: Flask's test client against the session Redis.
+"""The HTTP contract (docs/architecture.md, "The HTTP contract"), in-process: Flask's test client against the session Redis.
 
 No Celery worker runs here: a 202 leaves its tasks on the broker under the test's key prefix,
 which is enough to check what was enqueued.  Every response goes through `ContractClient`,
@@ -16,12 +16,12 @@ import orjson
 import pytest
 from flask.testing import FlaskClient
 
-import maintenance
 from app import close_app, create_app
-from embedded_redis import free_port
-from identifiers import cnpj_check_digits
-from settings import Settings
-from sources import sources_for
+from devstack.embedded_redis import free_port
+from enrich import maintenance
+from enrich.identifiers import cnpj_check_digits
+from enrich.settings import Settings
+from enrich.sources import sources_for
 
 ADMIN_TOKEN = "secret"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -822,7 +822,7 @@ def test_healthz_stays_200_and_readyz_is_503_when_redis_is_down(down_client):
 def test_a_record_created_without_a_claim_reads_back(app):
     import time
 
-    from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+    from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
 
     now = time.time()
     lookup = Lookup(

@@ -14,13 +14,12 @@ from conftest import wait_for
 from sse_client import Event, read_all
 from test_batches import BATCH_ENV, fast_upstreams  # noqa: F401 - the autouse fixture applies here too
 
-import batch_input
-import batch_rows
-import maintenance
-import redis_broker
 from app import close_app, create_app
-from embedded_redis import EmbeddedRedis, free_port
-from settings import Settings
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich import maintenance, redis_broker
+from enrich.batches import input as batch_input
+from enrich.batches import rows as batch_rows
+from enrich.settings import Settings
 
 
 def _finished(stack, batch_id: str, timeout: float) -> dict:
@@ -260,7 +259,7 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
     ago (a worker killed mid-call): the one whose task a dead worker still holds unacknowledged waits
     for its redelivery; the one no task of which is left anywhere settles `failed`, saying its work
     was lost, each source an `error` with why (never `running` with no error)."""
-    from lookups import SourceResult, SourceState
+    from enrich.lookups import SourceResult, SourceState
 
     app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
     client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
@@ -310,9 +309,9 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
     rather than the item given up as lost: the lookup then completes and the item settles from it."""
     from kombu.exceptions import OperationalError
 
-    import pipeline
-    from identifiers import parse
-    from lookups import SourceResult, SourceState
+    from enrich import pipeline
+    from enrich.identifiers import parse
+    from enrich.lookups import SourceResult, SourceState
 
     app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
     client = app.extensions["redis"]
@@ -422,7 +421,7 @@ def test_a_held_batch_call_never_waits_past_batch_source_wait(make_stack, sandbo
     minute) gives up BATCH_SOURCE_WAIT after it was first held, whatever it waits for: the source
     settles `rate_limited`, the item from the others.  One paced within the wait runs after it, and
     the batch's ETA meanwhile counts the wait (it said 0 s while the item waited)."""
-    import redis_store
+    from enrich import redis_store
 
     limit = 3.0  # BATCH_SOURCE_WAIT, scaled down
     margin = 1.0  # the dispatcher's poll, the broker, a busy machine
@@ -532,8 +531,8 @@ def test_profiles_and_defaults_of_the_batch_settings(reserve):
 
 
 def test_a_person_does_not_join_a_batch_items_lookup_but_a_batch_item_joins_theirs(app, sandbox):
-    import pipeline
-    from identifiers import parse
+    from enrich import pipeline
+    from enrich.identifiers import parse
 
     first, second = (parse(value) for value in sandbox.identifiers("cep", 2, seed=131))
     with app.app_context():  # no worker: the lookups stay running

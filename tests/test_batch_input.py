@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sandbox_fixture import generated_ceps, generated_cnpjs, generated_cpfs
 
-from batch_input import BatchRejected, InvalidLine, ValidLine, decode, parse_csv, parse_json
+from enrich.batches.input import BatchRejected, InvalidLine, ValidLine, decode, parse_csv, parse_json
 
 VALID = [*generated_cnpjs(20, seed=5), *generated_ceps(20, seed=5), *generated_cpfs(20, seed=5)]
 

@@ -7,7 +7,7 @@ import io
 
 import orjson
 
-import batch_rows
+from enrich.batches import rows as batch_rows
 
 # OWASP's CSV injection triggers: a cell starting with one of them may run as a formula.
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")

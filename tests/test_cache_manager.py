@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-import redis_store
 from cache_manager import Cache
-from embedded_redis import free_port
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich import redis_store
+from enrich.settings import Settings
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pybreaker
 import pytest
 from conftest import wait_for
 
-import redis_store
 from circuit_breaker_manager import (
     BreakerManager,
     BreakerOpen,
@@ -20,9 +19,10 @@ from circuit_breaker_manager import (
     BreakerUnavailable,
     CallWithdrawn,
 )
-from embedded_redis import free_port
-from settings import Settings
-from sources import NotFound, SourceError, TransientError, UpstreamRejected
+from devstack.embedded_redis import free_port
+from enrich import redis_store
+from enrich.settings import Settings
+from enrich.sources import NotFound, SourceError, TransientError, UpstreamRejected
 
 SOURCE = "brasilapi"
 SPAWN = multiprocessing.get_context("spawn")

@@ -12,12 +12,11 @@ import time
 import pytest
 from conftest import FAST_LIMITS
 
-import maintenance
-import pipeline
 from app import close_app, create_app
-from embedded_redis import free_port
-from feature_flags import FeatureFlags
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich import maintenance, pipeline
+from enrich.feature_flags import FeatureFlags
+from enrich.settings import Settings
 
 CNPJ = "11222333000181"
 CNPJ_MASKED = "11.222.333/0001-81"

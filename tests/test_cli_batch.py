@@ -18,9 +18,9 @@ import test_batches
 from conftest import wait_for
 from test_batches import fast_upstreams  # noqa: F401 - the autouse fixture applies here too
 
-import batch_input
-import batch_rows
-from embedded_redis import free_port
+from devstack.embedded_redis import free_port
+from enrich.batches import input as batch_input
+from enrich.batches import rows as batch_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "flask"

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from app import close_app, create_app
-from embedded_redis import free_port
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
 
 INVALID = {"identifier": "not an identifier"}  # a 400 still counts: the limit is on requests
 

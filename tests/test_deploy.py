@@ -18,9 +18,9 @@ from conftest import wait_for
 from deploy_files import BIN, DEPLOY, ENV_FILE, ROOT, Host, Unit, env_file, options, procfile
 
 import job_queue
-import launcher
-from embedded_redis import free_port
-from settings import PROFILES, SOURCE_NAMES, Settings
+from devstack import launcher
+from devstack.embedded_redis import free_port
+from enrich.settings import PROFILES, SOURCE_NAMES, Settings
 
 UNITS = ("enrich-web.service", "enrich-worker@.service", "enrich-beat.service")
 PER_SOURCE = ("RATE_LIMIT_", "RATE_BURST_", "TIMEOUT_", "BREAKER_FAIL_MAX_", "BREAKER_RESET_TIMEOUT_")

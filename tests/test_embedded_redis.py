@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from embedded_redis import EmbeddedRedis, free_port
+from devstack.embedded_redis import EmbeddedRedis, free_port
 
 
 def test_restart_keeps_queued_messages(tmp_path):

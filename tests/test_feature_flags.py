@@ -8,14 +8,14 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 
-import redis_store
 from app import create_app
 from cache_manager import Cache
 from circuit_breaker_manager import BreakerManager, BreakerOpen
-from embedded_redis import free_port
-from feature_flags import FAILURE_BACKOFF, FeatureFlags, UnknownFlag
-from rate_limiter import RateLimiter
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich import redis_store
+from enrich.feature_flags import FAILURE_BACKOFF, FeatureFlags, UnknownFlag
+from enrich.rate_limiter import RateLimiter
+from enrich.settings import Settings
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from identifiers import (
+from enrich.identifiers import (
     Identifier,
     IdentifierType,
     InvalidIdentifier,

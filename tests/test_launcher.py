@@ -13,7 +13,7 @@ import requests
 from conftest import ROOT, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedded_redis import free_port
+from devstack.embedded_redis import free_port
 
 
 def _samples(url: str) -> dict:
@@ -38,7 +38,7 @@ def test_launcher_runs_every_process_and_sigterm_stops_them_all(tmp_path):
     )
     log = (tmp_path / "launcher.log").open("wb")
     launcher = subprocess.Popen(
-        [sys.executable, "launcher.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "devstack.launcher"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
 
@@ -100,7 +100,11 @@ def test_a_child_that_dies_unasked_stops_everything_and_make_run_fails(tmp_path,
         WORKER_METRICS_PORT="0",
     )
     launcher = subprocess.Popen(
-        [sys.executable, "launcher.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "devstack.launcher"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(lambda: len(psutil.Process(launcher.pid).children()) >= 5, 60, 0.2, "every child")

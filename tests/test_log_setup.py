@@ -13,13 +13,11 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 
-import call_pool
 import job_queue
-import launcher
-import log_redaction
-import log_setup
 from app import create_app
-from settings import Settings
+from devstack import launcher
+from enrich import call_pool, log_redaction, log_setup
+from enrich.settings import Settings
 
 TOKEN = "log-test-admin-token-5c1e"
 REDIS_PASSWORD = "log-test-redis-password-9d2f"

@@ -15,12 +15,12 @@ from conftest import FAST_LIMITS, ROOT, wait_for
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-import pipeline
 from app import close_app, create_app
-from embedded_redis import free_port
-from identifiers import parse
-from lookups import SourceResult, SourceState
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich import pipeline
+from enrich.identifiers import parse
+from enrich.lookups import SourceResult, SourceState
+from enrich.settings import Settings
 
 CEP_SOURCES = ("brasilapi", "viacep")
 
@@ -158,7 +158,7 @@ def test_rate_limit_waits_are_counted_per_source_and_reason(app, sandbox):
 
 
 def test_batches_are_seen_by_the_scrape_and_the_status(app, sandbox):
-    import batch_input
+    from enrich.batches import input as batch_input
 
     with app.app_context():  # no worker: the batch stays queued
         batch = app.extensions["batches"].create(

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from conftest import wait_for
 
-import redis_store
 from cache_manager import Cache
-from near_cache import NearCache
+from enrich import redis_store
+from enrich.near_cache import NearCache
 
 CNPJ = "11222333000181"
 

@@ -14,9 +14,9 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app import close_app, create_app
-from embedded_redis import free_port
-from openapi import DOCUMENT
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
+from enrich.web.openapi import DOCUMENT
 
 ADMIN_TOKEN = "openapi-admin-token"
 

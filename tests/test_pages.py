@@ -16,7 +16,7 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from flask_babel import force_locale, gettext
 
-from pages import CONTENT_SECURITY_POLICY
+from enrich.web.pages import CONTENT_SECURITY_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "translations" / "pt_BR" / "LC_MESSAGES" / "messages"

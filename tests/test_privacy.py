@@ -202,8 +202,8 @@ def test_the_cli_shows_a_cpf_masked(stack):
 
 
 def test_cleanup_purges_the_cpfs_an_earlier_version_cached_and_recorded(app, redis_client, settings):
-    import maintenance
-    from lookups import Lookup, LookupStatus, SourceResult, SourceState
+    from enrich import maintenance
+    from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState
 
     cpf, cep = generated_cpfs(1, seed=1405)[0], "01310100"
     store, cache = app.extensions["lookups"], app.extensions["cache"]

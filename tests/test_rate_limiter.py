@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-import redis_store
-from rate_limiter import RateLimiter
-from settings import Settings
+from enrich import redis_store
+from enrich.rate_limiter import RateLimiter
+from enrich.settings import Settings
 
 
 def _limiter(redis_url: str, prefix: str, rate: float, burst: int = 1, reserve: int = 0) -> RateLimiter:

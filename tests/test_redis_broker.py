@@ -6,7 +6,7 @@ import pytest
 from kombu import Connection
 
 import job_queue  # noqa: F401 - importing it installs the transport, as `celery -A job_queue` does
-import redis_broker
+from enrich import redis_broker
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ import uuid  # noqa: E402
 import redis  # noqa: E402
 from kombu import Consumer, Exchange, Producer, Queue  # noqa: E402
 
-import redis_broker  # noqa: E402,F811
+from enrich import redis_broker  # noqa: E402,F811
 
 QUEUE = Queue("celery", Exchange("celery", type="direct"), routing_key="celery")
 

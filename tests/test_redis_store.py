@@ -7,7 +7,7 @@ import fnmatch
 import requests
 from conftest import FAST_LIMITS, wait_for
 
-import redis_store
+from enrich import redis_store
 
 
 def _keys_without_ttl(client, prefix: str) -> list[str]:
@@ -20,7 +20,7 @@ def _keys_without_ttl(client, prefix: str) -> list[str]:
 
 
 def test_every_key_expires_but_the_named_few_after_lookups_a_batch_a_fault_and_cleanup(make_stack, sandbox):
-    import maintenance
+    from enrich import maintenance
 
     stack = make_stack(**FAST_LIMITS, RETRY_MAX="0", BATCH_POLL_INTERVAL="0.05")
     stack.start_worker()

@@ -12,12 +12,12 @@ import orjson
 import pytest
 import requests
 
-import sandbox as sandbox_module
-import sandbox_bodies
-from identifiers import Identifier, IdentifierType
-from sandbox import FIELD_CHECKS, FaultConfig, SandboxState, create_app, is_known
-from settings import SOURCE_NAMES, UPSTREAM_QUOTA_PER_MINUTE, Settings
-from sources import build_sources
+from devstack import sandbox as sandbox_module
+from devstack import sandbox_bodies
+from devstack.sandbox import FIELD_CHECKS, FaultConfig, SandboxState, create_app, is_known
+from enrich.identifiers import Identifier, IdentifierType
+from enrich.settings import SOURCE_NAMES, UPSTREAM_QUOTA_PER_MINUTE, Settings
+from enrich.sources import build_sources
 
 pytest_plugins = ["sandbox_fixture"]  # the sandbox and sandbox_url fixtures
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from app import close_app, create_app
-from embedded_redis import free_port
-from settings import Settings
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
 
 ADMIN_TOKEN = "s3cret-admin-token-4f9a"
 REDIS_PASSWORD = "s3cret-redis-password-77b1"

@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 
-from settings import PROFILES, UPSTREAM_QUOTA_PER_MINUTE, Settings, normalise_origin, parse_allowed_origins
+from enrich.settings import (
+    PROFILES,
+    UPSTREAM_QUOTA_PER_MINUTE,
+    Settings,
+    normalise_origin,
+    parse_allowed_origins,
+)
 
 
 def test_development_is_the_fields_own_defaults():
@@ -102,7 +108,7 @@ def test_admin_auth_limit_defaults_to_10_a_minute_and_a_malformed_one_fails_load
 
 
 def test_allowed_hosts_default_to_this_machine_and_a_malformed_one_fails_loading():
-    from settings import parse_allowed_hosts
+    from enrich.settings import parse_allowed_hosts
 
     assert parse_allowed_hosts(Settings.from_env({}).allowed_hosts) == ["localhost", "127.0.0.1"]
     assert parse_allowed_hosts(" Enrich.Example.com , .example.org ") == [

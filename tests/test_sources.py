@@ -14,12 +14,11 @@ import orjson
 import pytest
 import requests
 
-import source_adapters
-import sources
-from embedded_redis import free_port
-from identifiers import Identifier, IdentifierType
-from settings import Settings, SourceSettings
-from sources import (
+from devstack.embedded_redis import free_port
+from enrich import sources
+from enrich.identifiers import Identifier, IdentifierType
+from enrich.settings import Settings, SourceSettings
+from enrich.sources import (
     ADDRESS_KEYS,
     CEP_KEYS,
     CNAE_KEYS,
@@ -35,6 +34,7 @@ from sources import (
     build_sources,
     sources_for,
 )
+from enrich.sources import adapters as source_adapters
 
 pytest_plugins = ["sandbox_fixture"]  # the sandbox and sandbox_url fixtures
 

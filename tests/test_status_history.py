@@ -9,13 +9,13 @@ import pytest
 import redis
 from conftest import FAST_LIMITS, wait_for
 
-import status_history
 from app import close_app, create_app
-from deferred_calls import DeferredCalls
-from embedded_redis import free_port
-from lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
-from settings import Settings
-from status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
+from devstack.embedded_redis import free_port
+from enrich import status_history
+from enrich.deferred_calls import DeferredCalls
+from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from enrich.settings import Settings
+from enrich.status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
 
 CNPJ = "11222333000181"
 COMPANY = {"cnpj": CNPJ, "razao_social": "ACME LTDA", "situacao_cadastral": "ATIVA", "endereco": {}}

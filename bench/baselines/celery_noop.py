@@ -10,17 +10,11 @@ backend (the "without results" ceiling).
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import redis
 
-import redis  # noqa: E402
-
-import job_queue  # noqa: E402
-from settings import Settings  # noqa: E402
+import job_queue
+from enrich.settings import Settings
 
 TASK = "bench.noop"
 settings = Settings.from_env()

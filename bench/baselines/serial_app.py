@@ -14,11 +14,11 @@ import time
 import orjson
 from flask import Flask, Response, request
 
-import cross_checks
-from identifiers import InvalidIdentifier, parse
-from lookups import SourceResult, SourceState
-from settings import Settings
-from sources import NotFound, SourceError, build_sources, sources_for
+from enrich import cross_checks
+from enrich.identifiers import InvalidIdentifier, parse
+from enrich.lookups import SourceResult, SourceState
+from enrich.settings import Settings
+from enrich.sources import NotFound, SourceError, build_sources, sources_for
 
 
 def create_app() -> Flask:

@@ -11,18 +11,14 @@ window the project's transport closes, shown to lose tasks.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
-from kombu.transport import TRANSPORT_ALIASES  # noqa: E402
-from kombu.transport import redis as kombu_redis  # noqa: E402
-from kombu.utils.encoding import bytes_to_str  # noqa: E402
-from kombu.utils.json import loads  # noqa: E402
-
-import redis_broker  # noqa: E402
-from job_queue import celery_app as app  # noqa: E402  (installs the project's transport)
+from enrich import redis_broker
+from job_queue import celery_app as app  # installs the project's transport
 
 DONE_KEY = f"{app.settings.key_prefix}:probe:done"
 

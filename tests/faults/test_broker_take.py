@@ -19,7 +19,7 @@ import pytest
 from conftest import wait_for
 
 import job_queue
-import redis_broker
+from enrich import redis_broker
 
 pytestmark = pytest.mark.slow
 

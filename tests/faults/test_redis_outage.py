@@ -9,7 +9,7 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 
-from embedded_redis import EmbeddedRedis, free_port
+from devstack.embedded_redis import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.slow
 

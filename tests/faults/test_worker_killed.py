@@ -86,9 +86,8 @@ def test_a_lookup_whose_task_was_lost_is_sent_again_at_its_deadline(app, sandbox
     anywhere on the broker gets its task again; while a message for it waits, it does not."""
     import orjson
 
-    import pipeline
-    import redis_broker
-    from identifiers import parse
+    from enrich import pipeline, redis_broker
+    from enrich.identifiers import parse
 
     client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
     queue = f"{prefix}:celery:celery:{pipeline.celery_priority(5)}"

@@ -1,0 +1,657 @@
+"""Lookup records in Redis: states, per-source results, single flight, per-request aliases and task registry.
+
+Single flight shares one lookup's work among everyone who asks for the same identifier at once,
+but not its identity: the request that starts a lookup gets the record's id, and every request
+that joins it gets an *alias* of its own (`{prefix}:alias:<id>`: the shared id, its own priority,
+times and call ids), so no client ever sees another's lookup id, priority, times or call ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+
+from enrich import redis_store, status_history
+from enrich.api_errors import encode_json
+from enrich.settings import Settings
+
+
+class LookupStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PARTIAL = "partial"
+    COMPLETE = "complete"
+
+
+class SourceState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    ERROR = "error"
+    STALE = "stale"
+    RATE_LIMITED = "rate_limited"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+FINAL_STATES = frozenset(
+    {SourceState.OK, SourceState.NOT_FOUND, SourceState.ERROR, SourceState.STALE, SourceState.CIRCUIT_OPEN}
+)
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """One source's part of a lookup.  `scheduled_at` is when a deferred call runs (epoch seconds)."""
+
+    source: str
+    state: SourceState
+    data: dict | None = None
+    cached: bool = False
+    stale: bool = False
+    elapsed_ms: float | None = None
+    error: str | None = None
+    scheduled_at: float | None = None
+    attempts: int = 0
+    updated_at: float | None = None  # when a worker recorded this state (None: from the cache)
+
+    @property
+    def settled(self) -> bool:
+        """Final answer reached; a rate-limited call with no scheduled run is settled too."""
+        return self.state in FINAL_STATES or (
+            self.state == SourceState.RATE_LIMITED and self.scheduled_at is None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: that deep-copies `data` on every call, on the hottest path there is.
+        return {
+            "source": self.source,
+            "state": str(self.state),
+            "data": self.data,
+            "cached": self.cached,
+            "stale": self.stale,
+            "elapsed_ms": self.elapsed_ms,
+            "error": self.error,
+            "scheduled_at": self.scheduled_at,
+            "attempts": self.attempts,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SourceResult:
+        return cls(**{**values, "state": SourceState(values["state"])})
+
+
+@dataclass
+class Lookup:
+    """A lookup as read back from Redis."""
+
+    id: str
+    type: str
+    identifier: str
+    priority: int
+    status: LookupStatus
+    created_at: float
+    deadline_at: float
+    sources: dict[str, SourceResult]
+    tasks: dict[str, str] = field(default_factory=dict)
+    result: dict | None = None
+    completed_at: float | None = None
+    # `to_dict()` already encoded (api_errors.encode_json), when the store made it: sent as is.
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+    # For a request that joined another's lookup: the id of the shared record whose work it shows.
+    # Internal (events, batches); never part of the API body.
+    shared_id: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def work_id(self) -> str:
+        """The id of the record whose sources and events this lookup shows (its own, or the shared one)."""
+        return self.shared_id or self.id
+
+    @property
+    def done(self) -> int:
+        return sum(result.settled for result in self.sources.values())
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.sources) and all(result.cached for result in self.sources.values())
+
+    def head(self) -> dict[str, Any]:
+        """The part of `to_dict()` that is this lookup's own, not its sources' (see ANSWER_BODY_FIELDS)."""
+        return {
+            "id": self.id or None,  # None: a CPF, answered from the number alone (cpf_answers.py)
+            "status": str(self.status),
+            "type": self.type,
+            "identifier": self.identifier,
+            "priority": self.priority,
+            "created_at": self.created_at,
+            "deadline_at": self.deadline_at,
+            "completed_at": self.completed_at,
+            "links": (
+                {"self": f"/api/lookups/{self.id}", "events": f"/api/lookups/{self.id}/events"}
+                if self.id
+                else {}
+            ),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API representation (docs/architecture.md, "The HTTP contract")."""
+        merged = self.result or {}
+        return {
+            **self.head(),
+            "cached": self.cached,
+            "progress": {"done": self.done, "total": len(self.sources)},
+            "sources": {name: result.to_dict() for name, result in self.sources.items()},
+            "tasks": self.tasks,
+            "result": merged.get("data"),
+            "checks": merged.get("checks", []),
+        }
+
+
+# KEYS[1] lookup hash.  ARGV: field, result json, settled (1/0), replace_settled (1/0).
+# Returns {applied (1/0), newly settled (1/0), done, total}.  A settled source is never overwritten
+# (tasks may run twice after a redelivery) unless replace_settled (a dead letter requeued).
+_SET_SOURCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, -1, -1} end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local settled_field = 'settled:' .. ARGV[1]
+local was_settled = redis.call('HGET', KEYS[1], settled_field) == '1'
+if was_settled and ARGV[4] ~= '1' then
+  return {0, 0, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
+end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2])
+local newly = 0
+if ARGV[3] == '1' and not was_settled then
+  redis.call('HSET', KEYS[1], settled_field, '1')
+  redis.call('HINCRBY', KEYS[1], 'done', 1)
+  newly = 1
+end
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+end
+return {1, newly, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
+"""
+
+# KEYS[1] lookup hash, KEYS[2] the status history's current bucket.  ARGV: new status, result
+# json, now, the bucket's TTL, the outcome's field, then the latency bins' upper bounds (ms).
+# Complete happens once; partial only from queued/running.  Returns 1 when this call made the
+# change (and, for a first answer, counted it with its latency in the bucket), else 0.
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'complete' then return 0 end
+if ARGV[1] == 'partial' and status == 'partial' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2])
+if ARGV[1] == 'complete' then redis.call('HSET', KEYS[1], 'completed_at', ARGV[3]) end
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_at') or '')
+if created and (status == 'queued' or status == 'running') then
+  local ms = (tonumber(ARGV[3]) - created) * 1000
+  local bin = 'latency:inf'
+  for i = 6, #ARGV do
+    if ms <= tonumber(ARGV[i]) then bin = 'latency:' .. ARGV[i]; break end
+  end
+  redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+  redis.call('HINCRBY', KEYS[2], bin, 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return 1
+"""
+
+
+# KEYS[1] single-flight key.  ARGV[1] lookup id.  Deletes the key only if it names that lookup.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+# The fields of an answered lookup that come from the cache entries alone (see create_answered).
+ANSWER_BODY_FIELDS = ("sources", "progress", "cached", "result", "checks", "tasks")
+ANSWER_BODIES_MAX = 10_000
+
+
+def _from_answer(encoded: bytes) -> Lookup:
+    """A lookup stored by `create_answered`, read back from its API JSON."""
+    values = orjson.loads(encoded)
+    return Lookup(
+        id=values["id"],
+        type=values["type"],
+        identifier=values["identifier"],
+        priority=values["priority"],
+        status=LookupStatus(values["status"]),
+        created_at=values["created_at"],
+        deadline_at=values["deadline_at"],
+        sources={name: SourceResult.from_dict(result) for name, result in values["sources"].items()},
+        tasks=values["tasks"],
+        result={"data": values["result"], "checks": values["checks"]},
+        completed_at=values["completed_at"],
+        encoded=encoded,
+    )
+
+
+def _as_alias(
+    shared: Lookup, alias_id: str, priority: int, created_at: float, deadline_at: float, tasks: dict
+) -> Lookup:
+    """`shared` as the request that joined it sees it: its own id, priority, times and call ids."""
+    return dataclasses.replace(
+        shared,
+        id=alias_id,
+        priority=priority,
+        created_at=created_at,
+        deadline_at=deadline_at,
+        tasks=tasks,
+        encoded=None,
+        shared_id=shared.id,
+    )
+
+
+def alias_head(event_data: dict, lookup: Lookup) -> dict:
+    """A shared lookup's `partial`/`complete` event as the joined request `lookup` sees it."""
+    head = lookup.head()
+    own = {name: head[name] for name in ("id", "priority", "created_at", "deadline_at", "links")}
+    return {**event_data, **own, "tasks": lookup.tasks}
+
+
+def new_lookup_id() -> str:
+    """A random id with 128 bits of entropy, URL-safe.
+
+    Never starting with `-`: a CSV cell that does is defused with a leading `'` (batch_rows), and a
+    command line would read it as an option.
+    """
+    lookup_id = secrets.token_urlsafe(16)
+    while lookup_id.startswith("-"):
+        lookup_id = secrets.token_urlsafe(16)
+    return lookup_id
+
+
+class LookupStore:
+    """Reads and writes lookup records, the single-flight index and the issued-task registry."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._set_source = client.register_script(_SET_SOURCE)
+        self._finish = client.register_script(_FINISH)
+        self._release = client.register_script(_RELEASE)
+        self._bodies: dict[tuple, tuple[bytes, str]] = {}  # entry versions -> (body JSON, digest)
+        self._bodies_written: dict[str, float] = {}  # digest -> when this process last wrote it
+
+    def _key(self, *parts: object) -> str:
+        return redis_store.key(self.settings, *parts)
+
+    def record_key(self, lookup_id: str) -> str:
+        return self._key("lookup", lookup_id)
+
+    def inflight_key(self, identifier_type: str, identifier: str) -> str:
+        return self._key("inflight", identifier_type, identifier)
+
+    def task_key(self, task_id: str) -> str:
+        return self._key("task", task_id)
+
+    def claim_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> str | None:
+        """Single flight: register `lookup_id` for this identifier, or return the one already running."""
+        key = self.inflight_key(identifier_type, identifier)
+        ttl = self._claim_ttl()
+        for _ in range(3):
+            if self.redis.set(key, lookup_id, nx=True, ex=ttl):
+                return None
+            existing = self.redis.get(key)
+            status = self.redis.hget(self.record_key(existing.decode()), "status") if existing else None
+            if status is not None and status != b"complete":
+                return existing.decode()
+            # Points at an expired record, or one that completed and is about to release it: take it over.
+            self.redis.delete(key)
+        return None
+
+    def release_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> None:
+        """Drop the single-flight entry if it still names this lookup (one atomic compare-and-delete)."""
+        self._release(keys=[self.inflight_key(identifier_type, identifier)], args=[lookup_id])
+
+    def create(
+        self, lookup: Lookup, claim: bool = False, also: Callable[[redis.client.Pipeline], None] | None = None
+    ) -> str | None:
+        """Write a new record, its settled sources and its task registry entries in one round trip.
+
+        With `claim`, the same round trip then takes the single flight for its identifier (after the
+        record, so a claim always has its record); returns the id of the lookup already running
+        for it, if one is.  `also(pipe)` adds the caller's own commands to that round trip.
+        """
+        ttl = self.settings.lookup_record_ttl
+        key = self.record_key(lookup.id)
+        fields: dict[str, Any] = {
+            "type": lookup.type,
+            "identifier": lookup.identifier,
+            "priority": lookup.priority,
+            "status": str(lookup.status),
+            "created_at": lookup.created_at,
+            "deadline_at": lookup.deadline_at,
+            "tasks": orjson.dumps(lookup.tasks),
+            "sources": ",".join(lookup.sources),
+            "done": lookup.done,
+            "total": len(lookup.sources),
+        }
+        if lookup.result is not None:
+            fields["result"] = orjson.dumps(lookup.result)
+        if lookup.completed_at is not None:
+            fields["completed_at"] = lookup.completed_at
+        for name, result in lookup.sources.items():
+            fields[f"s:{name}"] = orjson.dumps(result.to_dict())
+            if result.settled:
+                fields[f"settled:{name}"] = "1"
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, ttl)
+            pipe.zadd(self._key("lookups"), {lookup.id: lookup.created_at})
+            for source, task_id in lookup.tasks.items():
+                registry = {"name": "job_queue.fetch_source", "lookup_id": lookup.id, "source": source}
+                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+            status_history.add_counts(pipe, self.settings, {"started": 1})
+            if also is not None:
+                also(pipe)
+            if claim:
+                pipe.set(
+                    self.inflight_key(lookup.type, lookup.identifier),
+                    lookup.id,
+                    nx=True,
+                    ex=self._claim_ttl(),
+                )
+            replies = pipe.execute()
+        claimed = replies[-1] if claim else True
+        if claimed:
+            return None
+        running = self.claim_inflight(lookup.type, lookup.identifier, lookup.id)
+        if running is not None:  # it joins that one: not a lookup started after all
+            status_history.count(self.redis, self.settings, {"started": -1})
+        return running
+
+    def _claim_ttl(self) -> int:
+        return int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)
+
+    def answered_key(self, lookup_id: str) -> str:
+        return self._key("answered", lookup_id)
+
+    def answer_body_key(self, digest: str) -> str:
+        return self._key("answer-body", digest)
+
+    def create_answered(self, lookup: Lookup, versions: tuple | None = None) -> bytes:
+        """Store a lookup answered whole from the cache; returns its API JSON, to send as it is.
+
+        It never changes again, so it needs no hash and no place in the cleanup index: it expires
+        after `lookup_retention`.  Its answer is two parts.  The body (sources, result, checks:
+        nearly all of it) is the same for every lookup answered from the same cache entries, so
+        it is stored once under its own digest; each lookup stores only its head (id, times) and
+        that digest.  `versions` names the entries the body came from, so a hot identifier's body
+        is encoded once per process, not on every request.
+        """
+        retention = max(1, int(self.settings.lookup_retention))
+        body = self._bodies.get(versions) if versions is not None else None
+        if body is None:
+            answer = lookup.to_dict()
+            inner = encode_json({name: answer[name] for name in ANSWER_BODY_FIELDS})[1:-1]
+            body = (inner, hashlib.blake2b(inner, digest_size=16).hexdigest())
+            if versions is not None:
+                if len(self._bodies) >= ANSWER_BODIES_MAX:
+                    self._bodies.clear()
+                self._bodies[versions] = body
+        inner, digest = body
+        head = encode_json(lookup.head())
+        with self.redis.pipeline(transaction=False) as pipe:
+            # The body outlives every head that names it: written for 1.2 x retention and written
+            # again once a tenth of the retention has passed, so it ends >= 1.1 x retention after
+            # any head this process wrote.
+            if time.monotonic() - self._bodies_written.get(digest, -retention) > retention / 10:
+                pipe.set(self.answer_body_key(digest), inner, ex=int(retention * 1.2) + 1)
+                if len(self._bodies_written) >= ANSWER_BODIES_MAX:
+                    self._bodies_written.clear()
+                self._bodies_written[digest] = time.monotonic()
+            pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
+            status_history.add_counts(pipe, self.settings, {"answered": 1})
+            pipe.execute()
+        lookup.encoded = head[:-1] + b"," + inner + b"}"
+        return lookup.encoded
+
+    def _answer(self, stored: bytes) -> Lookup | None:
+        digest, _, head = stored.partition(b"\n")
+        inner = self.redis.get(self.answer_body_key(digest.decode()))
+        return _from_answer(head[:-1] + b"," + inner + b"}") if inner else None
+
+    def discard(self, lookup: Lookup) -> None:
+        """Remove a record that was written but never started (it joined a running lookup instead)."""
+        task_keys = [self.task_key(task_id) for task_id in lookup.tasks.values()]
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.record_key(lookup.id), *task_keys)
+            pipe.zrem(self._key("lookups"), lookup.id)
+            pipe.execute()
+
+    def register_task(
+        self, task_id: str, name: str, lookup_id: str | None, source: str | None = None
+    ) -> None:
+        """Remember a task id the service issued (so /api/tasks can tell it from a made-up one)."""
+        entry = {"name": name, "lookup_id": lookup_id, "source": source}
+        self.redis.set(self.task_key(task_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl)
+
+    def unsettled(self, lookup_id: str, sources: list[str]) -> list[str]:
+        """Those of `sources` not settled yet in the lookup (none when the record is gone)."""
+        flags = self.redis.hmget(self.record_key(lookup_id), ["total", *(f"settled:{s}" for s in sources)])
+        if flags[0] is None:
+            return []  # the record is gone (expired): nothing to call for
+        return [source for source, flag in zip(sources, flags[1:], strict=True) if flag != b"1"]
+
+    def is_settled(self, lookup_id: str, source: str) -> bool:
+        return self.redis.hget(self.record_key(lookup_id), f"settled:{source}") == b"1"
+
+    def task(self, task_id: str) -> dict | None:
+        raw = self.redis.get(self.task_key(task_id))
+        return orjson.loads(raw) if raw else None
+
+    def get(self, lookup_id: str) -> Lookup | None:
+        """The lookup, or None if unknown or expired."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.record_key(lookup_id))
+            pipe.get(self.answered_key(lookup_id))
+            pipe.hgetall(self.alias_key(lookup_id))
+            raw, answered, alias = pipe.execute()
+        if answered:
+            return self._answer(answered)
+        if alias:
+            return self._through_alias(lookup_id, alias)
+        if not raw:
+            return None
+        values = {k.decode(): v for k, v in raw.items()}
+        names = values["sources"].decode().split(",") if values.get("sources") else []
+        return Lookup(
+            id=lookup_id,
+            type=values["type"].decode(),
+            identifier=values["identifier"].decode(),
+            priority=int(values["priority"]),
+            status=LookupStatus(values["status"].decode()),
+            created_at=float(values["created_at"]),
+            deadline_at=float(values["deadline_at"]),
+            sources={name: SourceResult.from_dict(orjson.loads(values[f"s:{name}"])) for name in names},
+            tasks=orjson.loads(values.get("tasks", b"{}")),
+            result=orjson.loads(values["result"]) if values.get("result") else None,
+            completed_at=float(values["completed_at"]) if values.get("completed_at") else None,
+        )
+
+    def alias_key(self, alias_id: str) -> str:
+        return self._key("alias", alias_id)
+
+    def create_alias(self, alias_id: str, shared: Lookup, priority: int, created_at: float) -> Lookup:
+        """A request joins `shared` (single flight): its own id, priority, times and call ids over
+        the shared work, stored for as long as a record; returns the lookup as that request sees it.
+
+        Its call ids are registered like a record's, naming the alias, so `/api/tasks/<id>` answers
+        them without revealing the shared record; the real task id stays inside the registry entry.
+        """
+        # It lives as long as the record it shows, and cleanup takes it with that record: the same
+        # time to live (from the record's creation) and the record's place in the cleanup index.
+        ttl = max(1, int(self.settings.lookup_record_ttl - (created_at - shared.created_at)))
+        tasks = {source: secrets.token_hex(16) for source in shared.tasks}
+        deadline_at = created_at + self.settings.lookup_deadline
+        fields = {
+            "lookup_id": shared.id,
+            "priority": priority,
+            "created_at": created_at,
+            "deadline_at": deadline_at,
+            "tasks": orjson.dumps(tasks),
+        }
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.alias_key(alias_id), mapping=fields)
+            pipe.expire(self.alias_key(alias_id), ttl)
+            pipe.zadd(self._key("lookups"), {alias_id: shared.created_at})
+            for source, task_id in tasks.items():
+                registry = {
+                    "name": "job_queue.fetch_source",
+                    "lookup_id": alias_id,
+                    "source": source,
+                    "task_id": shared.tasks[source],
+                }
+                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+            pipe.execute()
+        return _as_alias(shared, alias_id, priority, created_at, deadline_at, tasks)
+
+    def _through_alias(self, alias_id: str, raw: dict) -> Lookup | None:
+        values = {k.decode(): v for k, v in raw.items()}
+        shared = self.get(values["lookup_id"].decode())
+        if shared is None or shared.shared_id is not None:
+            return None  # the shared record expired (or the alias is malformed): as unknown
+        return _as_alias(
+            shared,
+            alias_id,
+            int(values["priority"]),
+            float(values["created_at"]),
+            float(values["deadline_at"]),
+            orjson.loads(values["tasks"]),
+        )
+
+    def set_source(
+        self, lookup_id: str, result: SourceResult, replace_settled: bool = False
+    ) -> tuple[bool, bool, int, int]:
+        """Record a source's state; returns (applied, newly settled, settled count, source count).
+
+        Idempotent: a source that already settled keeps its answer (a redelivered task may
+        report twice), unless `replace_settled`.
+        """
+        applied, newly, done, total = self._set_source(
+            keys=[self.record_key(lookup_id)],
+            args=[
+                result.source,
+                orjson.dumps(result.to_dict()),
+                "1" if result.settled else "0",
+                "1" if replace_settled else "0",
+            ],
+        )
+        return bool(applied), bool(newly), int(done), int(total)
+
+    def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
+        """Move to `partial` or `complete` with the merged result; True if this call did it.
+
+        The lookup's first answer (from queued or running) is counted in the status history's
+        current bucket with its latency since creation, by the same script (status_history's bins):
+        a partial lookup completing later is not counted again.
+        """
+        now = time.time()
+        bucket = status_history.bucket_key(self.settings, status_history.bucket_start(now))
+        args = [
+            str(status),
+            orjson.dumps(result),
+            now,
+            status_history.BUCKET_TTL_SECONDS,
+            f"finished:{status}",
+        ]
+        return bool(
+            self._finish(
+                keys=[self.record_key(lookup_id), bucket], args=args + list(status_history.LATENCY_BOUNDS_MS)
+            )
+        )
+
+    def delete_older_than(self, cutoff: float, event_key: Callable[[str], str]) -> int:
+        """Beat cleanup: delete lookups created before `cutoff` with their task entries and event logs.
+
+        Records also carry a TTL as a backstop; the index lets cleanup honour the retention
+        setting exactly and take the task registry and event log along.
+        """
+        index = self._key("lookups")
+        removed = 0
+        while True:
+            ids = [i.decode() for i in self.redis.zrangebyscore(index, "-inf", cutoff, start=0, num=500)]
+            if not ids:
+                return removed
+            for lookup_id in ids:
+                # An id is a record's or an alias's (a request that joined another's lookup).
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(self.record_key(lookup_id), "tasks")
+                    pipe.hget(self.alias_key(lookup_id), "tasks")
+                    own, aliased = pipe.execute()
+                raw_tasks = own or aliased
+                task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
+                keys = [
+                    self.record_key(lookup_id),
+                    self.alias_key(lookup_id),
+                    event_key(lookup_id),
+                    *map(self.task_key, task_ids),
+                ]
+                self.redis.unlink(*keys)
+                removed += 1
+            self.redis.zrem(index, *ids)
+
+    def purge_type(self, identifier_type: str, event_key: Callable[[str], str]) -> int:
+        """Beat cleanup: delete every lookup of this type (a CPF, which this version never records,
+        left by an earlier one), with its event log, task ids, stored answer and single-flight lock."""
+        recorded = self._ids_where(self._key("lookup", "*"), lambda pipe, key: pipe.hget(key, "type"))
+        answered = self._ids_where(self._key("answered", "*"), lambda pipe, key: pipe.get(key))
+        kind = identifier_type.encode()
+        doomed = [lookup_id for lookup_id, value in recorded if value == kind]
+        # A stored answer is "digest\n" + its head's JSON, which names the type.
+        marker = b'"type":"' + kind + b'"'
+        doomed += [
+            lookup_id for lookup_id, value in answered if value and marker in value.partition(b"\n")[2]
+        ]
+        for lookup_id in doomed:
+            raw_tasks = self.redis.hget(self.record_key(lookup_id), "tasks")
+            task_ids = list(orjson.loads(raw_tasks).values()) if raw_tasks else []
+            self.redis.unlink(
+                self.record_key(lookup_id),
+                self.answered_key(lookup_id),
+                event_key(lookup_id),
+                *map(self.task_key, task_ids),
+            )
+            self.redis.zrem(self._key("lookups"), lookup_id)
+        locks = list(self.redis.scan_iter(match=self._key("inflight", identifier_type, "*"), count=1000))
+        return len(doomed) + (self.redis.unlink(*locks) if locks else 0)
+
+    def _ids_where(self, pattern: str, read: Callable[[redis.client.Pipeline, bytes], object]) -> list[tuple]:
+        """(lookup id, what `read` queued for its key) for every key matching `pattern`, 500 a round trip."""
+        keys = list(self.redis.scan_iter(match=pattern, count=1000))
+        found = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    read(pipe, key)
+                values = pipe.execute()
+            found += [
+                (key.decode().rsplit(":", 1)[1], value) for key, value in zip(chunk, values, strict=True)
+            ]
+        return found
+
+    def delete_stale_inflight(self) -> int:
+        """Beat cleanup: drop single-flight entries (locks) whose lookup record is gone."""
+        removed = 0
+        for key in self.redis.scan_iter(match=self._key("inflight", "*"), count=1000):
+            lookup_id = self.redis.get(key)
+            if lookup_id is not None and not self.redis.exists(self.record_key(lookup_id.decode())):
+                removed += self.redis.delete(key)
+        return removed
+
+
+def init_app(app) -> None:
+    app.extensions["lookups"] = LookupStore(app.extensions["redis"], app.extensions["settings"])

@@ -1,0 +1,685 @@
+"""What happens to one lookup: start (cache, single flight, fan-out), each source call, finalize.
+
+Plain functions called by the API and by the Celery tasks in job_queue; they run inside a
+Flask app context and reach the shared parts through `app.extensions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+import uuid
+
+from celery import current_task
+from flask import current_app
+
+from cache_manager import CacheEntry
+from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
+from enrich import call_pool, cpf_answers, cross_checks, log_redaction, log_setup, metrics, redis_broker
+from enrich.extensions import extension
+from enrich.identifiers import Identifier, IdentifierType
+from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from enrich.sources import NotFound, RateLimited, SourceError, TransientError, UpstreamRejected, sources_for
+
+log = logging.getLogger("pipeline")
+
+FETCH_TASK = "job_queue.fetch_source"
+LOOKUP_TASK = "job_queue.fetch_lookup"
+FINALIZE_TASK = "job_queue.finalize_lookup"
+
+
+# Company -> the CEP of its address, as this process last merged it: a guess that lets a cached
+# lookup read the CEP's entries in the same round trip as the company's (checked before use).
+_COMPANY_CEPS: dict[str, str] = {}
+COMPANY_CEPS_MAX = 100_000
+# Merged results of fully cached lookups by the versions of the entries they came from.
+_CACHED_RESULTS: dict[tuple, dict] = {}
+CACHED_RESULTS_MAX = 10_000
+
+
+# A bulk batch's items (batches.py) run below every interactive priority (the API's are 1..10),
+# and their calls keep each source's interactive reserve of tokens (rate_limiter.py).
+BATCH_PRIORITY = 0
+
+
+def celery_priority(priority: int) -> int:
+    """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first).
+
+    A batch item (BATCH_PRIORITY) shares the lowest level with priority 1.
+    """
+    return 10 - max(1, min(10, priority))
+
+
+def send_task(name: str, args: list, options: dict) -> None:
+    """Put a task on the broker (`options` as for apply_async: task_id, priority)."""
+    extension("celery").send_task(name, args=args, **options)
+
+
+def result_from_cache(entry: CacheEntry) -> SourceResult:
+    state = SourceState.OK if entry.found else SourceState.NOT_FOUND
+    return SourceResult(entry.source, state, data=entry.data, cached=True, stale=entry.stale, elapsed_ms=0.0)
+
+
+def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = False) -> tuple[Lookup, bool]:
+    """Answer from cache, join the lookup already running for this identifier, or start one.
+
+    Returns (lookup, created_now).  A fully cached lookup is returned complete, and so is a CPF,
+    answered from the number alone without touching Redis (cpf_answers.py).
+    """
+    began = time.time()
+    if identifier.type is IdentifierType.CPF:
+        metrics.lookup_finished("cpf", "answered", began)
+        return cpf_answers.answer(identifier, priority), True
+    settings = extension("settings")
+    store = extension("lookups")
+    kind = str(identifier.type)
+    sources = [s for s in sources_for(kind, extension("sources")) if s.supports(identifier)]
+    names = [s.name for s in sources]
+    cached, prefetched_cep = {}, None
+    if not refresh:
+        # The company's CEP (for the cross-check) is read in the same round trip when this process
+        # has seen the company before; `_company_cep` uses it only if the merged CEP is the same.
+        guess = _COMPANY_CEPS.get(identifier.value) if kind == "cnpj" else None
+        reads = [(kind, names, identifier.value)] + ([("cep", _cep_source_names(), guess)] if guess else [])
+        answers = extension("cache").read(reads)
+        cached = answers[0]
+        prefetched_cep = (guess, answers[1]) if guess else None
+    now = time.time()
+    lookup = Lookup(
+        id=new_lookup_id(),
+        type=kind,
+        identifier=identifier.value,
+        priority=priority,
+        status=LookupStatus.QUEUED,
+        created_at=now,
+        deadline_at=now + settings.lookup_deadline,
+        sources={name: SourceResult(name, SourceState.PENDING) for name in names},
+    )
+    lookup.sources.update({name: result_from_cache(entry) for name, entry in cached.items()})
+
+    if len(cached) == len(names):
+        lookup.status = LookupStatus.COMPLETE
+        lookup.completed_at = now
+        lookup.result, versions = _cached_result(lookup, cached, prefetched_cep)
+        store.create_answered(lookup, versions)
+        metrics.lookup_finished(kind, "cached", began)
+        return lookup, True
+
+    missing = [name for name in names if name not in cached]
+    lookup.tasks = {name: uuid.uuid4().hex for name in missing}
+    # The record first, then the single-flight claim: a lookup that holds the claim always has its
+    # record, so a concurrent request never mistakes a claim for a stale one and starts a second.
+    # Its deadline rides along (a lookup that joins another instead finds no record at its deadline).
+    deadline = _deadline_call(lookup.id, priority)
+    running = store.create(
+        lookup,
+        claim=True,
+        also=lambda pipe: extension("deferred").add(lookup.deadline_at, *deadline, pipe=pipe),
+    )
+    if running is not None:
+        joined = store.get(running)
+        # A person does not join a batch item's lookup: its calls run at the lowest priority and
+        # skip a source rather than touch the interactive reserve.  Theirs runs beside it.
+        if joined is not None and not (joined.priority == BATCH_PRIORITY < priority):
+            store.discard(lookup)
+            _cancel_deadline(lookup.id, priority)
+            # Shared work, not a shared identity: this request gets an id, priority and call ids of
+            # its own (an alias), so it never learns who else asked or when.
+            return store.create_alias(lookup.id, joined, priority, now), False
+    # One task calls every missing source at once (call_pool); a source's own call id becomes
+    # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
+    send_task(
+        LOOKUP_TASK,
+        [lookup.id, kind, identifier.value, priority, lookup.tasks],
+        {"task_id": uuid.uuid4().hex, "priority": celery_priority(priority)},
+    )
+    return lookup, True
+
+
+def _cached_result(
+    lookup: Lookup, cached: dict[str, CacheEntry], prefetched_cep: tuple | None
+) -> tuple[dict, tuple | None]:
+    """The merged result and checks of a lookup answered whole from the cache (never calls an upstream),
+    and the versions of the entries it came from (None when it depends on more than those).
+
+    The same cached entries always merge the same way, so the result is kept per process by the
+    entries' identity (source, fetch time): a hot identifier is merged once, not on every request.
+    """
+    versions = tuple((name, entry.fetched_at) for name, entry in cached.items())
+    if prefetched_cep:
+        versions += (prefetched_cep[0], *((name, e.fetched_at) for name, e in prefetched_cep[1].items()))
+    key = (lookup.type, lookup.identifier, versions)
+    result = _CACHED_RESULTS.get(key)
+    if result is not None:
+        return result, key
+    result = _merged_result(lookup, fetch_cep=False, prefetched_cep=prefetched_cep)
+    cep = ((result["data"] or {}).get("endereco") or {}).get("cep") if lookup.type == "cnpj" else None
+    # A company whose CEP was not read along with it had its CEP looked up apart: not kept.
+    if cep is not None and not (prefetched_cep and prefetched_cep[0] == cep):
+        return result, None
+    if len(_CACHED_RESULTS) >= CACHED_RESULTS_MAX:
+        _CACHED_RESULTS.clear()
+    _CACHED_RESULTS[key] = result
+    return result, key
+
+
+def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]:
+    """The lookup's finalize at its deadline, as (task, args, options, call id) for the deferred set."""
+    return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
+
+
+def _cancel_deadline(lookup_id: str, priority: int) -> None:
+    task, args, options, call_id = _deadline_call(lookup_id, priority)
+    extension("deferred").cancel(call_id, task, args, options)
+
+
+class Paced(CallWithdrawn):
+    """A call that found the source's log of starts full right before going out."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"wait {wait:.3f}s for the rate limit")
+        self.wait = wait
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, capped."""
+    settings = extension("settings")
+    delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
+    """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
+    result = dataclasses.replace(result, updated_at=round(time.time(), 3))
+    applied, newly, done, total = extension("lookups").set_source(lookup_id, result, replace_settled)
+    if not applied:
+        if total > 0 and done == total:
+            # A task redelivered after its worker died between settling the last source and
+            # finalizing: finish the lookup now rather than at its deadline (finalize is idempotent).
+            finalize(lookup_id)
+        return False
+    published = [("source", result.to_dict())]
+    if newly:
+        published.append(("progress", {"done": done, "total": total}))
+    extension("events").publish_many(lookup_id, published)
+    if newly and done == total:
+        finalize(lookup_id)
+    return True
+
+
+# Its log lines name the lookup, the source and the source's own task id (as /api/lookups reports it).
+@log_setup.bind_arguments(lookup_id="lookup_id", source="source_name", task_id="call_id")
+def run_source_call(
+    lookup_id: str,
+    source_name: str,
+    kind: str,
+    value: str,
+    priority: int,
+    attempt: int = 0,
+    reserved: bool = False,
+    requeue: bool = False,
+    held_since: float = 0.0,
+    *,
+    call_id: str | None = None,
+    settled_checked: bool = False,
+) -> dict:
+    """One call of one source for one lookup: token, breaker, fetch, cache, settle.
+
+    Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
+    and this function returns at once.  Returns a small dict describing what happened.
+    `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
+    the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
+    first held back, for a token above the interactive reserve or for room in the log of starts;
+    every re-send carries it, and the call skips the source rather than wait past
+    BATCH_SOURCE_WAIT from then (`batch_wait`).  Retries after a failure are not holds.
+    """
+    if kind == IdentifierType.CPF:
+        return _dropped_cpf_call(lookup_id)
+    settings = extension("settings")
+    store = extension("lookups")
+    identifier = Identifier(type=IdentifierType(kind), value=value)
+    args = [lookup_id, source_name, kind, value, priority]
+    options = {"priority": celery_priority(priority)}
+    task_id = call_id or _current_task_id()
+    if task_id:
+        options["task_id"] = task_id
+
+    if not requeue and not settled_checked and store.is_settled(lookup_id, source_name):
+        # A redelivered task (its worker died after settling): the lookup may still need its
+        # finalize, which that worker never reached.  finalize does nothing unless all settled.
+        finalize(lookup_id)
+        return {"source": source_name, "state": "already_settled"}
+
+    def record(result: SourceResult) -> dict:
+        log.info(  # one line per call of a source
+            "source %s: %s (%s ms, attempt %d)",
+            source_name,
+            result.state,
+            result.elapsed_ms,
+            result.attempts,
+            extra={"state": str(result.state), "elapsed_ms": result.elapsed_ms, "attempts": result.attempts},
+        )
+        if not settle(lookup_id, result, replace_settled=requeue) and requeue:
+            masked = log_redaction.mask_identifier(kind, value)
+            log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, masked, lookup_id)
+        return {k: v for k, v in result.to_dict().items() if k != "data"}
+
+    limiter = extension("rate_limiter")
+    # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
+    # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
+    slot_options = {**options, "priority": 0}
+
+    def rate_limited(error: str, scheduled_at: float | None = None) -> dict:
+        """Settled (no `scheduled_at`) or waiting for its time; either way no request went out."""
+        result = SourceResult(
+            source_name, SourceState.RATE_LIMITED, scheduled_at=scheduled_at, attempts=attempt, error=error
+        )
+        return record(result)
+
+    batch = priority == BATCH_PRIORITY
+
+    def batch_wait(wait: float) -> tuple[float, dict | None]:
+        """A batch call about to wait `wait` s for its source's rate limit (a token above the
+        reserve, or room in the log of starts): (its due time, None), or its skip when it would
+        then have waited past BATCH_SOURCE_WAIT since it was first held.  Every wait a batch call
+        can meet goes through here, so one cap holds for them all, however they follow each other.
+        """
+        nonlocal held_since
+        now = time.time()
+        held_since = held_since or now
+        due = now + wait
+        if due - held_since <= settings.batch_source_wait:
+            return due, None
+        metrics.rate_limit_delay(source_name, "exhausted", wait)
+        skipped = rate_limited(
+            f"skipped: the source's tokens are kept for interactive lookups (next one in {wait:.1f}s)"
+        )
+        return due, skipped
+
+    def wait_for_slot(due: float) -> dict:
+        # A batch call's hold goes on counting from when it began (`held_since`, last argument).
+        resend = [*args, attempt, True, requeue, *([held_since] if batch and held_since else [])]
+        extension("deferred").add(due, FETCH_TASK, resend, slot_options, rate_limit_wait=True)
+        return rate_limited("waiting for the source's rate limit", due)
+
+    if not reserved:
+        reservation = limiter.reserve(source_name, batch=batch)
+        if reservation.held:
+            # A batch call that would eat into the interactive reserve: ask again when a token
+            # beyond it should exist, without holding one, or skip this source past its wait.
+            due, skipped = batch_wait(reservation.wait)
+            if skipped is not None:
+                return skipped
+            extension("deferred").add(
+                due, FETCH_TASK, [*args, attempt, False, requeue, held_since], options, rate_limit_wait=True
+            )
+            return rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
+        if not reservation.granted:
+            metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
+            return rate_limited(
+                f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
+                f"{settings.defer_horizon:.0f}s horizon"
+            )
+        if reservation.wait > 0:
+            metrics.rate_limit_delay(source_name, "reserved", reservation.wait)
+            return wait_for_slot(time.time() + reservation.wait)
+
+    source = extension("sources")[source_name]
+    cache = extension("cache")
+    if not requeue:
+        settle(lookup_id, SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1))
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return round((time.perf_counter() - started) * 1000, 1)
+
+    def admitted_fetch(identifier: Identifier) -> dict:
+        # Checked after the breaker let the call through, right before it goes out, so the log of
+        # starts counts what the upstream sees, give or take the HTTP request's own way there.
+        wait = limiter.admit(source_name, batch=batch)
+        if wait > 0:
+            raise Paced(wait)
+        return metrics.timed_fetch(source_name, source.fetch, identifier)
+
+    try:
+        data = extension("breakers").call(source_name, admitted_fetch, identifier)
+    except Paced as paced:
+        # Calls that ran late bunched up: as many started in the last second (or minute) as the
+        # limit allows (for a batch call, as leaves the reserve of starts).  Keep the token and go
+        # a little later, ahead of new work; a batch call only within BATCH_SOURCE_WAIT of its hold.
+        if batch:
+            due, skipped = batch_wait(paced.wait)
+            if skipped is not None:
+                return skipped
+        else:
+            due = time.time() + paced.wait
+        metrics.rate_limit_delay(source_name, "paced", paced.wait)
+        return wait_for_slot(due)
+    except NotFound as error:
+        cache.set(kind, source_name, value, None, found=False)
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.NOT_FOUND,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                error=error.message,
+            )
+        )
+    except UpstreamRejected as error:
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.ERROR,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                error=error.message,
+            )
+        )
+    except BreakerOpen as error:
+        metrics.source_request(source_name, "breaker_open")
+        stale = cache.get_stale(kind, source_name, value)
+        if stale is not None:
+            state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
+            return record(
+                SourceResult(
+                    source_name,
+                    state,
+                    data=stale.data,
+                    cached=True,
+                    stale=True,
+                    elapsed_ms=elapsed(),
+                    attempts=attempt,
+                    error="circuit open; serving a stale copy",
+                )
+            )
+        retry_at = (
+            f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
+        )
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.CIRCUIT_OPEN,
+                elapsed_ms=elapsed(),
+                attempts=attempt,
+                error=f"circuit open{retry_at}; no stale copy",
+            )
+        )
+    except (TransientError, BreakerUnavailable) as error:
+        message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
+        if isinstance(error, BreakerUnavailable):
+            metrics.source_request(source_name, "breaker_unavailable")
+        if attempt + 1 > settings.retry_max:
+            extension("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
+            return record(
+                SourceResult(
+                    source_name,
+                    SourceState.ERROR,
+                    elapsed_ms=elapsed(),
+                    attempts=attempt + 1,
+                    error=f"gave up after {attempt + 1} attempts: {message}",
+                )
+            )
+        delay = _backoff(attempt)
+        if isinstance(error, RateLimited) and error.retry_after:
+            delay = max(delay, error.retry_after)
+        due = time.time() + delay
+        extension("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
+        return record(
+            SourceResult(
+                source_name,
+                SourceState.RETRYING,
+                elapsed_ms=elapsed(),
+                attempts=attempt + 1,
+                scheduled_at=due,
+                error=message,
+            )
+        )
+    cache.set(kind, source_name, value, data, found=True)
+    if kind == "cnpj":
+        _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), batch)
+    return record(
+        SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1)
+    )
+
+
+def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_ids: dict[str, str]) -> dict:
+    """The lookup task: call every source named in `call_ids` at once, each as `run_source_call`.
+
+    Returns each source's outcome.  A source already settled (the task was redelivered after
+    its worker died) is not called again; the lookup is finalized if that was all it needed.
+    """
+    if kind == IdentifierType.CPF:
+        return _dropped_cpf_call(lookup_id)
+    unsettled = extension("lookups").unsettled(lookup_id, list(call_ids))
+    if not unsettled:
+        finalize(lookup_id)
+        return {}
+    app, size = current_app._get_current_object(), _call_pool_size()
+    calls = {
+        name: call_pool.submit(
+            app,
+            size,
+            run_source_call,
+            lookup_id,
+            name,
+            kind,
+            value,
+            priority,
+            call_id=call_ids[name],
+            settled_checked=True,
+        )
+        for name in unsettled
+    }
+    return {name: call.result() for name, call in calls.items()}
+
+
+def _dropped_cpf_call(lookup_id: str) -> dict:
+    """A CPF call an earlier version queued, deferred or dead-lettered: never sent (cpf_answers.py);
+    beat's cleanup deletes its lookup."""
+    log.warning("dropped a CPF source call of lookup %s: CPFs are answered from the number alone", lookup_id)
+    return {"state": "dropped"}
+
+
+def _call_pool_size() -> int:
+    # Every lookup task of the worker's pool may have all its sources and one CEP fetch running.
+    return max(4, extension("settings").worker_concurrency * 4)
+
+
+def _start_cep_fetch(cep: str | None, batch: bool = False) -> None:
+    """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
+    # The fetch hands its answer to finalize through the cache: with the cache off it would only
+    # be a second call of the CEP source.
+    if not cep or not extension("settings").cep_prefetch or not extension("cache").enabled:
+        return
+    app, size = current_app._get_current_object(), _call_pool_size()
+    call_pool.start_cep_fetch(
+        cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False, batch=batch)
+    )
+
+
+def _current_task_id() -> str | None:
+    return current_task.request.id if current_task and current_task.request else None
+
+
+def _cep_source_names() -> list[str]:
+    return [s.name for s in sources_for("cep", extension("sources"))]
+
+
+def _company_cep(
+    cep: str,
+    fetch: bool = True,
+    prefetched: dict[str, CacheEntry] | None = None,
+    wait_running: bool = True,
+    batch: bool = False,
+) -> tuple[dict | None, str | None]:
+    """The CEP data for a company's address: from cache, else (with `fetch`) one call to a CEP source now.
+
+    `prefetched`: this CEP's cache entries, already read along with the company's.  `batch`: for a
+    batch item, whose calls keep the interactive reserve of tokens.
+    """
+    cache = extension("cache")
+    sources = sources_for("cep", extension("sources"))
+    if prefetched is None and fetch and wait_running:
+        # The fetch this process started when a company source named the CEP: its answer lands
+        # in the cache, so wait for it rather than call the CEP source a second time.
+        call_pool.wait_for_cep_fetch(cep, max(s.settings.timeout for s in sources) + 1)
+    entries = prefetched if prefetched is not None else cache.get_many("cep", [s.name for s in sources], cep)
+    found = [e for e in entries.values() if e.found]
+    if found:
+        return found[0].data, None
+    if entries and len(entries) == len(sources):
+        return None, "not_found"
+    if not fetch:
+        return None, "the CEP is not cached yet"
+    identifier = Identifier(type=IdentifierType.CEP, value=cep)
+    last_error = "no CEP source available"
+    limiter = extension("rate_limiter")
+    for source in sources:
+        if source.name in entries:
+            continue
+        reserved = limiter.reserve(source.name, horizon=0, batch=batch)
+        if not reserved.granted or limiter.admit(source.name, batch=batch) > 0:
+            last_error = f"{source.name} is rate limited"
+            continue
+        try:
+            data = extension("breakers").call(
+                source.name, metrics.timed_fetch, source.name, source.fetch, identifier
+            )
+        except NotFound:
+            cache.set("cep", source.name, cep, None, found=False)
+            return None, "not_found"
+        except (SourceError, BreakerOpen, BreakerUnavailable) as error:
+            if not isinstance(error, SourceError):  # no request went out
+                metrics.source_request(
+                    source.name, "breaker_open" if isinstance(error, BreakerOpen) else "breaker_unavailable"
+                )
+            last_error = f"{source.name}: {getattr(error, 'message', error)}"
+            continue
+        cache.set("cep", source.name, cep, data, found=True)
+        return data, None
+    return None, last_error
+
+
+def _merged_result(lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple | None = None) -> dict:
+    merged = cross_checks.merge(lookup.type, lookup.sources)
+    checks = cross_checks.agreement_checks(lookup.type, lookup.sources)
+    if lookup.type == "cnpj":
+        cep = ((merged or {}).get("endereco") or {}).get("cep")
+        if cep:
+            if len(_COMPANY_CEPS) >= COMPANY_CEPS_MAX:
+                _COMPANY_CEPS.clear()
+            _COMPANY_CEPS[lookup.identifier] = cep
+        prefetched = prefetched_cep[1] if prefetched_cep and prefetched_cep[0] == cep else None
+        batch = lookup.priority == BATCH_PRIORITY
+        cep_data, cep_error = _company_cep(cep, fetch_cep, prefetched, batch=batch) if cep else (None, None)
+        checks = cross_checks.company_checks(merged, cep_data, cep_error) + checks
+    return {"data": merged, "checks": checks}
+
+
+# A complete lookup none of whose sources gave an answer (data, "not found" or a stale copy) failed.
+_ANSWERED = frozenset({SourceState.OK, SourceState.NOT_FOUND, SourceState.STALE})
+
+
+def _outcome(lookup: Lookup, status: LookupStatus) -> str:
+    if status == LookupStatus.PARTIAL:
+        return "partial"
+    return "complete" if any(r.state in _ANSWERED for r in lookup.sources.values()) else "failed"
+
+
+def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
+    """Merge and cross-check; `complete` once every source settled, `partial` at the deadline.
+
+    Returns the status it set, or None if there was nothing to do.
+    """
+    store = extension("lookups")
+    lookup = store.get(lookup_id)
+    if lookup is None or lookup.status == LookupStatus.COMPLETE:
+        return None
+    all_settled = lookup.done == len(lookup.sources)
+    if not all_settled and (not at_deadline or lookup.status == LookupStatus.PARTIAL):
+        return None
+    status = LookupStatus.COMPLETE if all_settled else LookupStatus.PARTIAL
+    lookup.result = _merged_result(lookup)
+    if not store.finish(lookup_id, status, lookup.result):
+        return None
+    if lookup.status != LookupStatus.PARTIAL:  # counted once: the first answer the person gets
+        metrics.lookup_finished(lookup.type, _outcome(lookup, status), lookup.created_at)
+    lookup.status = status
+    log.info(
+        "lookup %s: %d of %d sources settled",
+        status,
+        lookup.done,
+        len(lookup.sources),
+        extra={"lookup_id": lookup_id, "status": str(status)},
+    )
+    events = extension("events")
+    if status == LookupStatus.COMPLETE:
+        lookup.completed_at = time.time()
+        # The person waiting hears first; the housekeeping after it cannot change the answer (a
+        # request that joins meanwhile finds the lookup complete).
+        ttl = extension("settings").event_log_ttl_after_complete
+        events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
+        store.release_inflight(lookup.type, lookup.identifier, lookup_id)
+        # Its deadline's finalize would only find it complete: a task and a record read saved.
+        _cancel_deadline(lookup_id, lookup.priority)
+    else:
+        unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
+        events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})
+        _resend_if_lost(lookup)
+    return str(status)
+
+
+def _resend_if_lost(lookup: Lookup) -> None:
+    """At its deadline, send again the lookup task of a lookup none of whose sources ever started,
+    when the broker provably holds no message for it.
+
+    The broker no longer loses a message it hands to a worker (redis_broker takes and records it in
+    one step), but a task can still be lost before it reaches the broker: `start_lookup` writes
+    the record (and its single-flight claim) and then sends the task, so a web process killed
+    between the two, or a send that failed, leaves a lookup that every later request would join
+    and that would stay `partial` with every source `pending` for good.  "Provably": no message
+    queued or taken by a worker and not acknowledged names it (redis_broker.messages_naming); a
+    backlog of more than redis_broker.SCAN_MAX messages is left alone (it is not read at every deadline,
+    and a message for it may be among them).  A batch item's lookup is sent again the same way by
+    its batch's step (batches.BatchStore._settle_lost).
+    """
+    if not never_started(lookup):
+        return
+    named = redis_broker.messages_naming(extension("redis"), extension("settings").key_prefix, {lookup.id})
+    if named is None or lookup.id in named:
+        return
+    log.warning(
+        "lookup %s: no source started by its deadline and no message for it on the broker; sending its task again",
+        lookup.id,
+        extra={"lookup_id": lookup.id},
+    )
+    send_again(lookup)
+
+
+def never_started(lookup: Lookup) -> bool:
+    """Whether a lookup has sources left to settle and none of them ever started (all `pending`):
+    its task never ran."""
+    unsettled = [result for result in lookup.sources.values() if not result.settled]
+    return bool(unsettled) and all(result.state == SourceState.PENDING for result in unsettled)
+
+
+def send_again(lookup: Lookup) -> None:
+    """Send the lookup task of a lookup record (not an alias: its call ids are the record's) again
+    for its unsettled sources.  The caller has made sure that no message for it is left anywhere:
+    `_resend_if_lost` at its deadline, a batch's step for an item's lookup that never started
+    (batches.BatchStore._settle_lost)."""
+    unsettled = [name for name, result in lookup.sources.items() if not result.settled]
+    send_task(
+        LOOKUP_TASK,
+        [
+            lookup.id,
+            lookup.type,
+            lookup.identifier,
+            lookup.priority,
+            {name: lookup.tasks[name] for name in unsettled},
+        ],
+        {"task_id": uuid.uuid4().hex, "priority": celery_priority(lookup.priority)},
+    )

@@ -233,216 +233,232 @@ def run_source_call(
     the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
     first held back, for a token above the interactive reserve or for room in the log of starts;
     every re-send carries it, and the call skips the source rather than wait past
-    BATCH_SOURCE_WAIT from then (`batch_wait`).  Retries after a failure are not holds.
+    BATCH_SOURCE_WAIT from then (`_SourceCall.batch_wait`).  Retries after a failure are not holds.
     """
     if kind == IdentifierType.CPF:
         return _dropped_cpf_call(lookup_id)
-    settings = extension("settings")
-    store = extension("lookups")
-    identifier = Identifier(type=IdentifierType(kind), value=value)
-    args = [lookup_id, source_name, kind, value, priority]
-    options = {"priority": celery_priority(priority)}
-    task_id = call_id or _current_task_id()
-    if task_id:
-        options["task_id"] = task_id
-
-    if not requeue and not settled_checked and store.is_settled(lookup_id, source_name):
+    if not requeue and not settled_checked and extension("lookups").is_settled(lookup_id, source_name):
         # A redelivered task (its worker died after settling): the lookup may still need its
         # finalize, which that worker never reached.  finalize does nothing unless all settled.
         finalize(lookup_id)
         return {"source": source_name, "state": "already_settled"}
+    call = _SourceCall(lookup_id, source_name, kind, value, priority, attempt, requeue, held_since, call_id)
+    if not reserved:
+        stopped = call.reserve()
+        if stopped is not None:
+            return stopped
+    return call.fetch()
 
-    def record(result: SourceResult) -> dict:
+
+class _SourceCall:
+    """One run of `run_source_call`: its arguments, and each step of the guarded call as a method
+    (reserve a token, then breaker, admission by the log of starts, fetch, cache write), each
+    outcome recorded as the source's state."""
+
+    def __init__(
+        self,
+        lookup_id: str,
+        source_name: str,
+        kind: str,
+        value: str,
+        priority: int,
+        attempt: int,
+        requeue: bool,
+        held_since: float,
+        call_id: str | None,
+    ) -> None:
+        self.lookup_id, self.source_name, self.kind, self.value = lookup_id, source_name, kind, value
+        self.priority, self.attempt, self.requeue, self.held_since = priority, attempt, requeue, held_since
+        self.batch = priority == BATCH_PRIORITY
+        self.settings = extension("settings")
+        self.limiter = extension("rate_limiter")
+        # The task's positional arguments, which every later send of this call repeats.
+        self.args = [lookup_id, source_name, kind, value, priority]
+        self.options = {"priority": celery_priority(priority)}
+        task_id = call_id or _current_task_id()
+        if task_id:
+            self.options["task_id"] = task_id
+        # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
+        # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
+        self.slot_options = {**self.options, "priority": 0}
+        self.started = 0.0
+
+    # -- outcomes ------------------------------------------------------------------------------
+    def record(self, result: SourceResult) -> dict:
         log.info(  # one line per call of a source
             "source %s: %s (%s ms, attempt %d)",
-            source_name,
+            self.source_name,
             result.state,
             result.elapsed_ms,
             result.attempts,
             extra={"state": str(result.state), "elapsed_ms": result.elapsed_ms, "attempts": result.attempts},
         )
-        if not settle(lookup_id, result, replace_settled=requeue) and requeue:
-            masked = log_redaction.mask_identifier(kind, value)
-            log.info("requeued call of %s for %s finished; lookup %s is gone", source_name, masked, lookup_id)
+        if not settle(self.lookup_id, result, replace_settled=self.requeue) and self.requeue:
+            masked = log_redaction.mask_identifier(self.kind, self.value)
+            log.info(
+                "requeued call of %s for %s finished; lookup %s is gone",
+                self.source_name,
+                masked,
+                self.lookup_id,
+            )
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 
-    limiter = extension("rate_limiter")
-    # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
-    # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
-    slot_options = {**options, "priority": 0}
-
-    def rate_limited(error: str, scheduled_at: float | None = None) -> dict:
-        """Settled (no `scheduled_at`) or waiting for its time; either way no request went out."""
-        result = SourceResult(
-            source_name, SourceState.RATE_LIMITED, scheduled_at=scheduled_at, attempts=attempt, error=error
+    def result(self, state: SourceState, attempts: int | None = None, **fields) -> dict:
+        """Record the call's outcome after it went out (its elapsed time, this attempt counted)."""
+        attempts = self.attempt + 1 if attempts is None else attempts
+        elapsed = round((time.perf_counter() - self.started) * 1000, 1)
+        return self.record(
+            SourceResult(self.source_name, state, elapsed_ms=elapsed, attempts=attempts, **fields)
         )
-        return record(result)
 
-    batch = priority == BATCH_PRIORITY
+    def rate_limited(self, error: str, scheduled_at: float | None = None) -> dict:
+        """Settled (no `scheduled_at`) or waiting for its time; either way no request went out."""
+        return self.record(
+            SourceResult(
+                self.source_name,
+                SourceState.RATE_LIMITED,
+                scheduled_at=scheduled_at,
+                attempts=self.attempt,
+                error=error,
+            )
+        )
 
-    def batch_wait(wait: float) -> tuple[float, dict | None]:
+    # -- waits ---------------------------------------------------------------------------------
+    def batch_wait(self, wait: float) -> tuple[float, dict | None]:
         """A batch call about to wait `wait` s for its source's rate limit (a token above the
         reserve, or room in the log of starts): (its due time, None), or its skip when it would
         then have waited past BATCH_SOURCE_WAIT since it was first held.  Every wait a batch call
         can meet goes through here, so one cap holds for them all, however they follow each other.
         """
-        nonlocal held_since
         now = time.time()
-        held_since = held_since or now
+        self.held_since = self.held_since or now
         due = now + wait
-        if due - held_since <= settings.batch_source_wait:
+        if due - self.held_since <= self.settings.batch_source_wait:
             return due, None
-        metrics.rate_limit_delay(source_name, "exhausted", wait)
-        skipped = rate_limited(
+        metrics.rate_limit_delay(self.source_name, "exhausted", wait)
+        skipped = self.rate_limited(
             f"skipped: the source's tokens are kept for interactive lookups (next one in {wait:.1f}s)"
         )
         return due, skipped
 
-    def wait_for_slot(due: float) -> dict:
+    def wait_for_slot(self, due: float) -> dict:
         # A batch call's hold goes on counting from when it began (`held_since`, last argument).
-        resend = [*args, attempt, True, requeue, *([held_since] if batch and held_since else [])]
-        extension("deferred").add(due, FETCH_TASK, resend, slot_options, rate_limit_wait=True)
-        return rate_limited("waiting for the source's rate limit", due)
+        held = [self.held_since] if self.batch and self.held_since else []
+        resend = [*self.args, self.attempt, True, self.requeue, *held]
+        extension("deferred").add(due, FETCH_TASK, resend, self.slot_options, rate_limit_wait=True)
+        return self.rate_limited("waiting for the source's rate limit", due)
 
-    if not reserved:
-        reservation = limiter.reserve(source_name, batch=batch)
+    def reserve(self) -> dict | None:
+        """Take the call's token; None when it may go now, else what it settled or waits as."""
+        reservation = self.limiter.reserve(self.source_name, batch=self.batch)
         if reservation.held:
             # A batch call that would eat into the interactive reserve: ask again when a token
             # beyond it should exist, without holding one, or skip this source past its wait.
-            due, skipped = batch_wait(reservation.wait)
+            due, skipped = self.batch_wait(reservation.wait)
             if skipped is not None:
                 return skipped
-            extension("deferred").add(
-                due, FETCH_TASK, [*args, attempt, False, requeue, held_since], options, rate_limit_wait=True
-            )
-            return rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
+            resend = [*self.args, self.attempt, False, self.requeue, self.held_since]
+            extension("deferred").add(due, FETCH_TASK, resend, self.options, rate_limit_wait=True)
+            return self.rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
         if not reservation.granted:
-            metrics.rate_limit_delay(source_name, "exhausted", reservation.wait)
-            return rate_limited(
+            metrics.rate_limit_delay(self.source_name, "exhausted", reservation.wait)
+            return self.rate_limited(
                 f"quota exhausted: next call possible in {reservation.wait:.0f}s, past the "
-                f"{settings.defer_horizon:.0f}s horizon"
+                f"{self.settings.defer_horizon:.0f}s horizon"
             )
         if reservation.wait > 0:
-            metrics.rate_limit_delay(source_name, "reserved", reservation.wait)
-            return wait_for_slot(time.time() + reservation.wait)
+            metrics.rate_limit_delay(self.source_name, "reserved", reservation.wait)
+            return self.wait_for_slot(time.time() + reservation.wait)
+        return None
 
-    source = extension("sources")[source_name]
-    cache = extension("cache")
-    if not requeue:
-        settle(lookup_id, SourceResult(source_name, SourceState.RUNNING, attempts=attempt + 1))
-    started = time.perf_counter()
+    # -- the call ------------------------------------------------------------------------------
+    def fetch(self) -> dict:
+        """Through the breaker, admitted by the log of starts: fetch, then record what came of it."""
+        source = extension("sources")[self.source_name]
+        if not self.requeue:
+            settle(
+                self.lookup_id, SourceResult(self.source_name, SourceState.RUNNING, attempts=self.attempt + 1)
+            )
+        self.started = time.perf_counter()
 
-    def elapsed() -> float:
-        return round((time.perf_counter() - started) * 1000, 1)
+        def admitted_fetch(identifier: Identifier) -> dict:
+            # Checked after the breaker let the call through, right before it goes out, so the log
+            # of starts counts what the upstream sees, give or take the HTTP request's way there.
+            wait = self.limiter.admit(self.source_name, batch=self.batch)
+            if wait > 0:
+                raise Paced(wait)
+            return metrics.timed_fetch(self.source_name, source.fetch, identifier)
 
-    def admitted_fetch(identifier: Identifier) -> dict:
-        # Checked after the breaker let the call through, right before it goes out, so the log of
-        # starts counts what the upstream sees, give or take the HTTP request's own way there.
-        wait = limiter.admit(source_name, batch=batch)
-        if wait > 0:
-            raise Paced(wait)
-        return metrics.timed_fetch(source_name, source.fetch, identifier)
+        identifier = Identifier(type=IdentifierType(self.kind), value=self.value)
+        try:
+            data = extension("breakers").call(self.source_name, admitted_fetch, identifier)
+        except Paced as paced:
+            return self.paced(paced)
+        except NotFound as error:
+            extension("cache").set(self.kind, self.source_name, self.value, None, found=False)
+            return self.result(SourceState.NOT_FOUND, error=error.message)
+        except UpstreamRejected as error:
+            return self.result(SourceState.ERROR, error=error.message)
+        except BreakerOpen as error:
+            return self.circuit_open(error)
+        except (TransientError, BreakerUnavailable) as error:
+            return self.failed(error)
+        extension("cache").set(self.kind, self.source_name, self.value, data, found=True)
+        if self.kind == "cnpj":
+            _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), self.batch)
+        return self.result(SourceState.OK, data=data)
 
-    try:
-        data = extension("breakers").call(source_name, admitted_fetch, identifier)
-    except Paced as paced:
+    def paced(self, paced: Paced) -> dict:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
         # limit allows (for a batch call, as leaves the reserve of starts).  Keep the token and go
         # a little later, ahead of new work; a batch call only within BATCH_SOURCE_WAIT of its hold.
-        if batch:
-            due, skipped = batch_wait(paced.wait)
+        if self.batch:
+            due, skipped = self.batch_wait(paced.wait)
             if skipped is not None:
                 return skipped
         else:
             due = time.time() + paced.wait
-        metrics.rate_limit_delay(source_name, "paced", paced.wait)
-        return wait_for_slot(due)
-    except NotFound as error:
-        cache.set(kind, source_name, value, None, found=False)
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.NOT_FOUND,
-                elapsed_ms=elapsed(),
-                attempts=attempt + 1,
-                error=error.message,
-            )
-        )
-    except UpstreamRejected as error:
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.ERROR,
-                elapsed_ms=elapsed(),
-                attempts=attempt + 1,
-                error=error.message,
-            )
-        )
-    except BreakerOpen as error:
-        metrics.source_request(source_name, "breaker_open")
-        stale = cache.get_stale(kind, source_name, value)
+        metrics.rate_limit_delay(self.source_name, "paced", paced.wait)
+        return self.wait_for_slot(due)
+
+    def circuit_open(self, error: BreakerOpen) -> dict:
+        """The breaker refused the call: a stale copy if the cache keeps one, else `circuit_open`."""
+        metrics.source_request(self.source_name, "breaker_open")
+        stale = extension("cache").get_stale(self.kind, self.source_name, self.value)
         if stale is not None:
             state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
-            return record(
-                SourceResult(
-                    source_name,
-                    state,
-                    data=stale.data,
-                    cached=True,
-                    stale=True,
-                    elapsed_ms=elapsed(),
-                    attempts=attempt,
-                    error="circuit open; serving a stale copy",
-                )
+            return self.result(
+                state,
+                attempts=self.attempt,
+                data=stale.data,
+                cached=True,
+                stale=True,
+                error="circuit open; serving a stale copy",
             )
-        retry_at = (
+        until = (
             f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
         )
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.CIRCUIT_OPEN,
-                elapsed_ms=elapsed(),
-                attempts=attempt,
-                error=f"circuit open{retry_at}; no stale copy",
-            )
+        return self.result(
+            SourceState.CIRCUIT_OPEN, attempts=self.attempt, error=f"circuit open{until}; no stale copy"
         )
-    except (TransientError, BreakerUnavailable) as error:
+
+    def failed(self, error: TransientError | BreakerUnavailable) -> dict:
+        """A transient failure: retried after a backoff, or past RETRY_MAX a dead letter."""
         message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
         if isinstance(error, BreakerUnavailable):
-            metrics.source_request(source_name, "breaker_unavailable")
-        if attempt + 1 > settings.retry_max:
-            extension("dead_letters").add(lookup_id, source_name, kind, value, priority, message, attempt + 1)
-            return record(
-                SourceResult(
-                    source_name,
-                    SourceState.ERROR,
-                    elapsed_ms=elapsed(),
-                    attempts=attempt + 1,
-                    error=f"gave up after {attempt + 1} attempts: {message}",
-                )
+            metrics.source_request(self.source_name, "breaker_unavailable")
+        attempts = self.attempt + 1
+        if attempts > self.settings.retry_max:
+            extension("dead_letters").add(
+                self.lookup_id, self.source_name, self.kind, self.value, self.priority, message, attempts
             )
-        delay = _backoff(attempt)
+            return self.result(SourceState.ERROR, error=f"gave up after {attempts} attempts: {message}")
+        delay = _backoff(self.attempt)
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
-        extension("deferred").add(due, FETCH_TASK, [*args, attempt + 1, False, requeue], options)
-        return record(
-            SourceResult(
-                source_name,
-                SourceState.RETRYING,
-                elapsed_ms=elapsed(),
-                attempts=attempt + 1,
-                scheduled_at=due,
-                error=message,
-            )
-        )
-    cache.set(kind, source_name, value, data, found=True)
-    if kind == "cnpj":
-        _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), batch)
-    return record(
-        SourceResult(source_name, SourceState.OK, data=data, elapsed_ms=elapsed(), attempts=attempt + 1)
-    )
+        extension("deferred").add(due, FETCH_TASK, [*self.args, attempts, False, self.requeue], self.options)
+        return self.result(SourceState.RETRYING, scheduled_at=due, error=message)
 
 
 def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_ids: dict[str, str]) -> dict:

@@ -18,8 +18,6 @@ import sse_streaming
 from enrich import (
     api_errors,
     cli,
-    dead_letters,
-    feature_flags,
     log_redaction,
     log_setup,
     lookups,
@@ -30,10 +28,14 @@ from enrich import (
     status_history,
 )
 from enrich.api_errors import ApiError, json_response
-from enrich.batches import store as batches
+from enrich.batches.store import BatchStore
+from enrich.dead_letters import DeadLetters
 from enrich.deferred_calls import DeferredCalls
-from enrich.extensions import extension
+from enrich.extensions import Services, services
+from enrich.feature_flags import FeatureFlags
 from enrich.identifiers import InvalidIdentifier, parse
+from enrich.lookups import LookupStore
+from enrich.near_cache import NearCache
 from enrich.rate_limiter import RateLimiter
 from enrich.settings import Settings, parse_allowed_hosts
 from enrich.sources import build_sources
@@ -65,16 +67,27 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app.url_map.merge_slashes = False
     # In a Celery worker the app is built after the worker configured logging: it stays "worker".
     log_setup.configure(settings, log_setup.configured_process() or "web")
-    app.extensions["settings"] = settings
     client = redis_store.connect(settings)
-    app.extensions["redis"] = client
-    app.extensions["sources"] = build_sources(settings)
-    feature_flags.init_app(app)  # before the parts that obey the flags
-    app.extensions["rate_limiter"] = RateLimiter(client, settings, app.extensions["flags"])
-    app.extensions["deferred"] = DeferredCalls(client, settings)
-    for part in (cache_manager, circuit_breaker_manager, lookups, sse_streaming, dead_letters, batches):
-        part.init_app(app)
-    job_queue.init_app(app, celery)
+    flags = FeatureFlags(client, settings)  # before the parts that obey the flags
+    near = NearCache(settings, settings.near_cache_size, settings.near_cache_max_age)
+    parts = Services(
+        settings=settings,
+        redis=client,
+        sources=build_sources(settings),
+        flags=flags,
+        rate_limiter=RateLimiter(client, settings, flags),
+        deferred=DeferredCalls(client, settings),
+        cache=cache_manager.Cache(client, settings, near if settings.near_cache_size else None, flags),
+        breakers=circuit_breaker_manager.BreakerManager(client, settings, flags),
+        lookups=LookupStore(client, settings),
+        events=sse_streaming.EventLog(client, settings),
+        event_hub=sse_streaming.EventHub(settings),
+        dead_letters=DeadLetters(client, settings),
+        batches=BatchStore(client, settings),
+    )
+    parts.celery = celery or job_queue.LookupCelery(settings, flask_app=app)
+    parts.register(app)
+    app.register_blueprint(sse_streaming.sse)  # /api/lookups/<id>/events
     api_errors.init_app(app)
     origin_check.init_app(app)  # the first hook: a cross-site POST is refused before it counts
     app.before_request(batch_api.batch_body_limit)  # before anything reads a body
@@ -117,12 +130,12 @@ def whole_body_or_413() -> None:
 
 def close_app(app: Flask) -> None:
     """Stop the app's background threads (near cache, event hub) and close its connections."""
-    near = app.extensions["cache"].near
+    near = services(app).cache.near
     if near is not None:
         near.stop()
-    app.extensions["event_hub"].stop()
-    app.extensions["celery"].close()
-    app.extensions["redis"].close()
+    services(app).event_hub.stop()
+    services(app).celery.close()
+    services(app).redis.close()
 
 
 def _json_body() -> dict:
@@ -184,7 +197,7 @@ def create_lookup():
 
 
 def _get_lookup(lookup_id: str) -> lookups.Lookup:
-    lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 64 else None
+    lookup = services().lookups.get(lookup_id) if len(lookup_id) <= 64 else None
     if lookup is None:
         raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
     return lookup
@@ -199,9 +212,7 @@ def get_lookup(lookup_id: str):
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
     body = (
-        job_queue.task_status(extension("celery"), extension("lookups"), task_id)
-        if len(task_id) <= 64
-        else None
+        job_queue.task_status(services().celery, services().lookups, task_id) if len(task_id) <= 64 else None
     )
     if body is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")
@@ -210,24 +221,24 @@ def task_status(task_id: str):
 
 @api.get("/api/status")
 def status():
-    breakers = {name: s.to_dict() for name, s in extension("breakers").status_all().items()}
+    breakers = {name: s.to_dict() for name, s in services().breakers.status_all().items()}
     return json_response(
         {
             "time": time.time(),
             "breakers": breakers,
-            "rate_limits": extension("rate_limiter").status_all(),
+            "rate_limits": services().rate_limiter.status_all(),
             "queues": {
                 "by_priority": maintenance.queue_depths(),
-                "deferred": extension("deferred").pending(),
+                "deferred": services().deferred.pending(),
             },
             "workers": maintenance.live_workers(),
-            "cache": extension("cache").stats(),
-            "dead_letters": extension("dead_letters").count(),
-            "batches": extension("batches").cluster_stats(),
-            "flags": {name: flag["enabled"] for name, flag in extension("flags").all().items()},
+            "cache": services().cache.stats(),
+            "dead_letters": services().dead_letters.count(),
+            "batches": services().batches.cluster_stats(),
+            "flags": {name: flag["enabled"] for name, flag in services().flags.all().items()},
             "health_check": maintenance.last_report("health"),
             "cleanup": maintenance.last_report("cleanup"),
-            "event_streams": extension("event_hub").stats(),
+            "event_streams": services().event_hub.stats(),
         }
     )
 
@@ -241,7 +252,7 @@ def healthz():
 def readyz():
     checks = {"redis": False, "workers": []}
     try:
-        extension("redis").ping()
+        services().redis.ping()
         checks["redis"] = True
         checks["workers"] = maintenance.live_workers()
     except redis.RedisError as error:

@@ -339,15 +339,3 @@ class Cache:
             return wrapper
 
         return decorate
-
-
-def init_app(app) -> None:
-    """Attach the cache to the app (`app.extensions["cache"]`)."""
-    settings = app.extensions["settings"]
-    near = NearCache(settings, settings.near_cache_size, settings.near_cache_max_age)
-    app.extensions["cache"] = Cache(
-        app.extensions["redis"],
-        settings,
-        near if settings.near_cache_size else None,
-        app.extensions.get("flags"),
-    )

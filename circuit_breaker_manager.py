@@ -415,10 +415,3 @@ class BreakerManager:
     def force_open(self, source_name: str) -> None:
         """Admin: open the breaker now (it half-opens after reset_timeout as usual)."""
         self.breaker(source_name).open()
-
-
-def init_app(app: Any) -> None:
-    """Keep the app's BreakerManager in app.extensions["breakers"]."""
-    app.extensions["breakers"] = BreakerManager(
-        app.extensions["redis"], app.extensions["settings"], app.extensions.get("flags")
-    )

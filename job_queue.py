@@ -24,10 +24,11 @@ from celery.signals import (
     worker_ready,
     worker_shutdown,
 )
-from flask import Flask, current_app
+from flask import Flask
 
 from enrich import log_setup, maintenance, metrics, pipeline, redis_broker, status_history
 from enrich.deferred_calls import DeferredCalls, Dispatcher
+from enrich.extensions import services
 from enrich.lookups import LookupStore, SourceState
 from enrich.settings import Settings
 
@@ -171,7 +172,7 @@ def finalize_lookup(lookup_id: str, at_deadline: bool = False) -> str | None:
 @shared_task(name="job_queue.batch_step", ignore_result=True, store_errors_even_if_ignored=True)
 def batch_step(batch_id: str) -> str:
     """A bulk batch's step: collect its items' answers, start the next ones, publish progress."""
-    return current_app.extensions["batches"].step(batch_id)
+    return services().batches.step(batch_id)
 
 
 @shared_task(name="job_queue.cleanup")
@@ -243,7 +244,7 @@ def _start_dispatcher(sender=None, **_) -> None:
     celery: LookupCelery = sender.app
     flask_app = celery.flask_app
     hostname = sender.hostname or socket.gethostname()
-    deferred = DeferredCalls(flask_app.extensions["redis"], celery.settings)
+    deferred = DeferredCalls(services(flask_app).redis, celery.settings)
     last_beat = [0.0]
 
     def send(task: str, args: list, options: dict) -> None:
@@ -252,7 +253,7 @@ def _start_dispatcher(sender=None, **_) -> None:
     def heartbeat() -> None:
         if time.monotonic() - last_beat[0] >= 5:
             maintenance.record_worker_heartbeat(flask_app, hostname)
-            flask_app.extensions["cache"].flush_counts()  # counters waiting for this worker's next read
+            services(flask_app).cache.flush_counts()  # counters waiting for this worker's next read
             # Gauges into the status history's current bucket, every 5 s so no 10 s bucket is
             # missed; the first worker to sample a bucket wins (status_history.sample).
             with flask_app.app_context():
@@ -292,13 +293,6 @@ def _stop_dispatcher(**_) -> None:
 def _health_check_at_start(sender=None, **_) -> None:
     """Run the health check once when beat starts, not only after the first interval."""
     sender.app.send_task("job_queue.health_check")
-
-
-def init_app(app: Flask, celery: LookupCelery | None = None) -> LookupCelery:
-    """Give the Flask app a Celery instance configured from its settings."""
-    celery = celery or LookupCelery(app.extensions["settings"], flask_app=app)
-    app.extensions["celery"] = celery
-    return celery
 
 
 celery_app = LookupCelery(Settings.from_env())

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 
 import orjson
 import redis
-from flask import Response, current_app, request
+from flask import Response, request
 from flask_sse import Message, ServerSentEventsBlueprint
 
 from enrich import metrics, redis_store
 from enrich.api_errors import ApiError
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.lookups import Lookup, alias_head
 from enrich.settings import Settings
 
@@ -304,21 +304,21 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
     @property
     def redis(self) -> redis.Redis:
         """The app's shared client (flask-sse opens a new connection on every access)."""
-        return current_app.extensions["redis"]
+        return services().redis
 
     def publish(self, data, type=None, id=None, retry=None, channel="sse") -> str | None:  # noqa: A002
         """Append an event to lookup `channel`'s log and announce it; the log assigns the id."""
-        return extension("events").publish(
+        return services().events.publish(
             channel, type or "message", data if isinstance(data, dict) else {"data": data}
         )
 
     def messages(self, channel="sse", last_event_id: str = "0-0") -> Iterator[Message]:
         """The lookup's events after `last_event_id`, then live ones, until `complete` or `error`."""
-        hub, events = extension("event_hub"), extension("events")
+        hub, events = services().event_hub, services().events
         listener = hub.listen(channel)
         try:
             for message in follow(
-                events, listener, last_event_id, extension("settings").sse_heartbeat_interval
+                events, listener, last_event_id, services().settings.sse_heartbeat_interval
             ):
                 if message is not None:
                     yield message
@@ -331,7 +331,7 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         A request that joined another's lookup (an alias) follows the shared lookup's log, with
         the lookup's own fields of its `partial` and `complete` events made its own.
         """
-        lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= 80 else None
+        lookup = services().lookups.get(lookup_id) if len(lookup_id) <= 80 else None
         rewrite = None
         if lookup is not None and lookup.shared_id is not None:
             rewrite = functools.partial(_as_seen_by, lookup)
@@ -359,8 +359,8 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         snapshot = snapshot_of() if len(channel) <= 80 else None
         if snapshot is None:
             raise ApiError(404, "not_found", not_found)
-        hub, events = extension("event_hub"), extension("events")
-        heartbeat = extension("settings").sse_heartbeat_interval
+        hub, events = services().event_hub, services().events
+        heartbeat = services().settings.sse_heartbeat_interval
         if finished(snapshot):
             missed = events.read_after(channel, after)
             return self._finished_response(snapshot, [rewrite(m) for m in missed] if rewrite else missed)
@@ -412,9 +412,3 @@ def _event_stream(chunks: Iterator[str]) -> Response:
 
 sse = LookupEventsBlueprint("sse", __name__)
 sse.add_url_rule("/api/lookups/<lookup_id>/events", endpoint="stream", view_func=sse.stream)
-
-
-def init_app(app) -> None:
-    app.extensions["events"] = EventLog(app.extensions["redis"], app.extensions["settings"])
-    app.extensions["event_hub"] = EventHub(app.extensions["settings"])
-    app.register_blueprint(sse)

@@ -15,7 +15,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from enrich import maintenance
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.metrics import warn_rate_limited
 
 BREAKER_STATES = ("closed", "open", "half-open")
@@ -30,7 +30,7 @@ def _breakers() -> Iterator[Metric]:
     failures = GaugeMetricFamily(
         "enrich_breaker_failures", "Consecutive failures counted by a closed breaker", labels=["source"]
     )
-    for name, status in extension("breakers").status_all().items():
+    for name, status in services().breakers.status_all().items():
         for candidate in BREAKER_STATES:
             state.add_metric([name, candidate], 1.0 if status.state == candidate else 0.0)
         failures.add_metric([name], status.failures)
@@ -46,7 +46,7 @@ def _rate_limits() -> Iterator[Metric]:
     rate = GaugeMetricFamily(
         "enrich_rate_limit_per_minute", "A source's cluster-wide call rate", labels=["source"]
     )
-    for name, bucket in extension("rate_limiter").status_all().items():
+    for name, bucket in services().rate_limiter.status_all().items():
         tokens.add_metric([name], bucket["tokens"])
         rate.add_metric([name], bucket["rate_per_minute"])
     yield from (tokens, rate)
@@ -64,13 +64,13 @@ def _queues() -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "enrich_deferred_calls",
         "Calls waiting in the deferred set (rate-limit slots, retry backoffs, lookup deadlines)",
-        value=extension("deferred").pending(),
+        value=services().deferred.pending(),
     )
 
 
 def _dead_letters() -> Iterator[Metric]:
     yield GaugeMetricFamily(
-        "enrich_dead_letters", "Entries on the dead-letter list", value=extension("dead_letters").count()
+        "enrich_dead_letters", "Entries on the dead-letter list", value=services().dead_letters.count()
     )
 
 
@@ -81,7 +81,7 @@ def _workers() -> Iterator[Metric]:
 
 
 def _cache() -> Iterator[Metric]:
-    cache = extension("cache")
+    cache = services().cache
     reads = CounterMetricFamily(
         "enrich_cache_cluster_reads",
         "Cache entries read by every process since the counters began, by result",
@@ -96,13 +96,13 @@ def _cache() -> Iterator[Metric]:
         "The cache's generation (bumped by a full invalidation)",
         value=cache.generation(),
     )
-    memory = extension("redis").info("memory").get("used_memory")
+    memory = services().redis.info("memory").get("used_memory")
     if memory is not None:
         yield GaugeMetricFamily("enrich_redis_used_memory_bytes", "Memory Redis reports in use", value=memory)
 
 
 def _batches() -> Iterator[Metric]:
-    stats = extension("batches").cluster_stats()
+    stats = services().batches.cluster_stats()
     yield GaugeMetricFamily("enrich_batches_running", "Bulk batches not finished", value=stats["running"])
     yield GaugeMetricFamily(
         "enrich_batch_items_pending", "Items of running batches not started yet", value=stats["items_pending"]
@@ -131,7 +131,7 @@ class ClusterState:
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("enrich_redis_up", "1 when this scrape reached Redis, 0 when it did not")
         try:
-            extension("redis").ping()
+            services().redis.ping()
         except redis.RedisError as error:
             # One failed ping is enough: each reader would wait out its own socket timeout.
             warn_rate_limited("metrics scrape: Redis", error)

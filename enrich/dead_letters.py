@@ -10,7 +10,7 @@ import orjson
 import redis
 
 from enrich import metrics, redis_store
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.pipeline import FETCH_TASK, celery_priority, send_task
 from enrich.settings import Settings
 
@@ -100,11 +100,11 @@ def requeue(entry_id: str) -> dict | None:
     Returns the entry with the new `task_id`, or None for an unknown id (the admin API and
     `flask dead-letters requeue` both call this).  The call replaces the source's settled answer.
     """
-    entry = extension("dead_letters").mark_requeued(entry_id)
+    entry = services().dead_letters.mark_requeued(entry_id)
     if entry is None:
         return None
     task_id = uuid.uuid4().hex
-    extension("lookups").register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    services().lookups.register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
     send_task(
         FETCH_TASK,
         [
@@ -120,7 +120,3 @@ def requeue(entry_id: str) -> dict | None:
         {"task_id": task_id, "priority": celery_priority(entry["priority"])},
     )
     return {**entry, "task_id": task_id}
-
-
-def init_app(app) -> None:
-    app.extensions["dead_letters"] = DeadLetters(app.extensions["redis"], app.extensions["settings"])

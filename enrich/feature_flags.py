@@ -110,8 +110,3 @@ class FeatureFlags:
             self.redis.hset(self.key, name, "1" if value else "0")
         log.warning("feature flag %s set to %s", name, "default" if value is None else value)
         return self.all()[name]
-
-
-def init_app(app) -> None:
-    """Keep the app's FeatureFlags in app.extensions["flags"]."""
-    app.extensions["flags"] = FeatureFlags(app.extensions["redis"], app.extensions["settings"])

@@ -651,7 +651,3 @@ class LookupStore:
             if lookup_id is not None and not self.redis.exists(self.record_key(lookup_id.decode())):
                 removed += self.redis.delete(key)
         return removed
-
-
-def init_app(app) -> None:
-    app.extensions["lookups"] = LookupStore(app.extensions["redis"], app.extensions["settings"])

@@ -10,35 +10,35 @@ import redis
 from flask import Flask
 
 from enrich import redis_broker, redis_store
-from enrich.extensions import extension
+from enrich.extensions import services
 
 log = logging.getLogger("maintenance")
 
 
 def _key(*parts: object) -> str:
-    return redis_store.key(extension("settings"), *parts)
+    return redis_store.key(services().settings, *parts)
 
 
 def record_worker_heartbeat(app: Flask, hostname: str) -> None:
     """A worker says it is alive (a sorted set of hostnames scored by last beat)."""
-    settings = app.extensions["settings"]
+    settings = services(app).settings
     try:
-        app.extensions["redis"].zadd(redis_store.key(settings, "workers"), {hostname: time.time()})
+        services(app).redis.zadd(redis_store.key(settings, "workers"), {hostname: time.time()})
     except redis.RedisError as error:
         log.warning("worker heartbeat failed: %s", error)
 
 
 def live_workers() -> list[str]:
     """Workers whose heartbeat is younger than WORKER_HEARTBEAT_TTL."""
-    client = extension("redis")
-    cutoff = time.time() - extension("settings").worker_heartbeat_ttl
+    client = services().redis
+    cutoff = time.time() - services().settings.worker_heartbeat_ttl
     return sorted(m.decode() for m in client.zrangebyscore(_key("workers"), cutoff, "+inf"))
 
 
 def queue_depths() -> dict[str, int]:
     """Messages waiting on the broker per API priority (10 most urgent)."""
-    settings = extension("settings")
-    client = extension("redis")
+    settings = services().settings
+    client = services().redis
     with client.pipeline(transaction=False) as pipe:
         for name in redis_broker.priority_lists(settings.key_prefix):
             pipe.llen(name)
@@ -50,25 +50,25 @@ def cleanup() -> dict:
     """Delete lookups past retention (with their event logs and task ids), old cache generations,
     single-flight locks of vanished lookups, dead-letter ids of expired entries, batches past
     their retention, stale workers."""
-    settings = extension("settings")
+    settings = services().settings
     started = time.time()
     result = {
-        "lookups": extension("lookups").delete_older_than(
-            started - settings.lookup_retention, extension("events").stream_key
+        "lookups": services().lookups.delete_older_than(
+            started - settings.lookup_retention, services().events.stream_key
         ),
-        "cache_entries": extension("cache").delete_old_generations(),
-        "locks": extension("lookups").delete_stale_inflight(),
-        "dead_letters": extension("dead_letters").prune(),
-        "batches": extension("batches").delete_older_than(started - settings.batch_retention),
+        "cache_entries": services().cache.delete_old_generations(),
+        "locks": services().lookups.delete_stale_inflight(),
+        "dead_letters": services().dead_letters.prune(),
+        "batches": services().batches.delete_older_than(started - settings.batch_retention),
         "cpf_leftovers": _purge_cpf_leftovers(),
         "workers": int(
-            extension("redis").zremrangebyscore(
+            services().redis.zremrangebyscore(
                 _key("workers"), "-inf", started - 10 * settings.worker_heartbeat_ttl
             )
         ),
     }
     report = {"ran_at": started, "duration_ms": round((time.time() - started) * 1000, 1), "removed": result}
-    extension("redis").set(_key("cleanup"), orjson.dumps(report))
+    services().redis.set(_key("cleanup"), orjson.dumps(report))
     log.info("cleanup removed %s", result)
     return report
 
@@ -79,11 +79,11 @@ def _purge_cpf_leftovers() -> int:
     Once per deployment: it scans every lookup record, and after the first run there is nothing
     left to find (an upgraded process writes no CPF), so a marker key says it is done.
     """
-    client = extension("redis")
+    client = services().redis
     if client.exists(_key("cpf-purged")):
         return 0
-    removed = extension("cache").purge_type("cpf") + extension("lookups").purge_type(
-        "cpf", extension("events").stream_key
+    removed = services().cache.purge_type("cpf") + services().lookups.purge_type(
+        "cpf", services().events.stream_key
     )
     client.set(_key("cpf-purged"), int(time.time()))
     return removed
@@ -91,17 +91,15 @@ def _purge_cpf_leftovers() -> int:
 
 def health_check() -> dict:
     """Redis latency, live workers, breaker states and quota tokens; stored for /api/status."""
-    client = extension("redis")
+    client = services().redis
     started = time.perf_counter()
     client.ping()
     redis_ms = round((time.perf_counter() - started) * 1000, 2)
-    breakers = {name: status.to_dict() for name, status in extension("breakers").status_all().items()}
-    quotas = extension("rate_limiter").status_all()
+    breakers = {name: status.to_dict() for name, status in services().breakers.status_all().items()}
+    quotas = services().rate_limiter.status_all()
     workers = live_workers()
     # A batch whose step chain broke (its worker lost) gets a new step (batches.BatchStore.status).
-    running_batches = [
-        extension("batches").status(batch_id) for batch_id in extension("batches").running_ids()
-    ]
+    running_batches = [services().batches.status(batch_id) for batch_id in services().batches.running_ids()]
     problems = [f"breaker {name} is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
     if not workers:
         problems.append("no live worker")
@@ -122,5 +120,5 @@ def health_check() -> dict:
 
 def last_report(name: str) -> dict | None:
     """The last stored `health` or `cleanup` report."""
-    raw = extension("redis").get(_key(name))
+    raw = services().redis.get(_key(name))
     return orjson.loads(raw) if raw else None

@@ -18,7 +18,7 @@ from flask import current_app
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
 from enrich import call_pool, cpf_answers, cross_checks, log_redaction, log_setup, metrics, redis_broker
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.identifiers import Identifier, IdentifierType
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
 from enrich.sources import NotFound, RateLimited, SourceError, TransientError, UpstreamRejected, sources_for
@@ -54,7 +54,7 @@ def celery_priority(priority: int) -> int:
 
 def send_task(name: str, args: list, options: dict) -> None:
     """Put a task on the broker (`options` as for apply_async: task_id, priority)."""
-    extension("celery").send_task(name, args=args, **options)
+    services().celery.send_task(name, args=args, **options)
 
 
 def result_from_cache(entry: CacheEntry) -> SourceResult:
@@ -72,10 +72,10 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     if identifier.type is IdentifierType.CPF:
         metrics.lookup_finished("cpf", "answered", began)
         return cpf_answers.answer(identifier, priority), True
-    settings = extension("settings")
-    store = extension("lookups")
+    settings = services().settings
+    store = services().lookups
     kind = str(identifier.type)
-    sources = [s for s in sources_for(kind, extension("sources")) if s.supports(identifier)]
+    sources = [s for s in sources_for(kind, services().sources) if s.supports(identifier)]
     names = [s.name for s in sources]
     cached, prefetched_cep = {}, None
     if not refresh:
@@ -83,7 +83,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         # has seen the company before; `_company_cep` uses it only if the merged CEP is the same.
         guess = _COMPANY_CEPS.get(identifier.value) if kind == "cnpj" else None
         reads = [(kind, names, identifier.value)] + ([("cep", _cep_source_names(), guess)] if guess else [])
-        answers = extension("cache").read(reads)
+        answers = services().cache.read(reads)
         cached = answers[0]
         prefetched_cep = (guess, answers[1]) if guess else None
     now = time.time()
@@ -116,7 +116,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     running = store.create(
         lookup,
         claim=True,
-        also=lambda pipe: extension("deferred").add(lookup.deadline_at, *deadline, pipe=pipe),
+        also=lambda pipe: services().deferred.add(lookup.deadline_at, *deadline, pipe=pipe),
     )
     if running is not None:
         joined = store.get(running)
@@ -172,7 +172,7 @@ def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]
 
 def _cancel_deadline(lookup_id: str, priority: int) -> None:
     task, args, options, call_id = _deadline_call(lookup_id, priority)
-    extension("deferred").cancel(call_id, task, args, options)
+    services().deferred.cancel(call_id, task, args, options)
 
 
 class Paced(CallWithdrawn):
@@ -185,7 +185,7 @@ class Paced(CallWithdrawn):
 
 def _backoff(attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
-    settings = extension("settings")
+    settings = services().settings
     delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
@@ -193,7 +193,7 @@ def _backoff(attempt: int) -> float:
 def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
     """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
     result = dataclasses.replace(result, updated_at=round(time.time(), 3))
-    applied, newly, done, total = extension("lookups").set_source(lookup_id, result, replace_settled)
+    applied, newly, done, total = services().lookups.set_source(lookup_id, result, replace_settled)
     if not applied:
         if total > 0 and done == total:
             # A task redelivered after its worker died between settling the last source and
@@ -203,7 +203,7 @@ def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) 
     published = [("source", result.to_dict())]
     if newly:
         published.append(("progress", {"done": done, "total": total}))
-    extension("events").publish_many(lookup_id, published)
+    services().events.publish_many(lookup_id, published)
     if newly and done == total:
         finalize(lookup_id)
     return True
@@ -237,7 +237,7 @@ def run_source_call(
     """
     if kind == IdentifierType.CPF:
         return _dropped_cpf_call(lookup_id)
-    if not requeue and not settled_checked and extension("lookups").is_settled(lookup_id, source_name):
+    if not requeue and not settled_checked and services().lookups.is_settled(lookup_id, source_name):
         # A redelivered task (its worker died after settling): the lookup may still need its
         # finalize, which that worker never reached.  finalize does nothing unless all settled.
         finalize(lookup_id)
@@ -270,8 +270,8 @@ class _SourceCall:
         self.lookup_id, self.source_name, self.kind, self.value = lookup_id, source_name, kind, value
         self.priority, self.attempt, self.requeue, self.held_since = priority, attempt, requeue, held_since
         self.batch = priority == BATCH_PRIORITY
-        self.settings = extension("settings")
-        self.limiter = extension("rate_limiter")
+        self.settings = services().settings
+        self.limiter = services().rate_limiter
         # The task's positional arguments, which every later send of this call repeats.
         self.args = [lookup_id, source_name, kind, value, priority]
         self.options = {"priority": celery_priority(priority)}
@@ -345,7 +345,7 @@ class _SourceCall:
         # A batch call's hold goes on counting from when it began (`held_since`, last argument).
         held = [self.held_since] if self.batch and self.held_since else []
         resend = [*self.args, self.attempt, True, self.requeue, *held]
-        extension("deferred").add(due, FETCH_TASK, resend, self.slot_options, rate_limit_wait=True)
+        services().deferred.add(due, FETCH_TASK, resend, self.slot_options, rate_limit_wait=True)
         return self.rate_limited("waiting for the source's rate limit", due)
 
     def reserve(self) -> dict | None:
@@ -358,7 +358,7 @@ class _SourceCall:
             if skipped is not None:
                 return skipped
             resend = [*self.args, self.attempt, False, self.requeue, self.held_since]
-            extension("deferred").add(due, FETCH_TASK, resend, self.options, rate_limit_wait=True)
+            services().deferred.add(due, FETCH_TASK, resend, self.options, rate_limit_wait=True)
             return self.rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
         if not reservation.granted:
             metrics.rate_limit_delay(self.source_name, "exhausted", reservation.wait)
@@ -374,7 +374,7 @@ class _SourceCall:
     # -- the call ------------------------------------------------------------------------------
     def fetch(self) -> dict:
         """Through the breaker, admitted by the log of starts: fetch, then record what came of it."""
-        source = extension("sources")[self.source_name]
+        source = services().sources[self.source_name]
         if not self.requeue:
             settle(
                 self.lookup_id, SourceResult(self.source_name, SourceState.RUNNING, attempts=self.attempt + 1)
@@ -391,11 +391,11 @@ class _SourceCall:
 
         identifier = Identifier(type=IdentifierType(self.kind), value=self.value)
         try:
-            data = extension("breakers").call(self.source_name, admitted_fetch, identifier)
+            data = services().breakers.call(self.source_name, admitted_fetch, identifier)
         except Paced as paced:
             return self.paced(paced)
         except NotFound as error:
-            extension("cache").set(self.kind, self.source_name, self.value, None, found=False)
+            services().cache.set(self.kind, self.source_name, self.value, None, found=False)
             return self.result(SourceState.NOT_FOUND, error=error.message)
         except UpstreamRejected as error:
             return self.result(SourceState.ERROR, error=error.message)
@@ -403,7 +403,7 @@ class _SourceCall:
             return self.circuit_open(error)
         except (TransientError, BreakerUnavailable) as error:
             return self.failed(error)
-        extension("cache").set(self.kind, self.source_name, self.value, data, found=True)
+        services().cache.set(self.kind, self.source_name, self.value, data, found=True)
         if self.kind == "cnpj":
             _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), self.batch)
         return self.result(SourceState.OK, data=data)
@@ -424,7 +424,7 @@ class _SourceCall:
     def circuit_open(self, error: BreakerOpen) -> dict:
         """The breaker refused the call: a stale copy if the cache keeps one, else `circuit_open`."""
         metrics.source_request(self.source_name, "breaker_open")
-        stale = extension("cache").get_stale(self.kind, self.source_name, self.value)
+        stale = services().cache.get_stale(self.kind, self.source_name, self.value)
         if stale is not None:
             state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
             return self.result(
@@ -449,7 +449,7 @@ class _SourceCall:
             metrics.source_request(self.source_name, "breaker_unavailable")
         attempts = self.attempt + 1
         if attempts > self.settings.retry_max:
-            extension("dead_letters").add(
+            services().dead_letters.add(
                 self.lookup_id, self.source_name, self.kind, self.value, self.priority, message, attempts
             )
             return self.result(SourceState.ERROR, error=f"gave up after {attempts} attempts: {message}")
@@ -457,7 +457,7 @@ class _SourceCall:
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
-        extension("deferred").add(due, FETCH_TASK, [*self.args, attempts, False, self.requeue], self.options)
+        services().deferred.add(due, FETCH_TASK, [*self.args, attempts, False, self.requeue], self.options)
         return self.result(SourceState.RETRYING, scheduled_at=due, error=message)
 
 
@@ -469,7 +469,7 @@ def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_
     """
     if kind == IdentifierType.CPF:
         return _dropped_cpf_call(lookup_id)
-    unsettled = extension("lookups").unsettled(lookup_id, list(call_ids))
+    unsettled = services().lookups.unsettled(lookup_id, list(call_ids))
     if not unsettled:
         finalize(lookup_id)
         return {}
@@ -501,14 +501,14 @@ def _dropped_cpf_call(lookup_id: str) -> dict:
 
 def _call_pool_size() -> int:
     # Every lookup task of the worker's pool may have all its sources and one CEP fetch running.
-    return max(4, extension("settings").worker_concurrency * 4)
+    return max(4, services().settings.worker_concurrency * 4)
 
 
 def _start_cep_fetch(cep: str | None, batch: bool = False) -> None:
     """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
     # The fetch hands its answer to finalize through the cache: with the cache off it would only
     # be a second call of the CEP source.
-    if not cep or not extension("settings").cep_prefetch or not extension("cache").enabled:
+    if not cep or not services().settings.cep_prefetch or not services().cache.enabled:
         return
     app, size = current_app._get_current_object(), _call_pool_size()
     call_pool.start_cep_fetch(
@@ -521,7 +521,7 @@ def _current_task_id() -> str | None:
 
 
 def _cep_source_names() -> list[str]:
-    return [s.name for s in sources_for("cep", extension("sources"))]
+    return [s.name for s in sources_for("cep", services().sources)]
 
 
 def _company_cep(
@@ -536,8 +536,8 @@ def _company_cep(
     `prefetched`: this CEP's cache entries, already read along with the company's.  `batch`: for a
     batch item, whose calls keep the interactive reserve of tokens.
     """
-    cache = extension("cache")
-    sources = sources_for("cep", extension("sources"))
+    cache = services().cache
+    sources = sources_for("cep", services().sources)
     if prefetched is None and fetch and wait_running:
         # The fetch this process started when a company source named the CEP: its answer lands
         # in the cache, so wait for it rather than call the CEP source a second time.
@@ -552,7 +552,7 @@ def _company_cep(
         return None, "the CEP is not cached yet"
     identifier = Identifier(type=IdentifierType.CEP, value=cep)
     last_error = "no CEP source available"
-    limiter = extension("rate_limiter")
+    limiter = services().rate_limiter
     for source in sources:
         if source.name in entries:
             continue
@@ -561,7 +561,7 @@ def _company_cep(
             last_error = f"{source.name} is rate limited"
             continue
         try:
-            data = extension("breakers").call(
+            data = services().breakers.call(
                 source.name, metrics.timed_fetch, source.name, source.fetch, identifier
             )
         except NotFound:
@@ -610,7 +610,7 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
 
     Returns the status it set, or None if there was nothing to do.
     """
-    store = extension("lookups")
+    store = services().lookups
     lookup = store.get(lookup_id)
     if lookup is None or lookup.status == LookupStatus.COMPLETE:
         return None
@@ -631,12 +631,12 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
         len(lookup.sources),
         extra={"lookup_id": lookup_id, "status": str(status)},
     )
-    events = extension("events")
+    events = services().events
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()
         # The person waiting hears first; the housekeeping after it cannot change the answer (a
         # request that joins meanwhile finds the lookup complete).
-        ttl = extension("settings").event_log_ttl_after_complete
+        ttl = services().settings.event_log_ttl_after_complete
         events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
@@ -664,7 +664,7 @@ def _resend_if_lost(lookup: Lookup) -> None:
     """
     if not never_started(lookup):
         return
-    named = redis_broker.messages_naming(extension("redis"), extension("settings").key_prefix, {lookup.id})
+    named = redis_broker.messages_naming(services().redis, services().settings.key_prefix, {lookup.id})
     if named is None or lookup.id in named:
         return
     log.warning(

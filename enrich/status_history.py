@@ -30,7 +30,7 @@ from flask import Blueprint, request
 from circuit_breaker_manager import BreakerUnavailable
 from enrich import maintenance, redis_store
 from enrich.api_errors import ApiError, json_response
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.settings import Settings
 
 log = logging.getLogger("status_history")
@@ -132,14 +132,14 @@ def count(
 def _gauges() -> dict[str, Any]:
     """Queue depth, breaker states and cache totals as the cluster sees them now."""
     broker = sum(maintenance.queue_depths().values())
-    deferred = extension("deferred").pending()
-    totals = extension("cache").counts()
+    deferred = services().deferred.pending()
+    totals = services().cache.counts()
     gauges: dict[str, Any] = {
         "queue_depth": broker + deferred,
         "cache_hits_total": totals.get("hits", 0),
         "cache_misses_total": totals.get("misses", 0),
     }
-    for name, status in extension("breakers").status_all().items():
+    for name, status in services().breakers.status_all().items():
         gauges[f"breaker:{name}"] = status.state
     return gauges
 
@@ -157,8 +157,8 @@ def sample(now: float | None = None) -> bool:
     Returns True when this call wrote one; a Redis failure is logged and skipped (False).
     """
     now = now if now is not None else time.time()
-    key = bucket_key(extension("settings"), bucket_start(now))
-    client = extension("redis")
+    key = bucket_key(services().settings, bucket_start(now))
+    client = services().redis
     try:
         if client.hexists(key, SAMPLED_AT):
             return False
@@ -225,8 +225,8 @@ def history(minutes: int = DEFAULT_MINUTES, now: float | None = None) -> dict[st
     Reads the gauges (and samples them into the current bucket if no one has yet), so the last
     point is live.  Raises redis.RedisError when Redis is away.
     """
-    settings = extension("settings")
-    client = extension("redis")
+    settings = services().settings
+    client = services().redis
     now = now if now is not None else time.time()
     current = bucket_start(now)
     count_in_window = minutes * 60 // BUCKET_SECONDS

@@ -58,7 +58,7 @@ from enrich import cpf_answers, cross_checks, pipeline, redis_broker, redis_stor
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
 from enrich.batches.storage import BatchStorage
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.identifiers import MAX_INPUT_LENGTH, Identifier, IdentifierType
 from enrich.lookups import Lookup, LookupStatus
 from enrich.settings import Settings
@@ -326,8 +326,8 @@ class BatchStore:
 
     def _cached_summaries(self, unique: list[Identifier]) -> dict[str, dict]:
         """Items every source of which is cached: settled now, from the cache alone (no lookup record)."""
-        all_sources = extension("sources")
-        cache = extension("cache")
+        all_sources = services().sources
+        cache = services().cache
         summaries: dict[str, dict] = {}
         for start in range(0, len(unique), CACHE_READ_CHUNK):
             chunk = unique[start : start + CACHE_READ_CHUNK]
@@ -434,7 +434,7 @@ class BatchStore:
         for kind in set(kinds):
             rates = [
                 s.settings.rate_per_minute / 60.0
-                for s in sources_for(kind, extension("sources"))
+                for s in sources_for(kind, services().sources)
                 if s.settings.rate_per_minute > 0
             ]
             waited = [rate for rate in rates if 1.0 / rate <= self.settings.batch_source_wait]
@@ -449,7 +449,7 @@ class BatchStore:
         the deferred set): (items in flight, the waits their calls were given, each item's longest
         one summed (its due time less when it was set), the longest wait still ahead of one).
         """
-        sources = extension("sources")
+        sources = services().sources
         entries = []
         for raw_key, raw_value in self.redis.hgetall(self.key(batch_id, "running")).items():
             lookup_id, _, work_id = _running_entry(raw_value.decode())
@@ -458,7 +458,7 @@ class BatchStore:
                 entries.append((work_id, [f"s:{s.name}" for s in sources_for(kind, sources)]))
         if not entries:
             return 0, 0.0, 0.0
-        store = extension("lookups")
+        store = services().lookups
         with self.redis.pipeline(transaction=False) as pipe:
             for work_id, fields in entries:
                 pipe.hmget(store.record_key(work_id), fields)
@@ -570,7 +570,7 @@ class BatchStore:
     def _schedule_step(self, batch_id: str) -> None:
         # One deferred entry per batch (the same call id, task and args make the same member): a
         # second chain started by a kick merges into this one instead of doubling the steps.
-        extension("deferred").add(
+        services().deferred.add(
             time.time() + self.settings.batch_poll_interval,
             STEP_TASK,
             [batch_id],
@@ -598,7 +598,7 @@ class BatchStore:
         }
         if not running:
             return
-        store = extension("lookups")
+        store = services().lookups
         now = time.time()
         limit = self.item_limit
         entries = {key: _running_entry(value) for key, value in running.items()}
@@ -646,7 +646,7 @@ class BatchStore:
         again only with every queue empty, which a batch's backlog never is; here no message for
         it is left, so it is sent again and the item waits for it."""
         owed = self._owed({lookup.work_id for lookup, _ in overdue.values()})
-        store = extension("lookups")
+        store = services().lookups
         for key, (lookup, since) in overdue.items():
             if lookup.work_id in owed:
                 continue
@@ -688,7 +688,7 @@ class BatchStore:
         )
         if named is None:
             return set(work_ids)
-        deferred = extension("deferred").key  # its members are plain JSON: [call id, task, args, options]
+        deferred = services().deferred.key  # its members are plain JSON: [call id, task, args, options]
         if self.redis.zcard(deferred) > redis_broker.SCAN_MAX:
             return set(work_ids)
         for raw in self.redis.zrange(deferred, 0, -1):
@@ -759,13 +759,13 @@ class BatchStore:
                 ", ".join(f"{n} {state}" for state, n in status["counts"].items() if n),
                 extra={"batch_id": batch_id, "status": status["status"]},
             )
-            extension("events").publish(self.channel(batch_id), "complete", status)
+            services().events.publish(self.channel(batch_id), "complete", status)
         return True
 
     def _publish_progress(self, batch_id: str) -> None:
         status = self.status(batch_id)
         if status is not None:
-            extension("events").publish(self.channel(batch_id), "progress", status)
+            services().events.publish(self.channel(batch_id), "progress", status)
 
     # -- housekeeping ------------------------------------------------------------------------------
     def delete_older_than(self, cutoff: float) -> int:
@@ -781,7 +781,7 @@ class BatchStore:
                 self.storage.release(batch_id)
                 parts = ("", "lines", "queue", "running", "items", "step", "kicked", "lost-check")
                 self.redis.unlink(
-                    *self._keys(batch_id, *parts), extension("events").stream_key(self.channel(batch_id))
+                    *self._keys(batch_id, *parts), services().events.stream_key(self.channel(batch_id))
                 )
                 removed += 1
             self.redis.zrem(self.index_key, *ids)
@@ -818,7 +818,3 @@ class BatchStore:
             "items_pending": sum(pending for _, pending in unfinished),
             "items_in_flight": int(self.redis.zcard(self.inflight_key)),
         }
-
-
-def init_app(app) -> None:
-    app.extensions["batches"] = BatchStore(app.extensions["redis"], app.extensions["settings"])

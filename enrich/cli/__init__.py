@@ -22,7 +22,7 @@ from flask.cli import AppGroup, with_appcontext
 from circuit_breaker_manager import BreakerUnavailable
 from enrich import maintenance, pipeline
 from enrich.cli import watch
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.identifiers import IdentifierType, InvalidIdentifier, parse
 from enrich.lookups import SourceResult
 
@@ -33,7 +33,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 def shown_redis_url() -> str:
     """The Redis URL with any password left out (it ends up in terminals and CI logs)."""
-    parts = urlsplit(extension("settings").effective_redis_url)
+    parts = urlsplit(services().settings.effective_redis_url)
     host = parts.netloc.rpartition("@")[2]
     netloc = f"{parts.username}@{host}" if parts.username else host
     return urlunsplit(parts._replace(netloc=netloc))
@@ -47,7 +47,7 @@ def needs_redis(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             # Some reads degrade quietly when Redis is away (flags keep their last values, a cache
             # read is a miss): a command must say so instead of printing defaults as the truth.
-            extension("redis").ping()
+            services().redis.ping()
             return command(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError, BreakerUnavailable) as error:
             raise click.ClickException(f"Redis unreachable at {shown_redis_url()}") from error
@@ -92,7 +92,7 @@ def lookup(identifier: str, kind: str | None, priority: int, refresh: bool, time
             click.echo(line)
         return
     if not maintenance.live_workers() and (
-        refresh or not watch.fully_cached(parsed, extension("cache"), extension("sources"))
+        refresh or not watch.fully_cached(parsed, services().cache, services().sources)
     ):
         raise click.ClickException(
             "no live worker to run the lookup (start one: celery -A job_queue worker); "
@@ -116,7 +116,7 @@ def lookup(identifier: str, kind: str | None, priority: int, refresh: bool, time
             bar.update(1)
 
         try:
-            final, timed_out = watch.follow(extension("lookups"), started.id, timeout, settled, say)
+            final, timed_out = watch.follow(services().lookups, started.id, timeout, settled, say)
         except watch.LookupGone as error:
             raise click.ClickException(f"lookup {started.id} vanished (expired or cleaned up)") from error
     if as_json:
@@ -144,7 +144,7 @@ def queue_stats(as_json: bool) -> None:
     depths = maintenance.queue_depths()
     stats = {
         "by_priority": depths,
-        "deferred": extension("deferred").pending(),
+        "deferred": services().deferred.pending(),
         "workers": maintenance.live_workers(),
     }
     if as_json:
@@ -168,10 +168,10 @@ def health(strict: bool, as_json: bool) -> None:
     report.update(breakers={}, problems=[], warnings=[])
     try:
         started = time.perf_counter()
-        extension("redis").ping()
+        services().redis.ping()
         report.update(redis=True, redis_latency_ms=round((time.perf_counter() - started) * 1000, 2))
         report["workers"] = maintenance.live_workers()
-        report["breakers"] = {name: s.to_dict() for name, s in extension("breakers").status_all().items()}
+        report["breakers"] = {name: s.to_dict() for name, s in services().breakers.status_all().items()}
     except (redis.RedisError, BreakerUnavailable):
         report["redis"] = False
         report["problems"].append(f"Redis unreachable at {shown_redis_url()}")

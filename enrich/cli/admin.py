@@ -7,7 +7,7 @@ from flask.cli import AppGroup
 
 from enrich import dead_letters
 from enrich.cli import CACHED_TYPES, echo_json, json_option, needs_redis, watch
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.feature_flags import FLAGS
 from enrich.identifiers import InvalidIdentifier, parse
 
@@ -21,7 +21,7 @@ cache = AppGroup("cache", help="The versioned cache: stats and invalidation.")
 @needs_redis
 def cache_stats(as_json: bool) -> None:
     """Hits, misses, hit rate, keys of the current generation, Redis memory."""
-    stats = extension("cache").stats()
+    stats = services().cache.stats()
     if as_json:
         return echo_json(stats)
     rate = f"{stats['hit_rate']:.1%}" if stats["hit_rate"] is not None else "-"
@@ -38,7 +38,7 @@ def cache_stats(as_json: bool) -> None:
 @needs_redis
 def cache_invalidate(kind: str | None, identifier: str | None, everything: bool, as_json: bool) -> None:
     """Delete one identifier's entries, a whole type's, or everything (--all)."""
-    store = extension("cache")
+    store = services().cache
     if everything:
         if kind or identifier:
             raise click.BadParameter("--all takes no --type or --identifier", param_hint="'--all'")
@@ -62,7 +62,7 @@ def cache_invalidate(kind: str | None, identifier: str | None, everything: bool,
 @needs_redis
 def cache_bump_generation(as_json: bool) -> None:
     """Invalidate every entry at once (old generations are swept by beat's cleanup)."""
-    _generation_bumped(extension("cache").bump_generation(), as_json)
+    _generation_bumped(services().cache.bump_generation(), as_json)
 
 
 def _generation_bumped(generation: int, as_json: bool) -> None:
@@ -89,7 +89,7 @@ def _breaker_line(status: dict) -> str:
 @needs_redis
 def breakers_list(as_json: bool) -> None:
     """Every source's breaker: state, failures, when it opened."""
-    statuses = {name: status.to_dict() for name, status in extension("breakers").status_all().items()}
+    statuses = {name: status.to_dict() for name, status in services().breakers.status_all().items()}
     if as_json:
         return echo_json(statuses)
     for status in statuses.values():
@@ -97,12 +97,12 @@ def breakers_list(as_json: bool) -> None:
 
 
 def _change_breaker(source: str, action: str, as_json: bool) -> None:
-    known = extension("settings").sources
+    known = services().settings.sources
     if source not in known:
         raise click.BadParameter(
             f"no source named {source!r} (sources: {', '.join(known)})", param_hint="'SOURCE'"
         )
-    manager = extension("breakers")
+    manager = services().breakers
     if action == "reset":
         manager.reset(source)
     else:
@@ -142,7 +142,7 @@ dead_letters_group = AppGroup("dead-letters", help="Source calls that failed aft
 @needs_redis
 def dead_letters_list(limit: int, as_json: bool) -> None:
     """The newest dead letters."""
-    letters = extension("dead_letters")
+    letters = services().dead_letters
     count, items = letters.count(), letters.list(limit)
     if as_json:
         return echo_json({"count": count, "items": items})
@@ -187,7 +187,7 @@ def _flag_line(name: str, flag: dict) -> str:
 @needs_redis
 def flags_list(as_json: bool) -> None:
     """Every flag: on or off, and whether a run-time value or the setting decides."""
-    values = extension("flags").all()
+    values = services().flags.all()
     if as_json:
         return echo_json(values)
     for name, flag in values.items():
@@ -201,7 +201,7 @@ def flags_list(as_json: bool) -> None:
 @needs_redis
 def flags_set(name: str, value: str, as_json: bool) -> None:
     """Turn a flag on or off for the whole cluster, or back to its setting (default)."""
-    flag = extension("flags").set(name, FLAG_VALUES[value])
+    flag = services().flags.set(name, FLAG_VALUES[value])
     if as_json:
         return echo_json({"name": name, **flag})
     click.echo(_flag_line(name, flag))

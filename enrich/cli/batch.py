@@ -22,7 +22,7 @@ from enrich.batches import rows as batch_rows
 from enrich.batches.store import BatchStore
 from enrich.cli import echo_json, json_option, needs_redis
 from enrich.cli.watch import clock
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.identifiers import IdentifierType
 
 # A status read is a few round trips; twice a second keeps the bar lively at no cost to Redis.
@@ -36,7 +36,7 @@ batch = AppGroup("batch", help=f"Bulk batches: run a file of identifiers, follow
 
 
 def _store() -> BatchStore:
-    return extension("batches")
+    return services().batches
 
 
 def _stderr(line: str) -> None:
@@ -185,7 +185,7 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
     cancel` needs none).  Exit 0 when the batch completes (even with failed or not_found rows),
     1 when it was cancelled or on --timeout, 130 on Ctrl-C, which cancels the items not started yet.
     """
-    settings = extension("settings")
+    settings = services().settings
     if output != "-" and not os.access(os.path.dirname(os.path.abspath(output)), os.W_OK):
         # Checked now, not after a batch of an hour: the results would have nowhere to go.
         raise click.BadParameter(f"cannot write in the directory of {output!r}", param_hint="'--output'")

@@ -7,14 +7,14 @@ import math
 import time
 from dataclasses import dataclass
 
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, request
 from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from enrich import dead_letters
 from enrich.api_errors import ApiError, json_response
-from enrich.extensions import extension
+from enrich.extensions import services
 from enrich.feature_flags import FLAGS
 from enrich.identifiers import InvalidIdentifier, parse
 from enrich.settings import RATE_LIMIT_OFF
@@ -58,17 +58,17 @@ def init_app(app: Flask) -> None:
     past the limit, and a right one only tests: at most the limit's wrong guesses per window get
     an answer, however many arrive at once, and a right token never uses up the allowance.
     """
-    settings = app.extensions["settings"]
+    settings = services(app).settings
     app.register_blueprint(admin)
     limit = settings.admin_auth_limit
     if not settings.admin_token or limit.strip().lower() in RATE_LIMIT_OFF:
         return
     storage = RedisStorage(
         settings.effective_redis_url,
-        connection_pool=app.extensions["redis"].connection_pool,
+        connection_pool=services(app).redis.connection_pool,
         key_prefix=settings.key_prefix,
     )
-    app.extensions["admin_auth_limit"] = AuthLimit(parse_many(limit), MovingWindowRateLimiter(storage))
+    services(app).admin_auth_limit = AuthLimit(parse_many(limit), MovingWindowRateLimiter(storage))
 
 
 @admin.before_request
@@ -79,7 +79,7 @@ def require_token() -> None:
     request from that address is a 429 with Retry-After (the right token's too, so a throttled
     guesser cannot tell a right guess) until the window frees a slot.  A right token never counts.
     """
-    settings = extension("settings")
+    settings = services().settings
     expected = settings.admin_token
     if not expected:
         raise ApiError(403, "admin_disabled", "the admin API is off: the service has no ADMIN_TOKEN set")
@@ -88,7 +88,7 @@ def require_token() -> None:
     token = credentials.strip(" ") if scheme.lower() == "bearer" else ""
     # Constant time: the comparison must not tell an attacker how much of a guess was right.
     right = hmac.compare_digest(token.encode(), expected.encode())
-    limit: AuthLimit | None = current_app.extensions.get("admin_auth_limit")
+    limit = services().admin_auth_limit
     address = request.remote_addr or "unknown"  # ProxyFix's, behind TRUSTED_PROXIES (client_limits.py)
     wait = (limit.over(address) if right else limit.fail(address)) if limit else 0
     if wait:
@@ -117,7 +117,7 @@ def _body() -> dict:
 @admin.post("/cache/invalidate")
 def invalidate_cache():
     body = _body()
-    cache = extension("cache")
+    cache = services().cache
     unknown = sorted(set(body) - {"all", "type", "identifier"})
     if unknown:
         raise ApiError(
@@ -144,33 +144,33 @@ def invalidate_cache():
 
 
 def _known_source(name: str) -> str:
-    if name not in extension("settings").sources:
+    if name not in services().settings.sources:
         raise ApiError(404, "not_found", f"no source named {name!r}")
     return name
 
 
 @admin.post("/breakers/<source>/reset")
 def reset_breaker(source: str):
-    breakers = extension("breakers")
+    breakers = services().breakers
     breakers.reset(_known_source(source))
     return json_response(breakers.status(source).to_dict())
 
 
 @admin.post("/breakers/<source>/open")
 def open_breaker(source: str):
-    breakers = extension("breakers")
+    breakers = services().breakers
     breakers.force_open(_known_source(source))
     return json_response(breakers.status(source).to_dict())
 
 
 @admin.get("/flags")
 def list_flags():
-    return json_response(extension("flags").all())
+    return json_response(services().flags.all())
 
 
 @admin.put("/flags/<name>")
 def set_flag(name: str):
-    flags = extension("flags")
+    flags = services().flags
     if name not in FLAGS:
         raise ApiError(404, "not_found", f"no feature flag named {name!r} (flags: {', '.join(FLAGS)})")
     body = _body()
@@ -196,7 +196,7 @@ def list_dead_letters():
         limits and not (limits[0].isascii() and limits[0].isdigit() and 1 <= int(limits[0]) <= 1000)
     ):
         raise ApiError(400, "invalid_request", "limit must be one whole number from 1 to 1000", "limit")
-    letters = extension("dead_letters")
+    letters = services().dead_letters
     return json_response({"count": letters.count(), "items": letters.list(int(limits[0]) if limits else 100)})
 
 

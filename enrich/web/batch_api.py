@@ -17,7 +17,7 @@ from enrich.batches import input as batch_input
 from enrich.batches.rows import csv_lines, jsonl_lines
 from enrich.batches.storage import StorageFull
 from enrich.batches.store import BatchStore
-from enrich.extensions import extension
+from enrich.extensions import services
 
 batch_api = Blueprint("batch_api", __name__)
 CREATE_ENDPOINT = "batch_api.create_batch"  # POST /api/batches: BATCH_MAX_BYTES, not MAX_REQUEST_BYTES
@@ -27,7 +27,7 @@ def batch_body_limit() -> None:
     """A batch's body may be BATCH_MAX_BYTES, not MAX_REQUEST_BYTES: set before anything reads it
     (an app hook, registered ahead of app.whole_body_or_413)."""
     if request.endpoint == CREATE_ENDPOINT:
-        request.max_content_length = extension("settings").batch_max_bytes
+        request.max_content_length = services().settings.batch_max_bytes
 
 
 log = logging.getLogger("api")
@@ -37,12 +37,12 @@ CANCEL_TOKEN_HEADER = "X-Cancel-Token"
 
 
 def _store() -> BatchStore:
-    return extension("batches")
+    return services().batches
 
 
 def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
     """The batch in the request (JSON, a CSV body or a multipart `file`) and a name for it."""
-    settings = extension("settings")
+    settings = services().settings
     rows = settings.batch_max_rows
     mimetype = request.mimetype
     try:

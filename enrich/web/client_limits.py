@@ -15,6 +15,7 @@ from flask_limiter.util import get_remote_address
 from limits import parse_many
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from enrich.extensions import services
 from enrich.settings import RATE_LIMIT_OFF as OFF
 
 LIMITED_ENDPOINT = "api.create_lookup"  # POST /api/lookups; reads and streams are not limited
@@ -30,11 +31,11 @@ def init_app(app: Flask) -> None:
     """Limit LIMITED_ENDPOINT (already registered) to LOOKUP_RATE_LIMIT per client address, and
     BATCH_ENDPOINT to BATCH_RATE_LIMIT.
 
-    One Limiter per app, kept in app.extensions["client_limiter"]: flask-limiter's Limiter holds
+    One Limiter per app, kept in its services (`client_limiter`): flask-limiter's Limiter holds
     one storage, so a module-level one shared by several apps (tests, tools) would count every
     app's requests in whichever app's Redis was set up last.
     """
-    settings = app.extensions["settings"]
+    settings = services(app).settings
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
@@ -56,7 +57,7 @@ def init_app(app: Flask) -> None:
         # The app's own bounded pool (no extra connections, the same 1 s timeouts); limits puts its
         # key_prefix first, so keys are `{p}:LIMITER/client/{address}/...` like every other key.
         storage_options={
-            "connection_pool": app.extensions["redis"].connection_pool,
+            "connection_pool": services(app).redis.connection_pool,
             "key_prefix": settings.key_prefix,
         },
         key_prefix="client",
@@ -71,7 +72,7 @@ def init_app(app: Flask) -> None:
         swallow_errors=True,
     )
     limiter.init_app(app)
-    app.extensions["client_limiter"] = limiter
+    services(app).client_limiter = limiter
     for endpoint, limit in limits.items():
         # A scope of its own per endpoint: a batch does not use up the address's lookups.
         view = app.view_functions[endpoint]

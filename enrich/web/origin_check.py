@@ -22,6 +22,7 @@ import logging
 from flask import Flask, request
 
 from enrich.api_errors import ApiError
+from enrich.extensions import services
 from enrich.settings import normalise_origin, parse_allowed_origins
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -75,5 +76,5 @@ def check_origin(allowed: frozenset[str]) -> None:
 
 def init_app(app: Flask) -> None:
     """Check every request's origin before anything else runs (rate limits and admin checks included)."""
-    allowed = parse_allowed_origins(app.extensions["settings"].allowed_origins)
+    allowed = parse_allowed_origins(services(app).settings.allowed_origins)
     app.before_request(lambda: check_origin(allowed))

@@ -6,7 +6,7 @@ from flask import Blueprint, Flask, Response, has_request_context, render_templa
 from flask_babel import Babel, format_decimal, format_number, get_locale, pgettext
 from flask_babel import gettext as _
 
-from enrich.extensions import extension
+from enrich.extensions import services
 
 pages = Blueprint("pages", __name__)
 
@@ -302,14 +302,14 @@ def index():
 @pages.get("/lookups/<lookup_id>")
 def lookup_page(lookup_id: str):
     """The lookup page showing one lookup (the script loads it and follows its stream)."""
-    lookup = extension("lookups").get(lookup_id) if len(lookup_id) <= MAX_LOOKUP_ID_LENGTH else None
+    lookup = services().lookups.get(lookup_id) if len(lookup_id) <= MAX_LOOKUP_ID_LENGTH else None
     if lookup is None:
         return _render("not_found.html", status=404)
     return _render("index.html", lookup_id=lookup.id)
 
 
 def _batch_page(batch_id: str | None) -> Response:
-    settings = extension("settings")
+    settings = services().settings
     return _render(
         "batch.html",
         batch_id=batch_id,
@@ -328,7 +328,7 @@ def batch_page():
 @pages.get("/batches/<batch_id>")
 def batch_view(batch_id: str):
     """The bulk batch page showing one batch (the script loads it and follows its stream)."""
-    if not extension("batches").exists(batch_id):
+    if not services().batches.exists(batch_id):
         return _render("not_found.html", status=404, kind="batch")
     return _batch_page(batch_id)
 

@@ -129,6 +129,9 @@ def _take_pause() -> float:
         return 0.0
 
 
+TAKE_PAUSE = _take_pause()  # read once per process: not on every take
+
+
 class QoS(kombu_redis.QoS):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -310,10 +313,9 @@ def _once(connection, *command):
 
 
 def _fault_pause() -> None:
-    pause = _take_pause()
-    if pause:
-        log.warning("BROKER_TAKE_PAUSE: pausing %.2f s between taking a message and running it", pause)
-        time.sleep(pause)
+    if TAKE_PAUSE:
+        log.warning("BROKER_TAKE_PAUSE: pausing %.2f s between taking a message and running it", TAKE_PAUSE)
+        time.sleep(TAKE_PAUSE)
 
 
 # -- the broker's layout, for the few parts of the service that must read it --------------------

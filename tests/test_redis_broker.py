@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+
 import pytest
-from kombu import Connection
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 import job_queue  # noqa: F401 - importing it installs the transport, as `celery -A job_queue` does
 from enrich import redis_broker
@@ -22,13 +26,7 @@ def test_broker_urls_use_the_transport_that_survives_a_lost_broker(url):
 
 
 # -- the atomic take, in process on the test Redis ------------------------------------------------
-import time  # noqa: E402
-import uuid  # noqa: E402
 
-import redis  # noqa: E402
-from kombu import Consumer, Exchange, Producer, Queue  # noqa: E402
-
-from enrich import redis_broker  # noqa: E402,F811
 
 QUEUE = Queue("celery", Exchange("celery", type="direct"), routing_key="celery")
 

@@ -37,14 +37,15 @@ run: $(VENV)/.runtime $(CATALOG).mo
 test: $(VENV)/.dev $(CATALOG).mo browser promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Every benchmark script; `make bench QUICK=1` runs the short versions, as make test does.
+# Every benchmark (bench/NAME.py, run as `python -m bench.NAME`); `make bench QUICK=1` runs the short
+# versions, as make test does.
 BENCHMARKS := cached_lookup uncached_latency celery_ceiling throughput streams backlog rate_fidelity batch_interference
 
 ## bench: run every benchmark and rewrite docs/benchmarks.md (QUICK=1: short runs that rewrite nothing)
 bench: $(VENV)/.dev $(CATALOG).mo
 	@for name in $(BENCHMARKS); do \
 	  if [ -f bench/$$name.py ]; then \
-	    echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py $(if $(QUICK),--quick) || exit 1; \
+	    echo "== python -m bench.$$name"; $(BIN)/python -m bench.$$name $(if $(QUICK),--quick) || exit 1; \
 	  else echo "== bench/$$name.py is missing"; exit 1; fi; \
 	done
 

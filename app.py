@@ -13,22 +13,22 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 import cache_manager
 import circuit_breaker_manager
-import job_queue
 import sse_streaming
 from enrich import (
     api_errors,
+    celery_app,
     cli,
     log_redaction,
     log_setup,
     lookups,
     maintenance,
-    metrics,
     pipeline,
     redis_store,
-    status_history,
 )
 from enrich.api_errors import ApiError, json_response
+from enrich.batches.runner import BatchRunner
 from enrich.batches.store import BatchStore
+from enrich.celery_app import LookupCelery
 from enrich.dead_letters import DeadLetters
 from enrich.deferred_calls import DeferredCalls
 from enrich.extensions import Services, services
@@ -39,7 +39,16 @@ from enrich.near_cache import NearCache
 from enrich.rate_limiter import RateLimiter
 from enrich.settings import Settings, parse_allowed_hosts
 from enrich.sources import build_sources
-from enrich.web import admin, batch_api, client_limits, openapi, origin_check, pages
+from enrich.web import (
+    admin,
+    batch_api,
+    client_limits,
+    history,
+    metrics_endpoint,
+    openapi,
+    origin_check,
+    pages,
+)
 
 api = Blueprint("api", __name__)
 log = logging.getLogger("api")
@@ -54,7 +63,7 @@ class RequestJSON(DefaultJSONProvider):
         return orjson.loads(s)
 
 
-def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery | None = None) -> Flask:
+def create_app(settings: Settings | None = None, celery: LookupCelery | None = None) -> Flask:
     """Build the app; nothing connects to Redis until the first request."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
@@ -70,22 +79,25 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     client = redis_store.connect(settings)
     flags = FeatureFlags(client, settings)  # before the parts that obey the flags
     near = NearCache(settings, settings.near_cache_size, settings.near_cache_max_age)
+    sources, lookup_store = build_sources(settings), LookupStore(client, settings)
+    batches = BatchStore(client, settings, lookup_store, sources)  # the store; the runner moves it along
     parts = Services(
         settings=settings,
         redis=client,
-        sources=build_sources(settings),
+        sources=sources,
         flags=flags,
         rate_limiter=RateLimiter(client, settings, flags),
         deferred=DeferredCalls(client, settings),
         cache=cache_manager.Cache(client, settings, near if settings.near_cache_size else None, flags),
         breakers=circuit_breaker_manager.BreakerManager(client, settings, flags),
-        lookups=LookupStore(client, settings),
+        lookups=lookup_store,
         events=sse_streaming.EventLog(client, settings),
         event_hub=sse_streaming.EventHub(settings),
         dead_letters=DeadLetters(client, settings),
-        batches=BatchStore(client, settings),
+        batches=batches,
     )
-    parts.celery = celery or job_queue.LookupCelery(settings, flask_app=app)
+    parts.celery = celery or LookupCelery(settings, flask_app=app)
+    parts.batch_runner = BatchRunner(parts, batch_api.batch_links)  # its statuses carry the routes' links
     parts.register(app)
     app.register_blueprint(sse_streaming.sse)  # /api/lookups/<id>/events
     api_errors.init_app(app)
@@ -94,11 +106,11 @@ def create_app(settings: Settings | None = None, celery: job_queue.LookupCelery 
     app.before_request(whole_body_or_413)
     app.register_blueprint(api)
     batch_api.init_app(app)  # /api/batches
-    app.register_blueprint(status_history.history_api)  # GET /api/status/history
+    app.register_blueprint(history.history_api)  # GET /api/status/history
     admin.init_app(app)  # /api/admin and its limit on failed authentications
     client_limits.init_app(app)  # after the api and admin blueprints, which it limits
     app.register_blueprint(openapi.docs)
-    metrics.init_app(app)  # GET /metrics
+    metrics_endpoint.init_app(app)  # GET /metrics
     app.register_blueprint(pages.pages)
     pages.init_app(app)
     cli.init_app(app)  # the `flask` commands (cli.py)
@@ -174,7 +186,7 @@ def _lookup_request(body: dict) -> tuple:
 @api.post("/api/lookups")
 def create_lookup():
     identifier, priority, refresh = _lookup_request(_json_body())
-    lookup, created = pipeline.start_lookup(identifier, priority, refresh)
+    lookup, created = pipeline.start_lookup(services(), identifier, priority, refresh)
     status = 200 if lookup.status == lookups.LookupStatus.COMPLETE else 202
     outcome = ("cached" if status == 200 else "started") if created else "joined"
     if not lookup.id:
@@ -212,7 +224,7 @@ def get_lookup(lookup_id: str):
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
     body = (
-        job_queue.task_status(services().celery, services().lookups, task_id) if len(task_id) <= 64 else None
+        celery_app.task_status(services().celery, services().lookups, task_id) if len(task_id) <= 64 else None
     )
     if body is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")
@@ -228,16 +240,16 @@ def status():
             "breakers": breakers,
             "rate_limits": services().rate_limiter.status_all(),
             "queues": {
-                "by_priority": maintenance.queue_depths(),
+                "by_priority": maintenance.queue_depths(services()),
                 "deferred": services().deferred.pending(),
             },
-            "workers": maintenance.live_workers(),
+            "workers": maintenance.live_workers(services()),
             "cache": services().cache.stats(),
             "dead_letters": services().dead_letters.count(),
             "batches": services().batches.cluster_stats(),
             "flags": {name: flag["enabled"] for name, flag in services().flags.all().items()},
-            "health_check": maintenance.last_report("health"),
-            "cleanup": maintenance.last_report("cleanup"),
+            "health_check": maintenance.last_report(services(), "health"),
+            "cleanup": maintenance.last_report(services(), "cleanup"),
             "event_streams": services().event_hub.stats(),
         }
     )
@@ -254,7 +266,7 @@ def readyz():
     try:
         services().redis.ping()
         checks["redis"] = True
-        checks["workers"] = maintenance.live_workers()
+        checks["workers"] = maintenance.live_workers(services())
     except redis.RedisError as error:
         checks["error"] = f"Redis unreachable: {error}"
     ready = checks["redis"] and bool(checks["workers"])

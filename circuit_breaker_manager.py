@@ -1,10 +1,46 @@
-"""Circuit breakers shared by every process through Redis: one pybreaker breaker per source."""
+"""Circuit breakers shared by every process through Redis: one pybreaker breaker per source.
+
+pybreaker is used through its public seams, and tests/test_pybreaker_contract.py pins each
+behaviour of it relied on here:
+
+- `RedisBreakerStorage` is a `pybreaker.CircuitBreakerStorage`; `SharedCircuitBreaker` is a
+  `pybreaker.CircuitBreaker` built with its public constructor. pybreaker keeps the thresholds,
+  the name, the listeners (`add_listener`) and the exclusions (`is_system_error`), and its readers
+  (`current_state`, `fail_counter`, `success_counter`) read the shared state through the storage
+  on every access. Building a breaker reads the state once and writes nothing.
+- Listeners are `pybreaker.CircuitBreakerListener`s, called as pybreaker calls them: `before_call`,
+  then `success` or `failure`, and `state_change(cb, old, new)` with pybreaker's public state
+  objects (`CircuitClosedState`, `CircuitOpenState`, `CircuitHalfOpenState`, built with
+  `notify=False`, which only names a state). `BreakerOpen` is a `pybreaker.CircuitBreakerError`.
+
+The state machine itself is owned here, because pybreaker's public API cannot express it:
+
+- Cluster-wide half-open permits. pybreaker's half-open state lets through every call that
+  reaches it. Nothing in its API limits trial calls across processes, lets a crashed prober's
+  permit expire, or takes a permit back from a call that withdrew (`CallWithdrawn`).
+- Atomic changes. pybreaker's states change the storage in separate steps (add a failure, read
+  the count, set opened_at, set the state), and the storage interface has no "record this
+  outcome" step, so two processes could both count the failure that opens. Every change here is
+  one Lua script (`admit`, `record`, `force`) on the Redis clock, with opened_at in milliseconds.
+- Concurrency. pybreaker's `call` holds a process lock for the whole call, which serializes every
+  call of the process (10 threads x 200 ms ran at 5 calls/s). Here only the two short Redis steps
+  around the call are shared.
+- Announcements. pybreaker's `state` getter, noticing a change made elsewhere, builds the new
+  state with `notify=True`, which resets the shared counters and announces the change again in
+  every process. Here each transition is announced once in the cluster, by the process whose
+  script made it, and reading `state` has no side effects.
+
+So `SharedCircuitBreaker` overrides pybreaker's public `call`, `calling`, `open`, `half_open`,
+`close` and `state`, and refuses `call_async`; the storage refuses pybreaker's writers. No
+pybreaker name with a leading underscore is called, overridden or read.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -140,28 +176,28 @@ def is_final_answer(error: BaseException) -> bool:
 
 
 def _text(value: Any) -> Any:
-    # Replies are bytes from our clients and str from a decode_responses=True client
-    # (pybreaker's storage calls .decode() on them and breaks); accept both.
+    # Replies are bytes from our clients and str from a decode_responses=True client; accept both.
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
-    """pybreaker's Redis storage, kept in one hash per source and changed by atomic scripts.
+class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
+    """A pybreaker storage kept in one hash per source (and a sorted set of probe permits),
+    changed only by the atomic scripts.
 
-    Redis errors raise BreakerUnavailable: pybreaker logs them and answers "closed", which let
-    every call through while Redis was down.
+    pybreaker's own CircuitRedisStorage does not fit: its constructor writes (building a breaker
+    to read its status would create keys), its writers are separate steps, it keeps opened_at in
+    whole seconds, and it answers "closed" when Redis is down, which let every call through.
+    Redis errors here raise BreakerUnavailable.
     """
 
     def __init__(self, redis_client: redis.Redis, settings: Settings, source_name: str) -> None:
+        super().__init__("redis")
         self.source = source_name
+        self._client = redis_client
         self._keys = [redis_store.key(settings, "breaker", source_name, part) for part in ("state", "probes")]
-        super().__init__(pybreaker.STATE_CLOSED, redis_client)
         self._scripts = {
             name: redis_client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
         }
-
-    def _initialize_redis_state(self, state: str) -> None:
-        """Write nothing: a missing hash reads as closed, and building a breaker must not write."""
 
     def _guard(self, method: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -177,14 +213,14 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
     def give_back(self, permit: str) -> None:
         """Return a probe permit that was not used (best effort: it expires anyway)."""
         try:
-            self._redis.zrem(self._keys[1], permit)
+            self._client.zrem(self._keys[1], permit)
         except redis.RedisError:
             pass
 
     def snapshot(self) -> dict[str, Any]:
         """The stored state, failures, successes and opened_at (epoch float or None)."""
         state, failures, successes, opened_at = map(
-            _text, self._guard(self._redis.hmget, self._keys[0], FIELDS)
+            _text, self._guard(self._client.hmget, self._keys[0], FIELDS)
         )
         return {
             "state": state or pybreaker.STATE_CLOSED,
@@ -193,11 +229,15 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
             "opened_at": float(opened_at) if opened_at else None,
         }
 
-    # pybreaker's storage interface.  Its readers work; its writers are pybreaker's separate,
-    # racy steps (increment, then read, then open), so every change goes through the scripts.
+    # pybreaker's storage interface.  Its readers are answered from the hash; its writers are
+    # pybreaker's separate, racy steps, so they refuse: every change goes through the scripts.
     @property
     def state(self) -> str:
         return self.snapshot()["state"]
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._use_the_scripts(state)
 
     @property
     def counter(self) -> int:
@@ -212,11 +252,36 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         value = self.snapshot()["opened_at"]
         return None if value is None else datetime.fromtimestamp(value, UTC)
 
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._use_the_scripts(value)
+
     def _use_the_scripts(self, *args: Any) -> None:
         raise NotImplementedError("breaker state changes only through RedisBreakerStorage.run")
 
     increment_counter = reset_counter = _use_the_scripts
     increment_success_counter = reset_success_counter = _use_the_scripts
+
+
+# pybreaker's public state classes, by the names the scripts store.
+STATE_CLASSES: dict[str, type[pybreaker.CircuitBreakerState]] = {
+    pybreaker.STATE_CLOSED: pybreaker.CircuitClosedState,
+    pybreaker.STATE_OPEN: pybreaker.CircuitOpenState,
+    pybreaker.STATE_HALF_OPEN: pybreaker.CircuitHalfOpenState,
+}
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """What `admit` granted one call: its probe permit ('' unless a probe), and whether a success
+    would change nothing (closed, no failures counted), so it may skip its round trip."""
+
+    permit: str
+    clean: bool
+
+
+def _with_block() -> None:
+    """What listeners' before_call is given for the body of a `with breaker.calling():` block."""
 
 
 class SharedCircuitBreaker(pybreaker.CircuitBreaker):
@@ -249,92 +314,120 @@ class SharedCircuitBreaker(pybreaker.CircuitBreaker):
         )
         self.storage = storage
 
+    @property
+    def state(self) -> pybreaker.CircuitBreakerState:
+        """The shared state as a pybreaker state object: read from Redis, announcing nothing."""
+        return self._state_object(self.current_state)
+
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call `func` if the breaker allows it; record the outcome; re-raise its exception as-is.
 
-        pybreaker holds self._lock for the whole call, which serializes every call of the
-        process (10 threads x 200 ms ran at 5 calls/s); here only the two short Redis steps
-        around the call are shared.  If Redis is unreachable, BreakerUnavailable is raised and
-        func is not called: without Redis there are no rate-limit tokens either, so no upstream
-        call may be made; the caller retries later as for any transient error.
+        If Redis is unreachable, BreakerUnavailable is raised and func is not called: without
+        Redis there are no rate-limit tokens either, so no upstream call may be made; the caller
+        retries later as for any transient error.
         """
-        permit = uuid.uuid4().hex
-        admit = ("admit", self.reset_timeout, self.probes, self.permit_ttl, permit)
-        decision, before, retry_at = self.storage.run(*admit)
-        if decision == "reject":
-            self._changed(before, before)
-            raise BreakerOpen(self.name, float(retry_at) if retry_at else None)
-        self._changed(before, pybreaker.STATE_HALF_OPEN if decision == "probe" else before)
-        # Closed with no failures counted: a success would change nothing, so it skips its round
-        # trip (a failure another process counts meanwhile is then not reset by this success).
-        clean = decision == "run" and retry_at in ("0", "")
-        permit = permit if decision == "probe" else ""
+        admission = self._admit()
         for listener in self.listeners:
             listener.before_call(self, func, *args, **kwargs)
         try:
             result = func(*args, **kwargs)
-        except CallWithdrawn:
-            if permit:
-                self.storage.give_back(permit)
-            raise
         except Exception as error:
-            if not self.is_system_error(error):  # a final answer: the upstream works
-                self._succeeded(permit, clean)
-                raise
-            self._record("failure", permit)
-            for listener in self.listeners:
-                listener.failure(self, error)
+            self._settle(admission, error)
             raise
-        self._succeeded(permit, clean)
+        self._settle(admission, None)
         return result
 
-    def _succeeded(self, permit: str, clean: bool = False) -> None:
-        if not clean:
-            self._record("success", permit)
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """The body of a `with breaker.calling():` block is guarded as `call` guards a function."""
+        admission = self._admit()
+        for listener in self.listeners:
+            listener.before_call(self, _with_block)
+        try:
+            yield
+        except Exception as error:
+            self._settle(admission, error)
+            raise
+        self._settle(admission, None)
+
+    def call_async(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Not supported: pybreaker's Tornado path would bypass the shared state."""
+        raise NotImplementedError("SharedCircuitBreaker has no Tornado calls; use call()")
+
+    def _admit(self) -> _Admission:
+        permit = uuid.uuid4().hex
+        admit = ("admit", self.reset_timeout, self.probes, self.permit_ttl, permit)
+        decision, before, retry_at = self.storage.run(*admit)
+        if decision == "reject":
+            raise BreakerOpen(self.name, float(retry_at) if retry_at else None)
+        if decision == "probe":
+            self._announce(before, pybreaker.STATE_HALF_OPEN)
+            return _Admission(permit, clean=False)
+        # Closed with no failures counted: a success would change nothing, so it skips its round
+        # trip (a failure another process counts meanwhile is then not reset by this success).
+        return _Admission("", clean=retry_at in ("0", ""))
+
+    def _settle(self, admission: _Admission, error: Exception | None) -> None:
+        """Record the outcome and tell the listeners, in pybreaker's order."""
+        if isinstance(error, CallWithdrawn):  # neither a success nor a failure
+            if admission.permit:
+                self.storage.give_back(admission.permit)
+            return
+        if error is not None and self.is_system_error(error):
+            change = self._record("failure", admission.permit)
+            for listener in self.listeners:
+                listener.failure(self, error)
+            self._announce(*change)
+            return
+        # A success, or a final answer (the upstream works).
+        if not admission.clean:
+            self._announce(*self._record("success", admission.permit))
         for listener in self.listeners:
             listener.success(self)
 
-    def _record(self, outcome: str, permit: str) -> None:
+    def _record(self, outcome: str, permit: str) -> tuple[str, str]:
+        """Record an outcome; (state before, state after)."""
         # The upstream has answered by now, so its answer stands even if Redis just went away.
         try:
             after, before = self.storage.run("record", outcome, permit, self.fail_max, self.success_threshold)
         except BreakerUnavailable:
             logger.warning("breaker %s: could not record a %s, Redis is unreachable", self.name, outcome)
-            return
-        self._changed(before, after)
+            return "", ""
+        return before, after
 
-    def _changed(self, before: str, after: str) -> None:
-        """Track the shared state; announce only the transitions this process made.
+    def _state_object(
+        self, state: str, previous: pybreaker.CircuitBreakerState | None = None
+    ) -> pybreaker.CircuitBreakerState:
+        # notify=False only names the state: with notify=True pybreaker's constructors reset the
+        # shared counters and call the listeners.
+        return STATE_CLASSES[state](self, prev_state=previous, notify=False)
 
-        pybreaker announces a change in every process that notices it; here each transition is
-        announced (and logged) once in the cluster, by the process whose script made it.
+    def _announce(self, before: str, after: str) -> None:
+        """Tell the listeners of a transition this process's script made (once in the cluster).
+
+        pybreaker announces a change in every process that notices it.
         """
-        new = self._create_new_state(after)
-        with self._lock:
-            previous, self._state = self._state, new
         if before != after:
-            old = previous if previous.name == before else self._create_new_state(before)
+            old = self._state_object(before)
+            new = self._state_object(after, old)
             for listener in self.listeners:
                 listener.state_change(self, old, new)
 
-    def _create_new_state(self, new_state: str, prev_state: Any = None, notify: bool = False) -> Any:
-        # pybreaker's state constructors with notify=True reset the shared counters, and its
-        # `state` getter uses them whenever another process changed the state: one process
-        # noticing another's change wiped the failures (5 to 7 failures to open).
-        return super()._create_new_state(new_state, prev_state)
-
     # pybreaker's open/half_open/close write state and opened_at in separate, racy steps.
     def _force(self, state: str) -> None:
-        self._changed(self.storage.run("force", state), state)
+        self._announce(self.storage.run("force", state), state)
 
     def open(self) -> bool:
+        """Open the circuit now (one script); False: a trip never replaces the caller's error."""
         self._force(pybreaker.STATE_OPEN)
-        return self._throw_new_error_on_trip
+        return False
 
     def half_open(self) -> None:
+        """Half-open the circuit now: the next calls compete for the probe permits."""
         self._force(pybreaker.STATE_HALF_OPEN)
 
     def close(self) -> None:
+        """Close the circuit now and zero its counters."""
         self._force(pybreaker.STATE_CLOSED)
 
     def status(self) -> BreakerStatus:
@@ -369,11 +462,11 @@ class BreakerManager:
     def __init__(
         self, redis_client: redis.Redis, settings: Settings, flags: FeatureFlags | None = None
     ) -> None:
-        self._redis = redis_client
+        self._client = redis_client
         self._settings = settings
         self._flags = flags
         self._breakers: dict[str, SharedCircuitBreaker] = {}
-        self._listeners = [LoggingListener(), MetricsListener()]
+        self._shared_listeners = [LoggingListener(), MetricsListener()]
 
     def breaker(self, source_name: str) -> SharedCircuitBreaker:
         """The source's breaker (raises KeyError for an unknown source)."""
@@ -383,9 +476,9 @@ class BreakerManager:
             if source is None:
                 known = ", ".join(sorted(self._settings.sources))
                 raise KeyError(f"unknown source {source_name!r} (known sources: {known})")
-            storage = RedisBreakerStorage(self._redis, self._settings, source_name)
+            storage = RedisBreakerStorage(self._client, self._settings, source_name)
             probes = self._settings.breaker_half_open_probes
-            breaker = SharedCircuitBreaker(storage, source, probes, list(self._listeners))
+            breaker = SharedCircuitBreaker(storage, source, probes, list(self._shared_listeners))
             breaker = self._breakers.setdefault(source_name, breaker)
         return breaker
 

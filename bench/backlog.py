@@ -5,10 +5,10 @@ Celery worker node(s) with the service's own command lines (launcher.commands) a
 settings, except that every source's rate limit and the per-client lookup limit are off.  An
 asyncio HTTP/1.1 client of its own (keep-alive connections, in this process) POSTs one lookup
 per unique valid CNPJ as fast as the server takes them; completions are counted from the lookup
-records (app.extensions["lookups"]'s Redis hashes), never by polling the API.
+records (the lookup store's Redis hashes), never by polling the API.
 
-    .venv/bin/python bench/backlog.py            # 100,000 lookups
-    .venv/bin/python bench/backlog.py --quick    # 1,000 lookups (< 60 s)
+    .venv/bin/python -m bench.backlog            # 100,000 lookups
+    .venv/bin/python -m bench.backlog --quick    # 1,000 lookups (< 60 s)
 """
 
 from __future__ import annotations
@@ -16,19 +16,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import orjson
+from flask import Flask
 
-import harness  # noqa: E402
-from harness import Processes, fmt, log, wait_for  # noqa: E402
-from stack import Stack  # noqa: E402
-
-from devstack import launcher  # noqa: E402
-from devstack.embedded_redis import free_port  # noqa: E402
+from app import close_app, create_app
+from bench import harness
+from bench.deployment import Service
+from bench.harness import Processes, answers, fmt, log, wait_for
+from devstack import launcher
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich.extensions import services
+from enrich.settings import Settings
 
 NAME = "backlog"
 GOAL_PEAK_MEMORY = 2**30
@@ -123,9 +128,9 @@ def enqueue(url: str, identifiers: list[str], connections: int) -> dict:
 class Tracker:
     """Which lookups are complete, read in pipelined batches from the lookup records."""
 
-    def __init__(self, app) -> None:
-        self.store = app.extensions["lookups"]
-        self.redis = app.extensions["redis"]
+    def __init__(self, app: Flask) -> None:
+        self.store = services(app).lookups
+        self.redis = services(app).redis
         self.pending: set[str] = set()
         self.lock = threading.Lock()
         self.hget_calls = 0  # this benchmark's own reads, taken out of Valkey's command counts
@@ -164,8 +169,6 @@ class Tracker:
 
 def memory_by_kind(client, prefix: str, samples: int = 3000) -> dict:
     """Estimated bytes per kind of key: MEMORY USAGE of random keys, scaled to DBSIZE."""
-    import random
-
     total_keys = client.dbsize()
     sizes: dict[str, list[int]] = {}
     for _ in range(min(samples, total_keys)):
@@ -208,61 +211,79 @@ def queue_lengths(client, prefix: str) -> int:
 # -- run ----------------------------------------------------------------------------------------
 
 
+def service_env(redis_url: str, sandbox_url: str, tmp: Path, env: dict) -> dict:
+    """The service's environment: its own key prefix, the per-client limits off, then `env`."""
+    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
+    return {
+        # gunicorn_config.py sets it for the web processes alone (as in production)
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        "REDIS_URL": redis_url,
+        "KEY_PREFIX": f"s{uuid.uuid4().hex[:10]}",
+        "SANDBOX_HOST": host,
+        "SANDBOX_PORT": port,
+        "DATA_DIR": str(tmp),
+        "ADMIN_TOKEN": "bench-admin-token",
+        "PYTHONUNBUFFERED": "1",
+        "LOOKUP_RATE_LIMIT": "off",
+        "BATCH_RATE_LIMIT": "off",
+        "WORKER_METRICS_PORT": "0",  # several worker nodes on one machine
+        "PORT": str(free_port()),
+        **env,
+    }
+
+
 def start_service_with(
     tmp: Path, processes: Processes, workers: int, env: dict
-) -> tuple[Stack, str, object, str]:
-    """Valkey, the sandbox (0 ms, quotas off), `workers` worker nodes and the web server; `env` for the service."""
+) -> tuple[Service, Flask, EmbeddedRedis]:
+    """Valkey, the sandbox (0 ms, quotas off), `workers` worker nodes and the web server; `env` for the service.
+
+    Returns the deployment, an in-process app on its settings (to read its state directly; close it
+    with `close_app`) and the Valkey server.
+    """
     server = harness.start_redis(tmp)
     sandbox_url = harness.start_sandbox(processes, {**harness.NO_QUOTAS, "SANDBOX_LATENCY_MS": "0"})
-    (tmp / "stack").mkdir()
-    stack = Stack(server.url, sandbox_url, tmp / "stack", **env, PORT=str(free_port()))
-    commands = launcher.commands(stack.settings)
-    client = stack.app.extensions["redis"]
+    (tmp / "service").mkdir()
+    environment = service_env(server.url, sandbox_url, tmp / "service", env)
+    settings = Settings.from_env(environment)
+    app = create_app(settings)
+    commands = launcher.commands(settings)
+    client = services(app).redis
     for number in range(1, workers + 1):
-        hostname = f"w{number}@{stack.env['KEY_PREFIX']}"
+        hostname = f"w{number}@{settings.key_prefix}"
         command = list(commands["worker"])
         command[command.index("-n") + 1] = hostname
         name = f"worker{number}"
-        process = processes.spawn(name, command, stack.env)
+        process = processes.spawn(name, command, environment)
         wait_for(
-            lambda h=hostname: client.zscore(f"{stack.settings.key_prefix}:workers", h) is not None,
+            lambda h=hostname: client.zscore(f"{settings.key_prefix}:workers", h) is not None,
             60,
             f"worker {hostname}",
             process,
             lambda n=name: processes.log_tail(n),
         )
-    web = processes.spawn("web", commands["web"], stack.env)
-    url = f"http://{stack.settings.host}:{stack.settings.port}"
-
-    def healthy() -> bool:
-        import requests
-
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(healthy, 30, "gunicorn web", web, lambda: processes.log_tail("web"))
-    return stack, url, server, sandbox_url
+    web = processes.spawn("web", commands["web"], environment)
+    url = f"http://{settings.host}:{settings.port}"
+    wait_for(lambda: answers(f"{url}/healthz"), 30, "gunicorn web", web, lambda: processes.log_tail("web"))
+    return Service(url, sandbox_url, environment, settings), app, server
 
 
 def body(arguments: argparse.Namespace):
     def run(tmp: Path, processes: Processes) -> dict:
-        stack, url, server, _ = start_service_with(tmp, processes, arguments.workers, harness.NO_LIMITS)
+        deployed, app, server = start_service_with(tmp, processes, arguments.workers, harness.NO_LIMITS)
         try:
-            return measure(arguments, stack, url)
+            return measure(arguments, deployed, app)
         finally:
             processes.stop_all()
-            stack.stop()
+            close_app(app)
             server.stop()
 
     return run
 
 
-def measure(arguments: argparse.Namespace, stack: Stack, url: str) -> dict:
-    app = stack.app
-    client = app.extensions["redis"]
-    prefix = stack.settings.key_prefix
+def measure(arguments: argparse.Namespace, deployed: Service, app: Flask) -> dict:
+    client = services(app).redis
+    url = deployed.web_url
+    prefix = deployed.settings.key_prefix
     identifiers = harness.valid_cnpjs(arguments.count, seed=arguments.seed)
     tracker = Tracker(app)
     timeline: list[dict] = []
@@ -315,8 +336,6 @@ def measure(arguments: argparse.Namespace, stack: Stack, url: str) -> dict:
     statuses: dict[str, int] = {}
     source_states: dict[str, int] = {}
     completed, created, late = [], [], 0
-    import orjson
-
     for row in rows:
         status = (row[0] or b"missing").decode()
         statuses[status] = statuses.get(status, 0) + 1
@@ -349,9 +368,9 @@ def measure(arguments: argparse.Namespace, stack: Stack, url: str) -> dict:
             "lookups": arguments.count,
             "connections": arguments.connections,
             "worker_nodes": arguments.workers,
-            "worker_concurrency": stack.settings.worker_concurrency,
-            "web_workers": stack.settings.web_workers,
-            "lookup_deadline": stack.settings.lookup_deadline,
+            "worker_concurrency": deployed.settings.worker_concurrency,
+            "web_workers": deployed.settings.web_workers,
+            "lookup_deadline": deployed.settings.lookup_deadline,
             "sandbox_latency_ms": 0,
         },
         "enqueue": {
@@ -465,7 +484,7 @@ def markdown(report: dict) -> str:
             f"\n**Not the full 100,000**: this run enqueued {config['lookups']:,}. At the drain rate "
             f"measured here ({fmt(rate)} lookups/s) the 100,000 would take about "
             f"{fmt(100_000 / rate / 60 if rate else None)} minutes, longer than the session that ran it had; "
-            "`.venv/bin/python bench/backlog.py` (no `--count`) runs the full size. The memory figure scales "
+            "`.venv/bin/python -m bench.backlog` (no `--count`) runs the full size. The memory figure scales "
             "with the lookups retained, so the per-lookup figure above is the one to extrapolate."
         )
     if per_lookup * 100_000 / 2**20 + redis_["used_memory_before_mib"] / 1024 >= 1.0:

@@ -4,7 +4,7 @@ Not a load benchmark (it is not in `make bench`): a measurement for the README's
 It starts a private embedded Valkey, creates 10,000-row batches of three kinds in process (no worker:
 the items stay queued, as a big batch's mostly are) and reads `MEMORY USAGE` of each batch's keys.
 
-    .venv/bin/python bench/batch_bytes.py
+    .venv/bin/python -m bench.batch_bytes
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 from app import close_app, create_app
 from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich.batches import input as batch_input
+from enrich.extensions import services
 from enrich.settings import Settings
 
 ROWS = 10_000
@@ -36,7 +37,7 @@ def main() -> int:
         settings = Settings.from_env({}, redis_url=server.url, key_prefix="bytes", batch_rate_limit="off")
         app = create_app(settings)
         try:
-            batches, client = app.extensions["batches"], app.extensions["redis"]
+            batches, client = services(app).batches, services(app).redis
             print(f"{'rows':<32} {'Redis bytes/row':>16} {'reserved bytes/row':>19}")
             for kind, rows in kinds().items():
                 with app.app_context():

@@ -16,8 +16,8 @@ and its items in flight finish before the next repeat.  Interactive lookups are 
 ReceitaWS's real quota (3 a minute) keeps a company lookup from completing at a person's pace
 even on an idle service.  Goal (issue 7): p95 during the batch at most twice the idle p95.
 
-    .venv/bin/python bench/batch_interference.py           # both, 3 repeats of 40 lookups a phase at 1/s, 10,000 rows
-    .venv/bin/python bench/batch_interference.py --quick   # "real", one repeat of 8 at 2/s, 1,000 rows (< 60 s)
+    .venv/bin/python -m bench.batch_interference           # both, 3 repeats of 40 lookups a phase at 1/s, 10,000 rows
+    .venv/bin/python -m bench.batch_interference --quick   # "real", one repeat of 8 at 2/s, 1,000 rows (< 60 s)
 """
 
 from __future__ import annotations
@@ -30,19 +30,16 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-import harness  # noqa: E402
-import requests  # noqa: E402
-from deployment import Service, http_load, service  # noqa: E402
-from harness import cell, fmt, log, spread, wait_for  # noqa: E402
-from http_load import percentile  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from sandbox_fixture import GENERATORS  # noqa: E402
-from throughput import cpu_seconds  # noqa: E402
-
-from devstack.embedded_redis import free_port  # noqa: E402
-from enrich.settings import Settings  # noqa: E402
+from bench import harness
+from bench.deployment import Service, http_load, service
+from bench.harness import GENERATORS, cell, fmt, log, spread, wait_for
+from bench.http_load import percentile
+from bench.throughput import cpu_seconds
+from devstack.embedded_redis import free_port
+from enrich.settings import Settings
 
 NAME = "batch_interference"
 LATENCY_MS, JITTER_MS = 100, 50

@@ -8,7 +8,7 @@ prefix, prefetch of one consumer).  kombu's take is one BRPOP and one pipeline (
 project's is one BRPOP on the wake-up list and one script (take and record); a publish is one
 pipeline in both.
 
-    .venv/bin/python bench/broker_take.py
+    .venv/bin/python -m bench.broker_take
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 
-import job_queue
 from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich import redis_broker
+from enrich.celery_app import celery_config
 from enrich.settings import Settings
 
 MESSAGES = 5_000
@@ -32,7 +32,7 @@ MESSAGES = 5_000
 def run(url: str, transport: type, prefix: str) -> tuple[float, float]:
     """(publishes a second, takes a second) for one transport class."""
     settings = Settings.from_env({}, redis_url=url, key_prefix=prefix)
-    options = job_queue.celery_config(settings)["broker_transport_options"]
+    options = celery_config(settings)["broker_transport_options"]
     queue = Queue("celery", Exchange("celery", type="direct"), routing_key="celery")
     with Connection(url, transport=transport, transport_options=options) as connection:
         producer = Producer(connection.default_channel)

@@ -7,8 +7,8 @@ own process on loopback) first runs each at full speed with a fixed concurrency,
 lookup at a fixed rate of half its own peak, where its p99 is judged.  Goals (issue 5): cached
 throughput at least 0.6 of healthz's; p99 under 10 ms at half of peak.
 
-    .venv/bin/python bench/cached_lookup.py            # 3 repeats of 10 s runs; rewrites its docs section
-    .venv/bin/python bench/cached_lookup.py --quick    # one repeat of 4 s per side (< 60 s); rewrites nothing
+    .venv/bin/python -m bench.cached_lookup            # 3 repeats of 10 s runs; rewrites its docs section
+    .venv/bin/python -m bench.cached_lookup --quick    # one repeat of 4 s per side (< 60 s); rewrites nothing
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import requests
 
-import harness  # noqa: E402
-import requests  # noqa: E402
-from deployment import http_load, service  # noqa: E402
-from harness import cell, log, spread, wait_for  # noqa: E402
+from bench import harness
+from bench.deployment import http_load, service
+from bench.harness import cell, log, spread, wait_for
 
 NAME = "cached_lookup"
 IDENTIFIER = "11222333000181"  # one hot company: every request reads the same cached entries

@@ -6,8 +6,8 @@ a Redis counter); this process sends N tasks as fast as one producer can and wai
 counter says all N ran.  Pools: threads with the service's default concurrency, with and without
 the Redis result backend, and prefork x 2 for reference.
 
-    .venv/bin/python bench/celery_ceiling.py            # 4,000 tasks x 3 repeats per pool
-    .venv/bin/python bench/celery_ceiling.py --quick    # 1,000 tasks x 1 (< 60 s)
+    .venv/bin/python -m bench.celery_ceiling            # 4,000 tasks x 3 repeats per pool
+    .venv/bin/python -m bench.celery_ceiling --quick    # 1,000 tasks x 1 (< 60 s)
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import uuid
 from pathlib import Path
 
 import psutil
+import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-from harness import BIN, ROOT, Processes, cell, fmt, log, spread, wait_for  # noqa: E402
-
-import job_queue  # noqa: E402
-from enrich.settings import Settings  # noqa: E402
+from bench import harness
+from bench.harness import BIN, Processes, cell, fmt, log, spread, wait_for
+from enrich.celery_app import LookupCelery
+from enrich.settings import Settings
 
 NAME = "celery_ceiling"
 TASK = "bench.noop"
@@ -65,15 +63,14 @@ def measure_pool(config: dict, redis_url: str, processes: Processes, tasks: int,
         **os.environ,
         "REDIS_URL": redis_url,
         "KEY_PREFIX": prefix,
-        "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
         "BENCH_NO_RESULTS": "0" if config["results"] else "1",
     }
     settings = Settings.from_env(env)
-    producer = job_queue.LookupCelery(settings)
+    producer = LookupCelery(settings)
     if not config["results"]:
         producer.conf.update(result_backend=None, task_ignore_result=True, task_track_started=False)
-    client = producer.flask_app.extensions["redis"]
+    client = redis.Redis.from_url(settings.effective_redis_url)  # the producer only sends, and counts here
     counter = f"{prefix}:bench:noop:done"
     name = f"worker-{config['pool']}{config['concurrency']}-{'results' if config['results'] else 'noresults'}"
     worker = processes.spawn(
@@ -138,7 +135,7 @@ def measure_pool(config: dict, redis_url: str, processes: Processes, tasks: int,
             runs.append(run)
     finally:
         processes.stop(name)
-        producer.flask_app.extensions["redis"].close()
+        client.close()
     return {
         **config,
         "runs": runs,
@@ -182,7 +179,7 @@ def markdown(report: dict) -> str:
     config = report["config"]
     lines = [
         harness.header(report, "Celery ceiling: no-op task round trips (`bench/celery_ceiling.py`)"),
-        f"One worker node of `bench/baselines/celery_noop.py`: `job_queue.LookupCelery`'s own configuration "
+        f"One worker node of `bench/baselines/celery_noop.py`: `enrich.celery_app.LookupCelery`'s own configuration "
         f"(Redis broker with priorities and the service's key prefix, acks late, prefetch 1, track started, "
         f"extended results, log level {config['worker_loglevel']}) plus a task that only increments a Redis "
         f"counter. This process sends {config['tasks']:,} tasks at once from one producer thread and waits until "

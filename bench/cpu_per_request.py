@@ -5,22 +5,20 @@ the web processes spent per request at a rate they can keep up with move far les
 how a change's cost on the cached path is compared (before/after on the same machine, e.g. with
 a `git worktree` of the earlier commit).  Prints milliseconds per request, three runs each:
 
-    .venv/bin/python bench/cpu_per_request.py
+    .venv/bin/python -m bench.cpu_per_request
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import psutil
 
-import harness  # noqa: E402
-import psutil  # noqa: E402
-from cached_lookup import IDENTIFIER, warm  # noqa: E402
-from deployment import http_load, service  # noqa: E402
+from bench import harness
+from bench.cached_lookup import IDENTIFIER, warm
+from bench.deployment import http_load, service
 
 RATE = 600  # requests/s: well under either side's peak, so neither waits for CPU
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from harness import BIN, NO_LIMITS, NO_QUOTAS, ROOT, Processes, start_redis, wait_for
 
+from bench.harness import BIN, NO_LIMITS, NO_QUOTAS, ROOT, Processes, answers, start_redis, wait_for
 from devstack import launcher
 from devstack.embedded_redis import free_port
 from enrich.settings import Settings
@@ -41,13 +41,6 @@ class Service:
         """Upstream requests the sandbox has served so far, all upstreams together."""
         stats = requests.get(f"{self.sandbox_url}/_stats", timeout=5).json()
         return sum(upstream["requests"] for upstream in stats["upstreams"].values())
-
-
-def _answers(url: str, expect: int = 200) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == expect
-    except requests.RequestException:
-        return False
 
 
 @contextlib.contextmanager
@@ -100,7 +93,7 @@ def _start(
     sandbox_command = [part for part in commands["sandbox"] if part not in ("--access-logfile", "-")]
     processes.spawn("sandbox", sandbox_command, env)
     wait_for(
-        lambda: _answers(f"{settings.sandbox_url}/healthz"),
+        lambda: answers(f"{settings.sandbox_url}/healthz"),
         30,
         "the sandbox",
         processes.children["sandbox"],
@@ -116,7 +109,7 @@ def _start(
     web_url = f"http://{settings.host}:{settings.port}"
     ready = f"{web_url}/readyz" if worker else f"{web_url}/healthz"
     wait_for(
-        lambda: _answers(ready),
+        lambda: answers(ready),
         60,
         "the web server",
         processes.children["web"],
@@ -140,13 +133,13 @@ def start_serial_baseline(processes: Processes, service: Service) -> str:
             f"127.0.0.1:{port}",
             "--log-level",
             "warning",
-            "bench.baselines.serial_app:create_app()",
+            "bench.baselines.serial_app:create_app()",  # imported from the working directory, ROOT
         ],
-        {**service.env, "PYTHONPATH": str(ROOT)},
+        service.env,
     )
     url = f"http://127.0.0.1:{port}"
     wait_for(
-        lambda: _answers(f"{url}/healthz"),
+        lambda: answers(f"{url}/healthz"),
         60,
         "the serial baseline",
         process,
@@ -156,12 +149,12 @@ def start_serial_baseline(processes: Processes, service: Service) -> str:
 
 
 def http_load(url: str, tmp: Path, *, bodies: list[dict] | None = None, **options) -> dict:
-    """Run bench/http_load.py as its own process; returns its JSON summary.
+    """Run bench/http_load.py as its own process (`python -m bench.http_load`); returns its JSON summary.
 
     `bodies`: one JSON body per request, each sent once; other keyword options become flags
     (`connections=32, seconds=5, rate=400, method="POST", body="{...}", follow="sse"`).
     """
-    command = [sys.executable, str(ROOT / "bench" / "http_load.py"), url]
+    command = [sys.executable, "-m", "bench.http_load", url]
     if bodies is not None:
         path = tmp / f"bodies-{uuid.uuid4().hex[:8]}.jsonl"
         path.write_text("".join(json.dumps(body) + "\n" for body in bodies))

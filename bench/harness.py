@@ -1,7 +1,8 @@
-"""Shared plumbing of the queue benchmarks (celery_ceiling, backlog, rate_fidelity).
+"""Shared plumbing of the benchmarks, each run from the repository's root as `python -m bench.NAME`.
 
 Processes in their own sessions, stopped as groups on exit or Ctrl-C; an embedded Valkey on a
-free port; results JSON under bench/results/; each benchmark's own section of docs/benchmarks.md.
+free port; waiting for a server to answer; results JSON under bench/results/; each benchmark's
+own section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -24,14 +26,10 @@ from pathlib import Path
 import psutil
 import requests
 
+from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich.identifiers import cnpj_check_digits
+
 ROOT = Path(__file__).resolve().parent.parent
-for entry in (str(ROOT / "tests"), str(ROOT)):
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
-
-from devstack.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from enrich.identifiers import cnpj_check_digits  # noqa: E402
-
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -54,11 +52,17 @@ class Processes:
         self.tmp = tmp
         self.children: dict[str, subprocess.Popen] = {}
 
-    def spawn(self, name: str, command: list[str], env: dict, cwd: Path = ROOT) -> subprocess.Popen:
+    def spawn(
+        self, name: str, command: list[str], env: dict, cwd: Path = ROOT, *, piped: bool = False
+    ) -> subprocess.Popen:
+        """Start `command`, its output in `<tmp>/<name>.log`; `piped`: text stdin and stdout are pipes
+        to this process (a client driven by commands), only stderr goes to the log."""
         output = (self.tmp / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        if piped:
+            streams = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": output, "text": True}
+        else:
+            streams = {"stdout": output, "stderr": subprocess.STDOUT}
+        process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, **streams)
         self.children[name] = process
         return process
 
@@ -66,12 +70,13 @@ class Processes:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace")[-size:] if path.exists() else ""
 
-    def stop(self, name: str, timeout: float = 20.0) -> None:
+    def stop(self, name: str, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to the child's whole group; SIGKILL it if it is still running after `timeout`."""
         process = self.children.pop(name, None)
         if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -95,6 +100,14 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, process
             return value
         time.sleep(0.05)
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{tail() if tail else ''}")
+
+
+def answers(url: str, expect: int = 200) -> bool:
+    """Whether a GET of `url` is answered with `expect` within a second (readiness polls)."""
+    try:
+        return requests.get(url, timeout=1).status_code == expect
+    except requests.RequestException:
+        return False
 
 
 def start_redis(tmp: Path) -> EmbeddedRedis:
@@ -125,27 +138,43 @@ def start_sandbox(processes: Processes, env: dict) -> str:
         {**os.environ, **env},
     )
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(answers, 30, "the sandbox", process, lambda: processes.log_tail("sandbox"))
+    wait_for(
+        lambda: answers(f"{url}/healthz"), 30, "the sandbox", process, lambda: processes.log_tail("sandbox")
+    )
     return url
 
 
 def valid_cnpjs(count: int, seed: int) -> list[str]:
     """`count` distinct valid numeric CNPJs (head office, check digits computed)."""
-    import random
-
     generator = random.Random(seed)
     values: dict[str, None] = {}
     while len(values) < count:
         base = f"{generator.randrange(10**7, 10**8)}0001"
         values[base + cnpj_check_digits(base)] = None
     return list(values)
+
+
+# The identifiers tests/sandbox_fixture.py generates for a seed (its numeric CNPJs and its CEPs), the
+# same ones, so that a benchmark and a test of the same seed see the same sandbox answers.
+
+
+def generated_cnpjs(count: int, seed: int = 1) -> list[str]:
+    """`count` valid, distinct, reproducible numeric CNPJs (head office)."""
+    generator = random.Random(seed)
+    values: dict[str, None] = {}
+    while len(values) < count:
+        base = "".join(generator.choice("0123456789") for _ in range(8)) + "0001"
+        values[base + cnpj_check_digits(base)] = None
+    return list(values)
+
+
+def generated_ceps(count: int, seed: int = 1) -> list[str]:
+    """`count` distinct, reproducible CEPs."""
+    generator = random.Random(seed)
+    return [f"{value:08d}" for value in generator.sample(range(1_000_000, 99_999_999), count)]
+
+
+GENERATORS: dict[str, Callable[[int, int], list[str]]] = {"cnpj": generated_cnpjs, "cep": generated_ceps}
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -176,11 +205,15 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
-def cell(summary: dict, digits: int = 1) -> str:
-    """'median (min–max)', or the median alone when every run gave the same figure."""
-    text = fmt(summary["median"], digits)
-    if summary["min"] is not None and len(summary["runs"]) > 1 and summary["min"] != summary["max"]:
-        text += f" ({fmt(summary['min'], digits)}–{fmt(summary['max'], digits)})"
+def cell(summary: dict, digits: int = 1, number: Callable[[object], str] | None = None) -> str:
+    """'median (min–max)', or the median alone when every run gave the same figure.
+
+    `number` formats each figure (default: `fmt` with `digits`).
+    """
+    number = number or (lambda value: fmt(value, digits))
+    text = number(summary["median"])
+    if summary["min"] is not None and summary["min"] != summary["max"]:
+        text += f" ({number(summary['min'])}–{number(summary['max'])})"
     return text
 
 
@@ -251,7 +284,7 @@ def run_benchmark(name: str, quick: bool, argv: list[str], body: Callable[[Path,
             "quick": quick,
             "file": file_name,
             "date": started.isoformat(timespec="seconds"),
-            "command": " ".join([".venv/bin/python", f"bench/{name}.py", *argv]),
+            "command": " ".join([".venv/bin/python", "-m", f"bench.{name}", *argv]),
             "load_average_1m_at_start": load_start,
             "machine": machine(),
         }

@@ -4,10 +4,10 @@ Runs as its own process on loopback, so the server under test never shares an in
 its load, and prints one JSON summary on stdout.  The same generator drives every side of a
 comparison (the service, healthz, the serial baseline).
 
-    http_load.py URL --connections 32 --seconds 10                     # fixed concurrency (closed loop)
-    http_load.py URL --connections 64 --seconds 10 --rate 500          # fixed rate (open loop)
-    http_load.py URL --method POST --body '{"identifier": "..."}'      # one JSON body for every request
-    http_load.py URL --method POST --bodies FILE --follow sse          # one body per line, each sent once
+    python -m bench.http_load URL --connections 32 --seconds 10                    # fixed concurrency (closed loop)
+    python -m bench.http_load URL --connections 64 --seconds 10 --rate 500         # fixed rate (open loop)
+    python -m bench.http_load URL --method POST --body '{"identifier": "..."}'     # one JSON body for every request
+    python -m bench.http_load URL --method POST --bodies FILE --follow sse         # one body per line, each sent once
 
 `--follow sse|poll` times a whole lookup: a 202 answer is followed to its end, over its event
 stream (`links.events`, on a new connection, until `complete` or `error`) or by polling

@@ -9,8 +9,8 @@ OpenCNPJ bucket (negative tokens = calls reserved ahead = a backlog).  Per secon
 requests the sandbox answered for OpenCNPJ; it also reads the workers' `running` events of
 OpenCNPJ from the lookups' event logs (their log ids are the Redis server's clock, in ms).
 
-    .venv/bin/python bench/rate_fidelity.py            # 30 s offered, observed until the backlog drains
-    .venv/bin/python bench/rate_fidelity.py --quick    # 10 s offered, 10 s more observed (< 60 s)
+    .venv/bin/python -m bench.rate_fidelity            # 30 s offered, observed until the backlog drains
+    .venv/bin/python -m bench.rate_fidelity --quick    # 10 s offered, 10 s more observed (< 60 s)
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from pathlib import Path
 
 import orjson
 import requests
+from flask import Flask
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-from backlog import start_service_with  # noqa: E402
-from harness import Processes, cell, fmt, log, spread  # noqa: E402
-
-from enrich import redis_store  # noqa: E402
+from app import close_app
+from bench import harness
+from bench.backlog import start_service_with
+from bench.deployment import Service
+from bench.harness import Processes, cell, fmt, log, spread
+from enrich import redis_store
+from enrich.extensions import services
 
 NAME = "rate_fidelity"
 SOURCE = "opencnpj"
@@ -173,7 +174,7 @@ def running_times(app, ids: list[str]) -> tuple[list[float], list[float]]:
     Lateness: the call's start minus the `scheduled_at` its token was reserved for (calls that had
     to wait for a token only).
     """
-    events = app.extensions["events"]
+    events = services(app).events
     times, lateness = [], []
     for lookup_id in ids:
         scheduled = None
@@ -201,11 +202,11 @@ def quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def one_run(arguments: argparse.Namespace, stack, url: str, sandbox_url: str, seed: int) -> dict:
-    app = stack.app
-    limiter = app.extensions["rate_limiter"]
+def one_run(arguments: argparse.Namespace, deployed: Service, app: Flask, seed: int) -> dict:
+    limiter = services(app).rate_limiter
+    url, sandbox_url = deployed.web_url, deployed.sandbox_url
     rate = LIMIT_PER_MINUTE / 60
-    burst = stack.settings.sources[SOURCE].burst
+    burst = deployed.settings.sources[SOURCE].burst
     count = int(arguments.rate * arguments.seconds)
     identifiers = harness.valid_cnpjs(count, seed=seed)
     limiter.reset(SOURCE)
@@ -295,28 +296,28 @@ def one_run(arguments: argparse.Namespace, stack, url: str, sandbox_url: str, se
 def body(arguments: argparse.Namespace):
     def run(tmp: Path, processes: Processes) -> dict:
         env = {**harness.NO_LIMITS, f"RATE_LIMIT_{SOURCE.upper()}": str(LIMIT_PER_MINUTE)}
-        stack, url, server, sandbox_url = start_service_with(tmp, processes, arguments.workers, env)
+        deployed, app, server = start_service_with(tmp, processes, arguments.workers, env)
         try:
             runs = []
             for repeat in range(arguments.repeats):
-                runs.append(one_run(arguments, stack, url, sandbox_url, seed=100 + repeat))
+                runs.append(one_run(arguments, deployed, app, seed=100 + repeat))
                 if repeat + 1 < arguments.repeats:
-                    drain(stack)
+                    drain(app)
         finally:
             processes.stop_all()
-            stack.stop()
+            close_app(app)
             server.stop()
         return {
             "config": {
                 "source": SOURCE,
                 "rate_limit_per_minute": LIMIT_PER_MINUTE,
-                "burst": stack.settings.sources[SOURCE].burst,
+                "burst": deployed.settings.sources[SOURCE].burst,
                 "worker_nodes": arguments.workers,
-                "worker_concurrency": stack.settings.worker_concurrency,
+                "worker_concurrency": deployed.settings.worker_concurrency,
                 "offered_per_second": arguments.rate,
                 "offered_seconds": arguments.seconds,
                 "repeats": arguments.repeats,
-                "deferred_poll_interval": stack.settings.deferred_poll_interval,
+                "deferred_poll_interval": deployed.settings.deferred_poll_interval,
             },
             "runs": runs,
             "busiest_second": spread([r["busiest_second"] for r in runs]),
@@ -337,9 +338,9 @@ def body(arguments: argparse.Namespace):
     return run
 
 
-def drain(stack) -> None:
+def drain(app: Flask) -> None:
     """Wait until the source's bucket has no reservations left (the previous run's backlog)."""
-    limiter = stack.app.extensions["rate_limiter"]
+    limiter = services(app).rate_limiter
     deadline = time.time() + 600
     while limiter.tokens(SOURCE) < 0 and time.time() < deadline:
         time.sleep(0.5)

@@ -1,6 +1,6 @@
 """The load side of bench/streams.py: an asyncio Server-Sent Events client holding many streams.
 
-Runs as its own process (`python bench/sse_load.py`) so that the load it puts on the server
+Runs as its own process (`python -m bench.sse_load`) so that the load it puts on the server
 and the latency it measures are not mixed with the benchmark's publisher.  It reads one JSON
 command per line on stdin and answers each with one JSON line on stdout:
 

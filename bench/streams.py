@@ -3,47 +3,48 @@
 Starts its own embedded Valkey and, per design, gunicorn with one gevent worker; the load comes
 from bench/sse_load.py in a separate process, the publisher runs here.  Every figure is measured
 on this machine; see docs/benchmarks.md for the claims, the goals and the latest results.
+Processes, Valkey, the results file and the docs section come from bench/harness.py.
 
-    .venv/bin/python bench/streams.py            # full: 1,000 streams x 3 repeats, 5,000 stretch
-    .venv/bin/python bench/streams.py --quick    # 100 streams, 5 trials, one repeat (< 60 s)
+    .venv/bin/python -m bench.streams            # full: 1,000 streams x 3 repeats, 5,000 stretch
+    .venv/bin/python -m bench.streams --quick    # 100 streams, 5 trials, one repeat (< 60 s)
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import itertools
 import json
 import math
 import os
-import platform
 import random
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import psutil
+import redis
 import requests
+from flask_sse import sse
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench" / "baselines"))
+from app import create_app
+from bench import harness
+from bench.baselines import flask_sse_app
+from bench.harness import ROOT, Processes, log, wait_for
+from devstack.embedded_redis import free_port
+from enrich.extensions import services
+from enrich.identifiers import cnpj_check_digits, parse
+from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from enrich.settings import Settings
+from enrich.sources import build_sources, sources_for
 
-from devstack.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from enrich.settings import Settings  # noqa: E402
-
-BIN = Path(sys.executable).parent
-RESULTS = ROOT / "bench" / "results"
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- streams:begin -->", "<!-- streams:end -->"
+NAME = "streams"
 QUICK_MARK = "**quick mode**"
 
 # What the issue measured for flask-sse 1.0.0 and what ours must do.
@@ -78,14 +79,11 @@ SLOW_SECONDS = 0.100  # an event slower than the p99 goal: counted, and grouped 
 
 
 class WebServer:
-    """gunicorn with one gevent worker, in its own session so that it is stopped as a group."""
+    """gunicorn with one gevent worker (a child of `processes`), and what its worker holds."""
 
-    def __init__(
-        self, name: str, app_spec: str, env: dict, cwd: Path, log_dir: Path, extra: list[str]
-    ) -> None:
-        self.name, self.app_spec, self.cwd, self.extra = name, app_spec, cwd, extra
-        self.log = log_dir / f"{name}.log"
-        self.gc_log = log_dir / f"{name}-gc.log"
+    def __init__(self, processes: Processes, name: str, app_spec: str, env: dict, extra: list[str]) -> None:
+        self.processes, self.name, self.app_spec, self.extra = processes, name, app_spec, extra
+        self.gc_log = processes.tmp / f"{name}-gc.log"
         self.env = {**env, "BENCH_GC_LOG": str(self.gc_log)}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -93,7 +91,7 @@ class WebServer:
 
     def start(self, timeout: float = 30.0) -> WebServer:
         command = [
-            str(BIN / "gunicorn"),
+            str(harness.BIN / "gunicorn"),
             "-k",
             "gevent",
             "-w",
@@ -108,26 +106,15 @@ class WebServer:
             *self.extra,
             self.app_spec,
         ]
-        self.process = subprocess.Popen(
-            command,
-            cwd=self.cwd,
-            env=self.env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.process = self.processes.spawn(self.name, command, self.env)
+        wait_for(
+            lambda: harness.answers(f"{self.url}/healthz") and self.worker(),
+            timeout,
+            self.name,
+            self.process,
+            lambda: self.processes.log_tail(self.name),
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200 and self.worker():
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not answer within {timeout}s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        return self
 
     def worker(self) -> psutil.Process | None:
         children = psutil.Process(self.process.pid).children()
@@ -156,32 +143,19 @@ class WebServer:
         return pauses
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):  # SIGINT: gunicorn's quick shutdown (SIGTERM would
-            os.killpg(self.process.pid, signal.SIGINT)  # wait up to 30 s for streams to end)
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        # SIGINT: gunicorn's quick shutdown (SIGTERM would wait up to 30 s for the streams to end).
+        self.processes.stop(self.name, timeout=5, sig=signal.SIGINT)
 
 
 class LoadClient:
     """Drives bench/sse_load.py: one JSON command per line, one JSON answer per line."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "sse_load.py")],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=(log_dir / "client.log").open("wb"),
-            start_new_session=True,
-            text=True,
-        )
-        self.log = log_dir / "client.log"
+    name = "client"
+
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        command = [sys.executable, "-m", "bench.sse_load"]
+        self.process = processes.spawn(self.name, command, {**os.environ}, piped=True)
         self._lock = threading.Lock()
 
     def call(self, op: str, **arguments) -> dict:
@@ -190,22 +164,21 @@ class LoadClient:
             self.process.stdin.flush()
             line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the load client died:\n{self.log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(f"the load client died:\n{self.processes.log_tail(self.name)}")
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"load client {op}: {answer['error']}")
         return answer
 
     def stop(self) -> None:
+        """Ask the client to exit; kill it if it has not within 5 s."""
         if self.process.poll() is None:
             with contextlib.suppress(OSError, ValueError):
                 self.process.stdin.write('{"op": "exit"}\n')
                 self.process.stdin.flush()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self.processes.stop(self.name, sig=signal.SIGKILL)
 
 
 # -- the two designs ------------------------------------------------------------------------------
@@ -217,31 +190,29 @@ class Ours:
     name = "ours"
     open_wait = "event"  # headers and a snapshot go out at once
 
-    def __init__(self, redis_url: str, tmp: Path) -> None:
-        from app import create_app
-
+    def __init__(self, redis_url: str, processes: Processes) -> None:
+        self.processes = processes
         self.env = {
             **os.environ,
             "REDIS_URL": redis_url,
             "KEY_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
-            "DATA_DIR": str(tmp),
+            "DATA_DIR": str(processes.tmp),
             "SANDBOX_HOST": "127.0.0.1",
             "SANDBOX_PORT": "9",
             "PYTHONUNBUFFERED": "1",
         }
         self.settings = Settings.from_env(self.env)
         self.app = create_app(self.settings)
-        self.events = self.app.extensions["events"]
-        self.lookups = self.app.extensions["lookups"]
-        self.redis = self.app.extensions["redis"]
+        self.events = services(self.app).events
+        self.lookups = services(self.app).lookups
+        self.redis = services(self.app).redis
 
-    def server(self, tmp: Path, label: str, **env: str) -> WebServer:
+    def server(self, label: str, **env: str) -> WebServer:
         return WebServer(
+            self.processes,
             f"ours-{label}",
             "app:create_app()",
             {**self.env, **env},
-            ROOT,
-            tmp,
             ["--worker-connections", "10000"],
         )
 
@@ -271,11 +242,8 @@ class FlaskSse:
     name = "flask_sse"
     open_wait = "sent"  # flask-sse sends its response headers with the first published event
 
-    def __init__(self, redis_url: str, tmp: Path) -> None:
-        import flask_sse_app
-        import redis
-        from flask_sse import sse
-
+    def __init__(self, redis_url: str, processes: Processes) -> None:
+        self.processes = processes
         self.env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
         self.app = flask_sse_app.create_app()
         self.app.config["REDIS_URL"] = redis_url
@@ -285,13 +253,12 @@ class FlaskSse:
         self.redis = redis.Redis.from_url(redis_url)  # the benchmark's own, for PUBSUB NUMSUB only
         self._local = threading.local()
 
-    def server(self, tmp: Path, label: str, **env: str) -> WebServer:
+    def server(self, label: str, **env: str) -> WebServer:
         return WebServer(
+            self.processes,
             f"flask-sse-{label}",
-            "flask_sse_app:create_app()",
+            "bench.baselines.flask_sse_app:create_app()",  # imported from the working directory, ROOT
             {**self.env, **env},
-            ROOT / "bench" / "baselines",
-            tmp,
             [],
         )
 
@@ -328,8 +295,6 @@ class FlaskSse:
 
 
 def random_cnpj() -> str:
-    from enrich.identifiers import cnpj_check_digits
-
     base = f"{random.randrange(10**7, 10**8)}{random.randrange(1, 10**4):04d}"
     return base + cnpj_check_digits(base)
 
@@ -341,10 +306,6 @@ def new_lookup(store) -> str:
     POST /api/lookups; the single-flight key, deadline entry and Celery messages are left out
     because no worker runs here (they would only sit in Redis).
     """
-    from enrich.identifiers import parse
-    from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
-    from enrich.sources import build_sources, sources_for
-
     identifier = parse(random_cnpj(), "cnpj")
     sources = build_sources(store.settings)
     names = [s.name for s in sources_for("cnpj", sources) if s.supports(identifier)]
@@ -466,29 +427,47 @@ class Sampler:
 # -- scenarios ------------------------------------------------------------------------------------
 
 
+def warm_up(design, client: LoadClient, server: WebServer) -> None:
+    """One stream that receives one event, closed again before the measured streams open."""
+    warm = design.channels(1)
+    client.call(
+        "open",
+        streams=[{"key": "warm", "url": design.stream_url(server, warm[0])}],
+        wait=design.open_wait,
+    )
+    design.wait_subscribed(warm, 10)
+    design.publish(warm[0], 0)
+    client.call("wait", keys=["warm"], count=1, timeout=5)
+    client.call("close", keys=["warm"])
+    # Both designs notice a closed stream when they next write to it; without this the warm-up
+    # stream would hold one of flask-sse's 1,000 worker connections for the whole run.
+    for seq in (1, 2):  # the first write after a close may still succeed
+        design.publish(warm[0], seq)
+        time.sleep(0.25)
+
+
+def delivery(received: dict, specs: list[dict], events: int) -> dict:
+    """What the streams of `specs` received of their `events` events each: latencies, losses, slow ones."""
+    latencies, lost, duplicated, slow_sent = [], 0, 0, []
+    for spec in specs:
+        got = received.get(spec["key"], {"events": []})["events"]
+        latencies.extend(event[2] for event in got)
+        slow_sent.extend(event[4] - event[2] for event in got if event[2] > SLOW_SECONDS)
+        seqs = [event[0] for event in got]
+        lost += events - len(set(seqs) & set(range(events)))
+        duplicated += len(seqs) - len(set(seqs))
+    return {"latencies": latencies, "lost": lost, "duplicated": duplicated, "slow_sent": slow_sent}
+
+
 def run_main(
-    design, client: LoadClient, tmp: Path, redis_port: int, streams: int, events: int, rate: float, label: str
+    design, client: LoadClient, redis_port: int, streams: int, events: int, rate: float, label: str
 ) -> dict:
     """N streams, each following its own channel; E events per channel at `rate` events/s."""
-    server = design.server(tmp, label).start()
+    server = design.server(label).start()
     try:
         channels = design.channels(streams + (OVERFLOW_PROBES if streams >= 1000 else 0))
         probes, channels = channels[streams:], channels[:streams]
-        warm = design.channels(1)
-        client.call(
-            "open",
-            streams=[{"key": "warm", "url": design.stream_url(server, warm[0])}],
-            wait=design.open_wait,
-        )
-        design.wait_subscribed(warm, 10)
-        design.publish(warm[0], 0)
-        client.call("wait", keys=["warm"], count=1, timeout=5)
-        client.call("close", keys=["warm"])
-        # Both designs notice a closed stream when they next write to it; without this the warm-up
-        # stream would hold one of flask-sse's 1,000 worker connections for the whole run.
-        for seq in (1, 2):  # the first write after a close may still succeed
-            design.publish(warm[0], seq)
-            time.sleep(0.25)
+        warm_up(design, client, server)
         rss_before = server.rss()
         connections_before = server.redis_connections(redis_port)
 
@@ -515,14 +494,8 @@ def run_main(
                 time.sleep(0.1)
         publish_ended = time.time()
         received = client.call("collect", keys=[spec["key"] for spec in specs])["streams"]
-        latencies, lost, duplicated, slow_sent = [], 0, 0, []
-        for spec in specs:
-            got = received.get(spec["key"], {"events": []})["events"]
-            latencies.extend(event[2] for event in got)
-            slow_sent.extend(event[4] - event[2] for event in got if event[2] > SLOW_SECONDS)
-            seqs = [event[0] for event in got]
-            lost += events - len(set(seqs) & set(range(events)))
-            duplicated += len(seqs) - len(set(seqs))
+        got = delivery(received, specs, events)
+        latencies = got["latencies"]
 
         pauses = server.gc_pauses(publish_started, publish_ended)
         overflow = None
@@ -544,8 +517,8 @@ def run_main(
             "publish_ms_median": ms(statistics.median(durations)),
             "publish_ms_p99": ms(percentile(durations, 99)),
             "delivered": len(latencies),
-            "lost": lost,
-            "duplicated": duplicated,
+            "lost": got["lost"],
+            "duplicated": got["duplicated"],
             "latency_ms_p50": ms(percentile(latencies, 50)),
             "latency_ms_p95": ms(percentile(latencies, 95)),
             "latency_ms_p99": ms(percentile(latencies, 99)),
@@ -556,8 +529,8 @@ def run_main(
             "rss_mib_before": round(rss_before / 2**20, 1),
             "rss_mib_open": round(rss_open / 2**20, 1),
             "kib_per_stream": round((rss_open - rss_before) / 1024 / streams, 2),
-            "slow_events": len(slow_sent),
-            "slow_windows": count_windows(slow_sent),
+            "slow_events": len(got["slow_sent"]),
+            "slow_windows": count_windows(got["slow_sent"]),
             "worker_gc_max_pause_ms": max((p[1] for p in pauses), default=0.0),
             "worker_gc_full_collections": sum(1 for p in pauses if p[2] == 2),
             "overflow_tried": overflow["tried"] if overflow else None,
@@ -727,24 +700,8 @@ def run_publish_cost(design, count: int) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def fmt(value, unit: str = "") -> str:
+def short(value) -> str:
+    """A figure as the table shows it: to 3 decimals below 10 (trailing zeros dropped), 1 below 100, else 0."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -755,17 +712,13 @@ def fmt(value, unit: str = "") -> str:
             if abs(value) >= 100
             else f"{value:.1f}"
         )
-    return f"{value}{unit}"
+    return str(value)
 
 
-def cell(summary: dict, name: str, unit: str = "") -> str:
+def cell(summary: dict, name: str) -> str:
     """`median (min–max)` of a figure over the repeats."""
     figure = summary.get(name)
-    if figure is None:
-        return "n/a"
-    if figure["min"] == figure["max"]:
-        return fmt(figure["median"], unit)
-    return f"{fmt(figure['median'], unit)} ({fmt(figure['min'])}–{fmt(figure['max'])})"
+    return "n/a" if figure is None else harness.cell(figure, number=short)
 
 
 def markdown(report: dict) -> str:
@@ -774,7 +727,6 @@ def markdown(report: dict) -> str:
     n = report["config"]["streams"]
     stretch = report.get("stretch")
     lines = [
-        BEGIN,
         "## Event streams: ours against flask-sse 1.0.0 (`bench/streams.py`)",
         "",
         f"Last run {report['date']} on {report['machine']['cpu_count']} CPUs ({report['machine']['cpu_model']}, "
@@ -828,8 +780,8 @@ def markdown(report: dict) -> str:
     row(
         "2",
         "publish cost, idle (median ms, 1 thread)",
-        fmt(pc["ours"]["ms_median"]),
-        fmt(pc["flask_sse"]["ms_median"]),
+        short(pc["ours"]["ms_median"]),
+        short(pc["flask_sse"]["ms_median"]),
         "2.3 (reused client 0.13)",
         "per event on the shared pool",
         None,
@@ -837,8 +789,8 @@ def markdown(report: dict) -> str:
     row(
         "2",
         "new Redis connections opened per publish (server's count)",
-        fmt(pc["ours"]["new_redis_connections_per_publish"]),
-        fmt(pc["flask_sse"]["new_redis_connections_per_publish"]),
+        short(pc["ours"]["new_redis_connections_per_publish"]),
+        short(pc["flask_sse"]["new_redis_connections_per_publish"]),
         "1",
         "0 (shared pool)",
         None,
@@ -986,7 +938,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Ratios (flask-sse ÷ ours): "
-        + ", ".join(f"{k} {fmt(v)}×" for k, v in report["ratios"].items() if v is not None)
+        + ", ".join(f"{k} {short(v)}×" for k, v in report["ratios"].items() if v is not None)
         + ".",
         "",
         "A burst of slow events that coincides with a long worker GC pause is the cyclic garbage "
@@ -994,42 +946,8 @@ def markdown(report: dict) -> str:
         "grow with the objects each open stream keeps alive. On 2026-11-22 with 5,000 streams a single "
         "full collection took 420 ms and held back all 220 events slower than 100 ms; with the collector "
         "disabled (diagnosis only) p99 fell from 286 ms to 38 ms.",
-        "",
-        END,
     ]
     return "\n".join(lines)
-
-
-INTRO = """# Benchmarks
-
-Each benchmark starts every process it needs (an embedded Valkey on a free port, gunicorn, a
-load client), measures on the machine it runs on, writes its raw figures to `bench/results/`
-and rewrites its own section below. Reproduce with the project's virtualenv:
-
-```sh
-make test                                   # creates .venv with requirements-dev.txt (or pip install it)
-.venv/bin/python bench/streams.py           # full run (several minutes)
-.venv/bin/python bench/streams.py --quick   # smoke run, under a minute
-```
-
-Figures depend on the machine: each section names the CPUs it ran on. Quick runs are smoke
-tests: their JSON files are not kept and they do not replace a full run's section.
-"""
-
-
-def write_doc(section: str, quick: bool) -> bool:
-    """Put `section` between the markers; a quick run never replaces a full run's figures."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else INTRO
-    if quick and BEGIN in text and END in text and QUICK_MARK not in text.split(BEGIN, 1)[1].split(END, 1)[0]:
-        return False
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
-    return True
 
 
 def ratio(numerator, denominator) -> float | None:
@@ -1063,24 +981,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return arguments
 
 
-def run(arguments: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> dict:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    redis_server = EmbeddedRedis(free_port(), tmp / "redis", appendonly=False)
-    stack.callback(redis_server.stop)
-    redis_server.start()
-    client = LoadClient(tmp)
-    stack.callback(client.stop)
-    designs = {"ours": Ours(redis_server.url, tmp), "flask_sse": FlaskSse(redis_server.url, tmp)}
-    for design in designs.values():
-        stack.callback(design.close)
-    port = redis_server.port
-    report: dict = {"first_window": {}, "reconnect": {}, "closed_streams": {}, "publish_cost": {}, "main": {}}
-
+def run_scenarios(arguments: argparse.Namespace, designs: dict, client: LoadClient, port: int) -> dict:
+    """First 50 ms, reconnect, closed streams and publish cost, per design, on one server each."""
+    report: dict = {"first_window": {}, "reconnect": {}, "closed_streams": {}, "publish_cost": {}}
     for name, design in designs.items():
         log(f"{name}: scenarios (first 50 ms, reconnect, closed streams, publish cost)")
-        server = design.server(tmp, "scenarios", SSE_HEARTBEAT_INTERVAL="1").start()
-        stack.callback(server.stop)
+        server = design.server("scenarios", SSE_HEARTBEAT_INTERVAL="1").start()
         try:
             report["publish_cost"][name] = run_publish_cost(design, 1000)
             report["first_window"][name] = run_first_window(design, client, server, arguments.trials)
@@ -1090,19 +996,17 @@ def run(arguments: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -
             server.stop()
         for key in ("publish_cost", "first_window", "reconnect", "closed_streams"):
             log(f"  {key}: {report[key][name]}")
+    return report
 
+
+def run_repeats(arguments: argparse.Namespace, designs: dict, client: LoadClient, port: int) -> dict:
+    """The main run, each design in turn per repeat, and ours' stretch run."""
+    report: dict = {"main": {}}
     for repeat in range(arguments.repeats):
         for name, design in designs.items():
             log(f"{name}: main run {repeat + 1}/{arguments.repeats}, {arguments.streams} streams")
             figures = run_main(
-                design,
-                client,
-                tmp,
-                port,
-                arguments.streams,
-                arguments.events,
-                arguments.rate,
-                f"main{repeat}",
+                design, client, port, arguments.streams, arguments.events, arguments.rate, f"main{repeat}"
             )
             report["main"].setdefault(name, {"runs": []})["runs"].append(figures)
             log("  " + ", ".join(f"{k}={v}" for k, v in figures.items()))
@@ -1116,7 +1020,6 @@ def run(arguments: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -
             figures = run_main(
                 designs["ours"],
                 client,
-                tmp,
                 port,
                 arguments.stretch,
                 arguments.stretch_events,
@@ -1129,64 +1032,35 @@ def run(arguments: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -
     return report
 
 
-def verdicts(report: dict) -> dict:
-    ours = report["main"]["ours"]["summary"]
-    median = {k: v["median"] for k, v in ours.items()}
-    overflow = median.get("overflow_answered")
-    closed = report["closed_streams"]["ours"]
-    result = {
-        "first_window": report["first_window"]["ours"]["lost"] == 0,
-        "reconnect": report["reconnect"]["ours"]["missed"] == 0
-        and report["reconnect"]["ours"]["duplicated"] == 0,
-        "redis_connections": ours["redis_connections_max"]["max"] <= GOALS["redis_connections_max"],
-        "p99": median["latency_ms_p99"] <= GOALS["p99_ms"],
-        "overflow": None if overflow is None else ours["overflow_answered"]["min"] == OVERFLOW_PROBES,
-        "closed": closed["redis_connections_2s_after_close"] <= GOALS["redis_connections_max"]
-        and closed["open_streams_final"] == 0,
-        "stretch_p99": None,
-    }
-    if report.get("stretch"):
-        result["stretch_p99"] = report["stretch"]["summary"]["latency_ms_p99"]["median"] <= GOALS["p99_ms"]
-    return result
+def body(arguments: argparse.Namespace):
+    """The benchmark itself, as harness.run_benchmark runs it: every scenario, then the judgement."""
+
+    def run(tmp: Path, processes: Processes) -> dict:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        with contextlib.ExitStack() as cleanup:
+            redis_server = harness.start_redis(tmp)
+            cleanup.callback(redis_server.stop)
+            client = LoadClient(processes)
+            cleanup.callback(client.stop)
+            designs = {
+                "ours": Ours(redis_server.url, processes),
+                "flask_sse": FlaskSse(redis_server.url, processes),
+            }
+            for design in designs.values():
+                cleanup.callback(design.close)
+            report = run_scenarios(arguments, designs, client, redis_server.port)
+            report.update(run_repeats(arguments, designs, client, redis_server.port))
+        return judged(report, arguments)
+
+    return run
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    started = dt.datetime.now(dt.UTC)
-    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure
-
-    def terminate(signum, frame):  # SIGTERM/SIGHUP: unwind through the cleanup like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-streams-"))
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        try:
-            report = run(arguments, tmp, stack)
-        except KeyboardInterrupt:
-            log("interrupted; stopping every process")
-            return 130
-        except Exception:
-            for path in sorted(tmp.glob("*.log")):
-                sys.stderr.write(f"--- {path.name} ---\n{path.read_text(errors='replace')[-2000:]}\n")
-            raise
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    name = f"streams-quick-{stamp}.json" if arguments.quick else f"streams-{stamp}.json"
+def judged(report: dict, arguments: argparse.Namespace) -> dict:
+    """The report with its configuration, the goals and the issue's figures, ratios and verdicts."""
     ours, base = report["main"]["ours"]["summary"], report["main"]["flask_sse"]["summary"]
     report.update(
         {
-            "load_average_1m_at_start": load_at_start,
-            "benchmark": "streams",
-            "file": name,
-            "date": started.isoformat(timespec="seconds"),
-            "command": " ".join(["bench/streams.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine(),
             "config": {
                 "quick": arguments.quick,
                 "streams": arguments.streams,
@@ -1217,15 +1091,34 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     report["verdicts"] = verdicts(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    section = markdown(report)
-    print(section)
-    if write_doc(section, arguments.quick):
-        log(f"wrote bench/results/{name} and docs/benchmarks.md")
-    else:
-        log(f"wrote bench/results/{name}; docs/benchmarks.md keeps the last full run's figures")
-    return 0
+    return report
+
+
+def verdicts(report: dict) -> dict:
+    ours = report["main"]["ours"]["summary"]
+    median = {k: v["median"] for k, v in ours.items()}
+    overflow = median.get("overflow_answered")
+    closed = report["closed_streams"]["ours"]
+    result = {
+        "first_window": report["first_window"]["ours"]["lost"] == 0,
+        "reconnect": report["reconnect"]["ours"]["missed"] == 0
+        and report["reconnect"]["ours"]["duplicated"] == 0,
+        "redis_connections": ours["redis_connections_max"]["max"] <= GOALS["redis_connections_max"],
+        "p99": median["latency_ms_p99"] <= GOALS["p99_ms"],
+        "overflow": None if overflow is None else ours["overflow_answered"]["min"] == OVERFLOW_PROBES,
+        "closed": closed["redis_connections_2s_after_close"] <= GOALS["redis_connections_max"]
+        and closed["open_streams_final"] == 0,
+        "stretch_p99": None,
+    }
+    if report.get("stretch"):
+        result["stretch_p99"] = report["stretch"]["summary"]["latency_ms_p99"]["median"] <= GOALS["p99_ms"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    arguments = parse_arguments(argv)
+    return harness.run_benchmark(NAME, arguments.quick, argv, body(arguments), markdown)
 
 
 if __name__ == "__main__":

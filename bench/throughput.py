@@ -9,8 +9,8 @@ its own process, a fixed number of clients each with its next unique CNPJ as soo
 one finished) drives both; source calls per second come from the sandbox's own request counts.
 Goal (issue 5): at least 5x the serial baseline's lookups/s at no more than half its p95.
 
-    .venv/bin/python bench/throughput.py            # 3 repeats of 20 s per side; rewrites its docs section
-    .venv/bin/python bench/throughput.py --quick    # one repeat of 4 s per side (< 60 s); rewrites nothing
+    .venv/bin/python -m bench.throughput            # 3 repeats of 20 s per side; rewrites its docs section
+    .venv/bin/python -m bench.throughput --quick    # one repeat of 4 s per side (< 60 s); rewrites nothing
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import psutil
 
-import harness  # noqa: E402
-import psutil  # noqa: E402
-from deployment import Service, http_load, service, start_serial_baseline  # noqa: E402
-from harness import cell, log, spread  # noqa: E402
-from sandbox_fixture import GENERATORS  # noqa: E402
+from bench import harness
+from bench.deployment import Service, http_load, service, start_serial_baseline
+from bench.harness import GENERATORS, cell, log, spread
 
 NAME = "throughput"
 LATENCY_MS = 50

@@ -8,8 +8,8 @@ answers when done: its floor is their sum.  Both driven by bench/http_load.py (i
 connection, one lookup at a time).  Sandbox latency from SANDBOX_LATENCY_MS, quotas and the
 service's rate limits off.  Goals (issue 5): median overhead at most 20 ms, p95 at most 50 ms.
 
-    .venv/bin/python bench/uncached_latency.py            # 3 repeats of 40 lookups per type
-    .venv/bin/python bench/uncached_latency.py --quick    # one repeat of 8 per type (< 60 s); rewrites nothing
+    .venv/bin/python -m bench.uncached_latency            # 3 repeats of 40 lookups per type
+    .venv/bin/python -m bench.uncached_latency --quick    # one repeat of 8 per type (< 60 s); rewrites nothing
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import harness  # noqa: E402
-from deployment import http_load, service, start_serial_baseline  # noqa: E402
-from harness import cell, log, spread  # noqa: E402
-from sandbox_fixture import GENERATORS  # noqa: E402
+from bench import harness
+from bench.deployment import http_load, service, start_serial_baseline
+from bench.harness import GENERATORS, cell, log, spread
 
 NAME = "uncached_latency"
 LATENCY_MS = 100

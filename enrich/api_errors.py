@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 import redis
 from flask import Flask, Response
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException
 
 from circuit_breaker_manager import BreakerUnavailable
+from enrich.json_encoding import encode_json
 
 log = logging.getLogger("api")
 
@@ -27,14 +27,6 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers or {}
-
-
-def encode_json(body: object) -> bytes:
-    """orjson-encoded JSON with `<`, `>` and `&` escaped, so no echoed input is ever live markup."""
-    data = orjson.dumps(body)
-    if b"<" in data or b">" in data or b"&" in data:
-        data = data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
-    return data
 
 
 def json_response(body: object, status: int = 200, headers: dict | None = None) -> Response:

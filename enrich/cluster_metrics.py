@@ -15,13 +15,13 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from enrich import maintenance
-from enrich.extensions import services
+from enrich.extensions import Services
 from enrich.metrics import warn_rate_limited
 
 BREAKER_STATES = ("closed", "open", "half-open")
 
 
-def _breakers() -> Iterator[Metric]:
+def _breakers(parts: Services) -> Iterator[Metric]:
     state = GaugeMetricFamily(
         "enrich_breaker_state",
         "1 for each source breaker's current state, 0 for the others",
@@ -30,14 +30,14 @@ def _breakers() -> Iterator[Metric]:
     failures = GaugeMetricFamily(
         "enrich_breaker_failures", "Consecutive failures counted by a closed breaker", labels=["source"]
     )
-    for name, status in services().breakers.status_all().items():
+    for name, status in parts.breakers.status_all().items():
         for candidate in BREAKER_STATES:
             state.add_metric([name, candidate], 1.0 if status.state == candidate else 0.0)
         failures.add_metric([name], status.failures)
     yield from (state, failures)
 
 
-def _rate_limits() -> Iterator[Metric]:
+def _rate_limits(parts: Services) -> Iterator[Metric]:
     tokens = GaugeMetricFamily(
         "enrich_rate_limit_tokens",
         "Tokens in a source's cluster-wide bucket (negative: calls already reserved ahead)",
@@ -46,42 +46,44 @@ def _rate_limits() -> Iterator[Metric]:
     rate = GaugeMetricFamily(
         "enrich_rate_limit_per_minute", "A source's cluster-wide call rate", labels=["source"]
     )
-    for name, bucket in services().rate_limiter.status_all().items():
+    for name, bucket in parts.rate_limiter.status_all().items():
         tokens.add_metric([name], bucket["tokens"])
         rate.add_metric([name], bucket["rate_per_minute"])
     yield from (tokens, rate)
 
 
-def _queues() -> Iterator[Metric]:
+def _queues(parts: Services) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "enrich_queue_depth",
         "Tasks waiting on the broker per API priority (10 most urgent)",
         labels=["priority"],
     )
-    for priority, length in maintenance.queue_depths().items():
+    for priority, length in maintenance.queue_depths(parts).items():
         depth.add_metric([priority], length)
     yield depth
     yield GaugeMetricFamily(
         "enrich_deferred_calls",
         "Calls waiting in the deferred set (rate-limit slots, retry backoffs, lookup deadlines)",
-        value=services().deferred.pending(),
+        value=parts.deferred.pending(),
     )
 
 
-def _dead_letters() -> Iterator[Metric]:
+def _dead_letters(parts: Services) -> Iterator[Metric]:
     yield GaugeMetricFamily(
-        "enrich_dead_letters", "Entries on the dead-letter list", value=services().dead_letters.count()
+        "enrich_dead_letters", "Entries on the dead-letter list", value=parts.dead_letters.count()
     )
 
 
-def _workers() -> Iterator[Metric]:
+def _workers(parts: Services) -> Iterator[Metric]:
     yield GaugeMetricFamily(
-        "enrich_workers_live", "Workers with a fresh heartbeat", value=len(maintenance.live_workers())
+        "enrich_workers_live",
+        "Workers with a fresh heartbeat",
+        value=len(maintenance.live_workers(parts)),
     )
 
 
-def _cache() -> Iterator[Metric]:
-    cache = services().cache
+def _cache(parts: Services) -> Iterator[Metric]:
+    cache = parts.cache
     reads = CounterMetricFamily(
         "enrich_cache_cluster_reads",
         "Cache entries read by every process since the counters began, by result",
@@ -96,13 +98,13 @@ def _cache() -> Iterator[Metric]:
         "The cache's generation (bumped by a full invalidation)",
         value=cache.generation(),
     )
-    memory = services().redis.info("memory").get("used_memory")
+    memory = parts.redis.info("memory").get("used_memory")
     if memory is not None:
         yield GaugeMetricFamily("enrich_redis_used_memory_bytes", "Memory Redis reports in use", value=memory)
 
 
-def _batches() -> Iterator[Metric]:
-    stats = services().batches.cluster_stats()
+def _batches(parts: Services) -> Iterator[Metric]:
+    stats = parts.batches.cluster_stats()
     yield GaugeMetricFamily("enrich_batches_running", "Bulk batches not finished", value=stats["running"])
     yield GaugeMetricFamily(
         "enrich_batch_items_pending", "Items of running batches not started yet", value=stats["items_pending"]
@@ -114,7 +116,7 @@ def _batches() -> Iterator[Metric]:
     )
 
 
-READERS: tuple[tuple[str, Callable[[], Iterator[Metric]]], ...] = (
+READERS: tuple[tuple[str, Callable[[Services], Iterator[Metric]]], ...] = (
     ("breakers", _breakers),
     ("rate limits", _rate_limits),
     ("queues", _queues),
@@ -128,10 +130,14 @@ READERS: tuple[tuple[str, Callable[[], Iterator[Metric]]], ...] = (
 class ClusterState:
     """A collector (`collect()` yields metric families) of the state shared through Redis."""
 
+    def __init__(self, parts: Services) -> None:
+        self.parts = parts
+
     def collect(self) -> Iterator[Metric]:
+        parts = self.parts
         up = GaugeMetricFamily("enrich_redis_up", "1 when this scrape reached Redis, 0 when it did not")
         try:
-            services().redis.ping()
+            parts.redis.ping()
         except redis.RedisError as error:
             # One failed ping is enough: each reader would wait out its own socket timeout.
             warn_rate_limited("metrics scrape: Redis", error)
@@ -142,7 +148,7 @@ class ClusterState:
         yield up
         for name, read in READERS:
             try:
-                families = list(read())  # whole, or not at all: no half-written family
+                families = list(read(parts))  # whole, or not at all: no half-written family
             except Exception as error:  # noqa: BLE001 - a scrape answers whatever it can read
                 warn_rate_limited(f"metrics scrape: {name}", error)
                 continue

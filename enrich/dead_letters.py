@@ -10,9 +10,9 @@ import orjson
 import redis
 
 from enrich import metrics, redis_store
-from enrich.extensions import services
-from enrich.pipeline import FETCH_TASK, celery_priority, send_task
+from enrich.extensions import Services
 from enrich.settings import Settings
+from enrich.source_call import FETCH_TASK, SourceCallTask, send_task
 
 
 class DeadLetters:
@@ -94,29 +94,24 @@ class DeadLetters:
         return removed
 
 
-def requeue(entry_id: str) -> dict | None:
+def requeue(parts: Services, entry_id: str) -> dict | None:
     """Take a dead letter off the list and send its call again as a new, registered task.
 
     Returns the entry with the new `task_id`, or None for an unknown id (the admin API and
     `flask dead-letters requeue` both call this).  The call replaces the source's settled answer.
     """
-    entry = services().dead_letters.mark_requeued(entry_id)
+    entry = parts.dead_letters.mark_requeued(entry_id)
     if entry is None:
         return None
     task_id = uuid.uuid4().hex
-    services().lookups.register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
-    send_task(
-        FETCH_TASK,
-        [
-            entry["lookup_id"],
-            entry["source"],
-            entry["type"],
-            entry["identifier"],
-            entry["priority"],
-            0,
-            False,
-            True,
-        ],
-        {"task_id": task_id, "priority": celery_priority(entry["priority"])},
+    parts.lookups.register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    call = SourceCallTask(
+        entry["lookup_id"],
+        entry["source"],
+        entry["type"],
+        entry["identifier"],
+        entry["priority"],
+        requeue=True,
     )
+    send_task(parts, FETCH_TASK, call.args(), call.options(task_id))
     return {**entry, "task_id": task_id}

@@ -1,8 +1,8 @@
 """The app's shared parts as one typed object, `Services`, built by `create_app` for the web, the
 worker and the command line alike, and read with `services()` (or `services(app)`).
 
-Each part is also registered under its field's name in `app.extensions`, Flask's convention for an
-extension's state, where the tests read them.
+Routes, tasks and commands read it; the engine's functions are handed it (`parts`).  It is kept in
+`app.extensions` under one key, Flask's convention for an extension's state.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # the parts' modules import this one: their types are for ann
 
     from cache_manager import Cache
     from circuit_breaker_manager import BreakerManager
+    from enrich.batches.runner import BatchRunner
     from enrich.batches.store import BatchStore
+    from enrich.celery_app import LookupCelery
     from enrich.dead_letters import DeadLetters
     from enrich.deferred_calls import DeferredCalls
     from enrich.feature_flags import FeatureFlags
@@ -27,7 +29,6 @@ if TYPE_CHECKING:  # the parts' modules import this one: their types are for ann
     from enrich.settings import Settings
     from enrich.sources import Source
     from enrich.web.admin import AuthLimit
-    from job_queue import LookupCelery
     from sse_streaming import EventHub, EventLog
 
 KEY = "services"
@@ -49,15 +50,14 @@ class Services:
     dead_letters: DeadLetters
     batches: BatchStore
     celery: LookupCelery | None = None
+    batch_runner: BatchRunner | None = None  # built on these parts, once they exist
     # The web's own: per-client limits (web.client_limits) and failed admin logins (web.admin).
     client_limiter: Limiter | None = None
     admin_auth_limit: AuthLimit | None = None
 
     def register(self, app: Flask) -> None:
-        """Keep this object, and each part under its own name, in `app.extensions`."""
+        """Keep this object in `app.extensions`."""
         app.extensions[KEY] = self
-        for field in dataclasses.fields(self):
-            app.extensions[field.name] = getattr(self, field.name)
 
 
 def services(app: Flask | None = None) -> Services:

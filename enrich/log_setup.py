@@ -255,10 +255,14 @@ def bind_task(
     name = getattr(task, "name", None)
     fields: dict[str, Any] = {"task_id": task_id, "task_name": name, "lookup_id": None, "source": None}
     try:
-        signature = _task_signatures.get(name) or _task_signatures.setdefault(
-            name, inspect.signature(task.run)
-        )
-        arguments = signature.bind_partial(*(args or ()), **(kwargs or {})).arguments
+        payload = getattr(task, "payload", None)  # a task whose arguments are a payload class's fields
+        if payload is not None:
+            arguments = vars(payload(*(args or ()), **(kwargs or {})))
+        else:
+            signature = _task_signatures.get(name) or _task_signatures.setdefault(
+                name, inspect.signature(task.run)
+            )
+            arguments = signature.bind_partial(*(args or ()), **(kwargs or {})).arguments
     except (TypeError, ValueError):
         arguments = {}
     for field in ("lookup_id", "source"):

@@ -21,7 +21,7 @@ import orjson
 import redis
 
 from enrich import redis_store, status_history
-from enrich.api_errors import encode_json
+from enrich.json_encoding import encode_json
 from enrich.settings import Settings
 
 
@@ -106,7 +106,7 @@ class Lookup:
     tasks: dict[str, str] = field(default_factory=dict)
     result: dict | None = None
     completed_at: float | None = None
-    # `to_dict()` already encoded (api_errors.encode_json), when the store made it: sent as is.
+    # `to_dict()` already encoded (json_encoding.encode_json), when the store made it: sent as is.
     encoded: bytes | None = field(default=None, repr=False, compare=False)
     # For a request that joined another's lookup: the id of the shared record whose work it shows.
     # Internal (events, batches); never part of the API body.
@@ -406,15 +406,18 @@ class LookupStore:
         with self.redis.pipeline(transaction=False) as pipe:
             # The body outlives every head that names it: written for 1.2 x retention and written
             # again once a tenth of the retention has passed, so it ends >= 1.1 x retention after
-            # any head this process wrote.
-            if time.monotonic() - self._bodies_written.get(digest, -retention) > retention / 10:
-                pipe.set(self.answer_body_key(digest), inner, ex=int(retention * 1.2) + 1)
-                if len(self._bodies_written) >= ANSWER_BODIES_MAX:
-                    self._bodies_written.clear()
-                self._bodies_written[digest] = time.monotonic()
+            # any head this process wrote.  In between it is written only if missing (NX), so a
+            # body lost with a restarted or flushed Redis comes back with the next answer.
+            now = time.monotonic()
+            renew = now - self._bodies_written.get(digest, -retention) > retention / 10
+            pipe.set(self.answer_body_key(digest), inner, ex=int(retention * 1.2) + 1, nx=not renew)
             pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
             status_history.add_counts(pipe, self.settings, {"answered": 1})
             pipe.execute()
+        if renew:  # only once it is surely written: a failed round trip leaves it due
+            if len(self._bodies_written) >= ANSWER_BODIES_MAX:
+                self._bodies_written.clear()
+            self._bodies_written[digest] = now
         lookup.encoded = head[:-1] + b"," + inner + b"}"
         return lookup.encoded
 
@@ -480,6 +483,28 @@ class LookupStore:
             result=orjson.loads(values["result"]) if values.get("result") else None,
             completed_at=float(values["completed_at"]) if values.get("completed_at") else None,
         )
+
+    def statuses(self, record_ids: list[str]) -> list[LookupStatus | None]:
+        """Each record's status, in one round trip: COMPLETE for one answered whole from the cache,
+        None for one unknown or expired.  Records only (a `work_id`): an alias is not followed."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record_id in record_ids:
+                pipe.hget(self.record_key(record_id), "status")
+                pipe.exists(self.answered_key(record_id))
+            replies = pipe.execute()
+        return [
+            LookupStatus.COMPLETE if answered else LookupStatus(status.decode()) if status else None
+            for status, answered in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
+    def source_states(self, wanted: list[tuple[str, list[str]]]) -> list[list[SourceResult]]:
+        """The named sources' states of each (record id, source names), in one round trip; a source
+        the record does not hold (or a record gone) is left out.  Records only, as `statuses`."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record_id, names in wanted:
+                pipe.hmget(self.record_key(record_id), [f"s:{name}" for name in names])
+            replies = pipe.execute()
+        return [[SourceResult.from_dict(orjson.loads(raw)) for raw in states if raw] for states in replies]
 
     def alias_key(self, alias_id: str) -> str:
         return self._key("alias", alias_id)

@@ -1,10 +1,11 @@
-"""Prometheus metrics: their definitions, the helpers the other modules call, the web `/metrics` route.
+"""Prometheus metrics: their definitions and the helpers the other modules call to record them.
 
 Every process counts what it does itself.  gunicorn's web workers share one `/metrics` through
 prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by gunicorn_config.py for
 gunicorn's processes only); each Celery worker serves its own on WORKER_METRICS_PORT, since
-workers run on other machines in production.  The web `/metrics` also reads the cluster-wide
-state kept in Redis at scrape time (cluster_metrics.py), so one scrape shows the whole picture.
+workers run on other machines in production.  The web `/metrics` (enrich/web/metrics_endpoint.py)
+also reads the cluster-wide state kept in Redis at scrape time (cluster_metrics.py), so one scrape
+shows the whole picture.
 
 Labels are bounded: identifier types, source names, outcomes, task names; never an identifier
 or a lookup id.  A helper never raises: a metric that cannot be recorded (the multiprocess
@@ -21,9 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, request
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("metrics")
 T = TypeVar("T")
@@ -236,43 +235,3 @@ def serve_worker_metrics(host: str, port: int, hostname: str = "") -> bool:
         return False
     log.info("worker %s serves metrics on http://%s:%d/metrics", hostname, host, port)
     return True
-
-
-class _ThisProcess:
-    """The default registry (this process's metrics), as one collector of a scrape's registry."""
-
-    def collect(self):
-        return REGISTRY.collect()
-
-
-def _process_collector(registry: CollectorRegistry) -> None:
-    directory = os.environ.get(MULTIPROC_ENV)
-    if directory:
-        from prometheus_client import multiprocess
-
-        try:
-            multiprocess.MultiProcessCollector(registry, path=directory)
-            return
-        except ValueError as error:  # the directory is gone: this worker's own numbers, not a 500
-            warn_rate_limited("multiprocess metrics", error)
-    registry.register(_ThisProcess())
-
-
-blueprint = Blueprint("metrics", __name__)
-
-
-@blueprint.get("/metrics")
-def scrape() -> Response:
-    """Prometheus text format: every gunicorn worker's metrics and the cluster state in Redis."""
-    from enrich.cluster_metrics import ClusterState  # reads Redis through the app's parts
-
-    registry = CollectorRegistry(auto_describe=False)
-    _process_collector(registry)
-    registry.register(ClusterState())
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return Response(encoder(registry), content_type=content_type)
-
-
-def init_app(app: Any) -> None:
-    """Register the `/metrics` route."""
-    app.register_blueprint(blueprint)

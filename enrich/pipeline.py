@@ -1,7 +1,8 @@
 """What happens to one lookup: start (cache, single flight, fan-out), each source call, finalize.
 
-Plain functions called by the API and by the Celery tasks in job_queue; they run inside a
-Flask app context and reach the shared parts through `app.extensions`.
+Plain functions called by the API, the CLI, the batch runner and the Celery tasks in job_queue,
+each given the app's parts (`Services`) it works with.  A source call's upstream request takes
+the guarded path of source_call.py; this module decides what each outcome means for the lookup.
 """
 
 from __future__ import annotations
@@ -16,18 +17,27 @@ from celery import current_task
 from flask import current_app
 
 from cache_manager import CacheEntry
-from circuit_breaker_manager import BreakerOpen, BreakerUnavailable, CallWithdrawn
+from circuit_breaker_manager import BreakerOpen
 from enrich import call_pool, cpf_answers, cross_checks, log_redaction, log_setup, metrics, redis_broker
-from enrich.extensions import services
+from enrich.extensions import Services
 from enrich.identifiers import Identifier, IdentifierType
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
-from enrich.sources import NotFound, RateLimited, SourceError, TransientError, UpstreamRejected, sources_for
+from enrich.source_call import (
+    FETCH_TASK,
+    FINALIZE_TASK,
+    LOOKUP_TASK,
+    CallResult,
+    LookupTask,
+    Outcome,
+    Paced,
+    SourceCallTask,
+    celery_priority,
+    guarded_call,
+    send_task,
+)
+from enrich.sources import RateLimited, sources_for
 
 log = logging.getLogger("pipeline")
-
-FETCH_TASK = "job_queue.fetch_source"
-LOOKUP_TASK = "job_queue.fetch_lookup"
-FINALIZE_TASK = "job_queue.finalize_lookup"
 
 
 # Company -> the CEP of its address, as this process last merged it: a guess that lets a cached
@@ -44,25 +54,14 @@ CACHED_RESULTS_MAX = 10_000
 BATCH_PRIORITY = 0
 
 
-def celery_priority(priority: int) -> int:
-    """API priority 1..10 (10 most urgent) onto the Redis transport's 0..9 (0 served first).
-
-    A batch item (BATCH_PRIORITY) shares the lowest level with priority 1.
-    """
-    return 10 - max(1, min(10, priority))
-
-
-def send_task(name: str, args: list, options: dict) -> None:
-    """Put a task on the broker (`options` as for apply_async: task_id, priority)."""
-    services().celery.send_task(name, args=args, **options)
-
-
 def result_from_cache(entry: CacheEntry) -> SourceResult:
     state = SourceState.OK if entry.found else SourceState.NOT_FOUND
     return SourceResult(entry.source, state, data=entry.data, cached=True, stale=entry.stale, elapsed_ms=0.0)
 
 
-def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = False) -> tuple[Lookup, bool]:
+def start_lookup(
+    parts: Services, identifier: Identifier, priority: int = 5, refresh: bool = False
+) -> tuple[Lookup, bool]:
     """Answer from cache, join the lookup already running for this identifier, or start one.
 
     Returns (lookup, created_now).  A fully cached lookup is returned complete, and so is a CPF,
@@ -72,18 +71,20 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     if identifier.type is IdentifierType.CPF:
         metrics.lookup_finished("cpf", "answered", began)
         return cpf_answers.answer(identifier, priority), True
-    settings = services().settings
-    store = services().lookups
+    settings = parts.settings
+    store = parts.lookups
     kind = str(identifier.type)
-    sources = [s for s in sources_for(kind, services().sources) if s.supports(identifier)]
+    sources = [s for s in sources_for(kind, parts.sources) if s.supports(identifier)]
     names = [s.name for s in sources]
     cached, prefetched_cep = {}, None
     if not refresh:
         # The company's CEP (for the cross-check) is read in the same round trip when this process
         # has seen the company before; `_company_cep` uses it only if the merged CEP is the same.
         guess = _COMPANY_CEPS.get(identifier.value) if kind == "cnpj" else None
-        reads = [(kind, names, identifier.value)] + ([("cep", _cep_source_names(), guess)] if guess else [])
-        answers = services().cache.read(reads)
+        reads = [(kind, names, identifier.value)] + (
+            [("cep", _cep_source_names(parts), guess)] if guess else []
+        )
+        answers = parts.cache.read(reads)
         cached = answers[0]
         prefetched_cep = (guess, answers[1]) if guess else None
     now = time.time()
@@ -102,7 +103,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     if len(cached) == len(names):
         lookup.status = LookupStatus.COMPLETE
         lookup.completed_at = now
-        lookup.result, versions = _cached_result(lookup, cached, prefetched_cep)
+        lookup.result, versions = _cached_result(parts, lookup, cached, prefetched_cep)
         store.create_answered(lookup, versions)
         metrics.lookup_finished(kind, "cached", began)
         return lookup, True
@@ -116,7 +117,7 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
     running = store.create(
         lookup,
         claim=True,
-        also=lambda pipe: services().deferred.add(lookup.deadline_at, *deadline, pipe=pipe),
+        also=lambda pipe: parts.deferred.add(lookup.deadline_at, *deadline, pipe=pipe),
     )
     if running is not None:
         joined = store.get(running)
@@ -124,22 +125,27 @@ def start_lookup(identifier: Identifier, priority: int = 5, refresh: bool = Fals
         # skip a source rather than touch the interactive reserve.  Theirs runs beside it.
         if joined is not None and not (joined.priority == BATCH_PRIORITY < priority):
             store.discard(lookup)
-            _cancel_deadline(lookup.id, priority)
+            _cancel_deadline(parts, lookup.id, priority)
             # Shared work, not a shared identity: this request gets an id, priority and call ids of
             # its own (an alias), so it never learns who else asked or when.
             return store.create_alias(lookup.id, joined, priority, now), False
     # One task calls every missing source at once (call_pool); a source's own call id becomes
     # the Celery task id of that source's call whenever it runs on its own (a wait, a retry).
-    send_task(
-        LOOKUP_TASK,
-        [lookup.id, kind, identifier.value, priority, lookup.tasks],
-        {"task_id": uuid.uuid4().hex, "priority": celery_priority(priority)},
-    )
+    _send_lookup_task(parts, LookupTask(lookup.id, kind, identifier.value, priority, lookup.tasks))
     return lookup, True
 
 
+def _send_lookup_task(parts: Services, task: LookupTask) -> None:
+    send_task(
+        parts,
+        LOOKUP_TASK,
+        task.args(),
+        {"task_id": uuid.uuid4().hex, "priority": celery_priority(task.priority)},
+    )
+
+
 def _cached_result(
-    lookup: Lookup, cached: dict[str, CacheEntry], prefetched_cep: tuple | None
+    parts: Services, lookup: Lookup, cached: dict[str, CacheEntry], prefetched_cep: tuple | None
 ) -> tuple[dict, tuple | None]:
     """The merged result and checks of a lookup answered whole from the cache (never calls an upstream),
     and the versions of the entries it came from (None when it depends on more than those).
@@ -154,7 +160,7 @@ def _cached_result(
     result = _CACHED_RESULTS.get(key)
     if result is not None:
         return result, key
-    result = _merged_result(lookup, fetch_cep=False, prefetched_cep=prefetched_cep)
+    result = _merged_result(parts, lookup, fetch_cep=False, prefetched_cep=prefetched_cep)
     cep = ((result["data"] or {}).get("endereco") or {}).get("cep") if lookup.type == "cnpj" else None
     # A company whose CEP was not read along with it had its CEP looked up apart: not kept.
     if cep is not None and not (prefetched_cep and prefetched_cep[0] == cep):
@@ -170,118 +176,92 @@ def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]
     return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
 
 
-def _cancel_deadline(lookup_id: str, priority: int) -> None:
+def _cancel_deadline(parts: Services, lookup_id: str, priority: int) -> None:
     task, args, options, call_id = _deadline_call(lookup_id, priority)
-    services().deferred.cancel(call_id, task, args, options)
+    parts.deferred.cancel(call_id, task, args, options)
 
 
-class Paced(CallWithdrawn):
-    """A call that found the source's log of starts full right before going out."""
-
-    def __init__(self, wait: float) -> None:
-        super().__init__(f"wait {wait:.3f}s for the rate limit")
-        self.wait = wait
-
-
-def _backoff(attempt: int) -> float:
+def _backoff(parts: Services, attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
-    settings = services().settings
+    settings = parts.settings
     delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-def settle(lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
+def settle(parts: Services, lookup_id: str, result: SourceResult, replace_settled: bool = False) -> bool:
     """Record a source's state, publish it, and finalize when it was the last one; True if applied."""
     result = dataclasses.replace(result, updated_at=round(time.time(), 3))
-    applied, newly, done, total = services().lookups.set_source(lookup_id, result, replace_settled)
+    applied, newly, done, total = parts.lookups.set_source(lookup_id, result, replace_settled)
     if not applied:
         if total > 0 and done == total:
             # A task redelivered after its worker died between settling the last source and
             # finalizing: finish the lookup now rather than at its deadline (finalize is idempotent).
-            finalize(lookup_id)
+            finalize(parts, lookup_id)
         return False
     published = [("source", result.to_dict())]
     if newly:
         published.append(("progress", {"done": done, "total": total}))
-    services().events.publish_many(lookup_id, published)
+    parts.events.publish_many(lookup_id, published)
     if newly and done == total:
-        finalize(lookup_id)
+        finalize(parts, lookup_id)
     return True
 
 
-# Its log lines name the lookup, the source and the source's own task id (as /api/lookups reports it).
-@log_setup.bind_arguments(lookup_id="lookup_id", source="source_name", task_id="call_id")
 def run_source_call(
-    lookup_id: str,
-    source_name: str,
-    kind: str,
-    value: str,
-    priority: int,
-    attempt: int = 0,
-    reserved: bool = False,
-    requeue: bool = False,
-    held_since: float = 0.0,
-    *,
-    call_id: str | None = None,
-    settled_checked: bool = False,
+    parts: Services, task: SourceCallTask, *, call_id: str | None = None, settled_checked: bool = False
 ) -> dict:
-    """One call of one source for one lookup: token, breaker, fetch, cache, settle.
+    """One call of one source for one lookup: token, then the guarded call, then settle.
 
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
     and this function returns at once.  Returns a small dict describing what happened.
     `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
-    the caller has just seen this source unsettled.  `held_since`: when a batch item's call was
-    first held back, for a token above the interactive reserve or for room in the log of starts;
-    every re-send carries it, and the call skips the source rather than wait past
-    BATCH_SOURCE_WAIT from then (`_SourceCall.batch_wait`).  Retries after a failure are not holds.
+    the caller has just seen this source unsettled.  A batch item's call skips the source rather
+    than wait past BATCH_SOURCE_WAIT from `task.held_since` (`_SourceCall.batch_wait`).  Its log
+    lines name the lookup, the source and the source's own task id (as /api/lookups reports it).
     """
-    if kind == IdentifierType.CPF:
-        return _dropped_cpf_call(lookup_id)
-    if not requeue and not settled_checked and services().lookups.is_settled(lookup_id, source_name):
-        # A redelivered task (its worker died after settling): the lookup may still need its
-        # finalize, which that worker never reached.  finalize does nothing unless all settled.
-        finalize(lookup_id)
-        return {"source": source_name, "state": "already_settled"}
-    call = _SourceCall(lookup_id, source_name, kind, value, priority, attempt, requeue, held_since, call_id)
-    if not reserved:
-        stopped = call.reserve()
-        if stopped is not None:
-            return stopped
-    return call.fetch()
+    with log_setup.bind(lookup_id=task.lookup_id, source=task.source, task_id=call_id):
+        if task.kind == IdentifierType.CPF:
+            return _dropped_cpf_call(task.lookup_id)
+        if not task.requeue and not settled_checked and parts.lookups.is_settled(task.lookup_id, task.source):
+            # A redelivered task (its worker died after settling): the lookup may still need its
+            # finalize, which that worker never reached.  finalize does nothing unless all settled.
+            finalize(parts, task.lookup_id)
+            return {"source": task.source, "state": "already_settled"}
+        call = _SourceCall(parts, task, call_id)
+        if not task.reserved:
+            stopped = call.reserve()
+            if stopped is not None:
+                return stopped
+        return call.fetch()
 
 
 class _SourceCall:
-    """One run of `run_source_call`: its arguments, and each step of the guarded call as a method
-    (reserve a token, then breaker, admission by the log of starts, fetch, cache write), each
-    outcome recorded as the source's state."""
+    """One run of `run_source_call`: reserving its token, the guarded call (source_call.py), and
+    one method per outcome, each recorded as the source's state."""
 
-    def __init__(
-        self,
-        lookup_id: str,
-        source_name: str,
-        kind: str,
-        value: str,
-        priority: int,
-        attempt: int,
-        requeue: bool,
-        held_since: float,
-        call_id: str | None,
-    ) -> None:
-        self.lookup_id, self.source_name, self.kind, self.value = lookup_id, source_name, kind, value
-        self.priority, self.attempt, self.requeue, self.held_since = priority, attempt, requeue, held_since
-        self.batch = priority == BATCH_PRIORITY
-        self.settings = services().settings
-        self.limiter = services().rate_limiter
-        # The task's positional arguments, which every later send of this call repeats.
-        self.args = [lookup_id, source_name, kind, value, priority]
-        self.options = {"priority": celery_priority(priority)}
-        task_id = call_id or _current_task_id()
-        if task_id:
-            self.options["task_id"] = task_id
+    def __init__(self, parts: Services, task: SourceCallTask, call_id: str | None) -> None:
+        self.parts, self.task = parts, task
+        self.lookup_id, self.source_name, self.kind, self.value = (
+            task.lookup_id,
+            task.source,
+            task.kind,
+            task.value,
+        )
+        self.attempt, self.requeue, self.held_since = task.attempt, task.requeue, task.held_since
+        self.batch = task.priority == BATCH_PRIORITY
+        self.settings = parts.settings
+        self.limiter = parts.rate_limiter
+        self.task_id = call_id or _current_task_id()
+        self.options = task.options(self.task_id)
         # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
         # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
-        self.slot_options = {**self.options, "priority": 0}
+        self.slot_options = task.options(self.task_id, priority=0)
         self.started = 0.0
+
+    def defer(self, due: float, options: dict, rate_limit_wait: bool = False, **changes: object) -> None:
+        """Send this call again at `due` (the deferred set), with `changes` to its task."""
+        again = dataclasses.replace(self.task, held_since=self.held_since, **changes)
+        self.parts.deferred.add(due, FETCH_TASK, again.args(), options, rate_limit_wait=rate_limit_wait)
 
     # -- outcomes ------------------------------------------------------------------------------
     def record(self, result: SourceResult) -> dict:
@@ -293,7 +273,7 @@ class _SourceCall:
             result.attempts,
             extra={"state": str(result.state), "elapsed_ms": result.elapsed_ms, "attempts": result.attempts},
         )
-        if not settle(self.lookup_id, result, replace_settled=self.requeue) and self.requeue:
+        if not settle(self.parts, self.lookup_id, result, replace_settled=self.requeue) and self.requeue:
             masked = log_redaction.mask_identifier(self.kind, self.value)
             log.info(
                 "requeued call of %s for %s finished; lookup %s is gone",
@@ -342,10 +322,8 @@ class _SourceCall:
         return due, skipped
 
     def wait_for_slot(self, due: float) -> dict:
-        # A batch call's hold goes on counting from when it began (`held_since`, last argument).
-        held = [self.held_since] if self.batch and self.held_since else []
-        resend = [*self.args, self.attempt, True, self.requeue, *held]
-        services().deferred.add(due, FETCH_TASK, resend, self.slot_options, rate_limit_wait=True)
+        # A batch call's hold goes on counting from when it began (`held_since`).
+        self.defer(due, self.slot_options, rate_limit_wait=True, reserved=True)
         return self.rate_limited("waiting for the source's rate limit", due)
 
     def reserve(self) -> dict | None:
@@ -357,8 +335,7 @@ class _SourceCall:
             due, skipped = self.batch_wait(reservation.wait)
             if skipped is not None:
                 return skipped
-            resend = [*self.args, self.attempt, False, self.requeue, self.held_since]
-            services().deferred.add(due, FETCH_TASK, resend, self.options, rate_limit_wait=True)
+            self.defer(due, self.options, rate_limit_wait=True, reserved=False)
             return self.rate_limited("waiting: the source's tokens are kept for interactive lookups", due)
         if not reservation.granted:
             metrics.rate_limit_delay(self.source_name, "exhausted", reservation.wait)
@@ -373,40 +350,29 @@ class _SourceCall:
 
     # -- the call ------------------------------------------------------------------------------
     def fetch(self) -> dict:
-        """Through the breaker, admitted by the log of starts: fetch, then record what came of it."""
-        source = services().sources[self.source_name]
+        """The guarded call (breaker, admission, fetch, cache write), then what came of it."""
         if not self.requeue:
             settle(
-                self.lookup_id, SourceResult(self.source_name, SourceState.RUNNING, attempts=self.attempt + 1)
+                self.parts,
+                self.lookup_id,
+                SourceResult(self.source_name, SourceState.RUNNING, attempts=self.attempt + 1),
             )
         self.started = time.perf_counter()
-
-        def admitted_fetch(identifier: Identifier) -> dict:
-            # Checked after the breaker let the call through, right before it goes out, so the log
-            # of starts counts what the upstream sees, give or take the HTTP request's way there.
-            wait = self.limiter.admit(self.source_name, batch=self.batch)
-            if wait > 0:
-                raise Paced(wait)
-            return metrics.timed_fetch(self.source_name, source.fetch, identifier)
-
         identifier = Identifier(type=IdentifierType(self.kind), value=self.value)
-        try:
-            data = services().breakers.call(self.source_name, admitted_fetch, identifier)
-        except Paced as paced:
-            return self.paced(paced)
-        except NotFound as error:
-            services().cache.set(self.kind, self.source_name, self.value, None, found=False)
-            return self.result(SourceState.NOT_FOUND, error=error.message)
-        except UpstreamRejected as error:
-            return self.result(SourceState.ERROR, error=error.message)
-        except BreakerOpen as error:
-            return self.circuit_open(error)
-        except (TransientError, BreakerUnavailable) as error:
-            return self.failed(error)
-        services().cache.set(self.kind, self.source_name, self.value, data, found=True)
-        if self.kind == "cnpj":
-            _start_cep_fetch(((data or {}).get("endereco") or {}).get("cep"), self.batch)
-        return self.result(SourceState.OK, data=data)
+        call = guarded_call(self.parts, self.source_name, identifier, batch=self.batch)
+        if call.outcome is Outcome.OK:
+            if self.kind == "cnpj":
+                _start_cep_fetch(self.parts, ((call.data or {}).get("endereco") or {}).get("cep"), self.batch)
+            return self.result(SourceState.OK, data=call.data)
+        if call.outcome is Outcome.NOT_FOUND:
+            return self.result(SourceState.NOT_FOUND, error=call.message)
+        if call.outcome is Outcome.REJECTED:
+            return self.result(SourceState.ERROR, error=call.message)
+        if call.outcome is Outcome.PACED:
+            return self.paced(call.error)
+        if call.outcome is Outcome.CIRCUIT_OPEN:
+            return self.circuit_open(call.error)
+        return self.failed(call)
 
     def paced(self, paced: Paced) -> dict:
         # Calls that ran late bunched up: as many started in the last second (or minute) as the
@@ -423,8 +389,7 @@ class _SourceCall:
 
     def circuit_open(self, error: BreakerOpen) -> dict:
         """The breaker refused the call: a stale copy if the cache keeps one, else `circuit_open`."""
-        metrics.source_request(self.source_name, "breaker_open")
-        stale = services().cache.get_stale(self.kind, self.source_name, self.value)
+        stale = self.parts.cache.get_stale(self.kind, self.source_name, self.value)
         if stale is not None:
             state = SourceState.STALE if stale.found else SourceState.NOT_FOUND
             return self.result(
@@ -442,49 +407,50 @@ class _SourceCall:
             SourceState.CIRCUIT_OPEN, attempts=self.attempt, error=f"circuit open{until}; no stale copy"
         )
 
-    def failed(self, error: TransientError | BreakerUnavailable) -> dict:
+    def failed(self, call: CallResult) -> dict:
         """A transient failure: retried after a backoff, or past RETRY_MAX a dead letter."""
-        message = error.message if isinstance(error, SourceError) else f"breaker state unavailable: {error}"
-        if isinstance(error, BreakerUnavailable):
-            metrics.source_request(self.source_name, "breaker_unavailable")
+        message, error = call.message, call.error
         attempts = self.attempt + 1
         if attempts > self.settings.retry_max:
-            services().dead_letters.add(
-                self.lookup_id, self.source_name, self.kind, self.value, self.priority, message, attempts
+            self.parts.dead_letters.add(
+                self.lookup_id, self.source_name, self.kind, self.value, self.task.priority, message, attempts
             )
             return self.result(SourceState.ERROR, error=f"gave up after {attempts} attempts: {message}")
-        delay = _backoff(self.attempt)
+        delay = _backoff(self.parts, self.attempt)
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
-        services().deferred.add(due, FETCH_TASK, [*self.args, attempts, False, self.requeue], self.options)
+        # A retry is not a hold: it carries no `held_since`.
+        self.parts.deferred.add(
+            due,
+            FETCH_TASK,
+            dataclasses.replace(self.task, attempt=attempts, reserved=False, held_since=0.0).args(),
+            self.options,
+        )
         return self.result(SourceState.RETRYING, scheduled_at=due, error=message)
 
 
-def run_lookup_calls(lookup_id: str, kind: str, value: str, priority: int, call_ids: dict[str, str]) -> dict:
-    """The lookup task: call every source named in `call_ids` at once, each as `run_source_call`.
+def run_lookup_calls(parts: Services, task: LookupTask) -> dict:
+    """The lookup task: call every source named in `task.call_ids` at once, each as `run_source_call`.
 
     Returns each source's outcome.  A source already settled (the task was redelivered after
     its worker died) is not called again; the lookup is finalized if that was all it needed.
     """
-    if kind == IdentifierType.CPF:
-        return _dropped_cpf_call(lookup_id)
-    unsettled = services().lookups.unsettled(lookup_id, list(call_ids))
+    if task.kind == IdentifierType.CPF:
+        return _dropped_cpf_call(task.lookup_id)
+    unsettled = parts.lookups.unsettled(task.lookup_id, list(task.call_ids))
     if not unsettled:
-        finalize(lookup_id)
+        finalize(parts, task.lookup_id)
         return {}
-    app, size = current_app._get_current_object(), _call_pool_size()
+    app, size = current_app._get_current_object(), _call_pool_size(parts)
     calls = {
         name: call_pool.submit(
             app,
             size,
             run_source_call,
-            lookup_id,
-            name,
-            kind,
-            value,
-            priority,
-            call_id=call_ids[name],
+            parts,
+            SourceCallTask(task.lookup_id, name, task.kind, task.value, task.priority),
+            call_id=task.call_ids[name],
             settled_checked=True,
         )
         for name in unsettled
@@ -499,20 +465,20 @@ def _dropped_cpf_call(lookup_id: str) -> dict:
     return {"state": "dropped"}
 
 
-def _call_pool_size() -> int:
+def _call_pool_size(parts: Services) -> int:
     # Every lookup task of the worker's pool may have all its sources and one CEP fetch running.
-    return max(4, services().settings.worker_concurrency * 4)
+    return max(4, parts.settings.worker_concurrency * 4)
 
 
-def _start_cep_fetch(cep: str | None, batch: bool = False) -> None:
+def _start_cep_fetch(parts: Services, cep: str | None, batch: bool = False) -> None:
     """A company source named its CEP: fetch that CEP for the final cross-check now, not at the end."""
     # The fetch hands its answer to finalize through the cache: with the cache off it would only
     # be a second call of the CEP source.
-    if not cep or not services().settings.cep_prefetch or not services().cache.enabled:
+    if not cep or not parts.settings.cep_prefetch or not parts.cache.enabled:
         return
-    app, size = current_app._get_current_object(), _call_pool_size()
+    app, size = current_app._get_current_object(), _call_pool_size(parts)
     call_pool.start_cep_fetch(
-        cep, lambda: call_pool.submit(app, size, _company_cep, cep, wait_running=False, batch=batch)
+        cep, lambda: call_pool.submit(app, size, _company_cep, parts, cep, wait_running=False, batch=batch)
     )
 
 
@@ -520,11 +486,12 @@ def _current_task_id() -> str | None:
     return current_task.request.id if current_task and current_task.request else None
 
 
-def _cep_source_names() -> list[str]:
-    return [s.name for s in sources_for("cep", services().sources)]
+def _cep_source_names(parts: Services) -> list[str]:
+    return [s.name for s in sources_for("cep", parts.sources)]
 
 
 def _company_cep(
+    parts: Services,
     cep: str,
     fetch: bool = True,
     prefetched: dict[str, CacheEntry] | None = None,
@@ -536,8 +503,8 @@ def _company_cep(
     `prefetched`: this CEP's cache entries, already read along with the company's.  `batch`: for a
     batch item, whose calls keep the interactive reserve of tokens.
     """
-    cache = services().cache
-    sources = sources_for("cep", services().sources)
+    cache = parts.cache
+    sources = sources_for("cep", parts.sources)
     if prefetched is None and fetch and wait_running:
         # The fetch this process started when a company source named the CEP: its answer lands
         # in the cache, so wait for it rather than call the CEP source a second time.
@@ -552,34 +519,29 @@ def _company_cep(
         return None, "the CEP is not cached yet"
     identifier = Identifier(type=IdentifierType.CEP, value=cep)
     last_error = "no CEP source available"
-    limiter = services().rate_limiter
     for source in sources:
         if source.name in entries:
             continue
-        reserved = limiter.reserve(source.name, horizon=0, batch=batch)
-        if not reserved.granted or limiter.admit(source.name, batch=batch) > 0:
+        # A token now or not at all: the cross-check does not wait for a rate limit.
+        if not parts.rate_limiter.reserve(source.name, horizon=0, batch=batch).granted:
             last_error = f"{source.name} is rate limited"
             continue
-        try:
-            data = services().breakers.call(
-                source.name, metrics.timed_fetch, source.name, source.fetch, identifier
-            )
-        except NotFound:
-            cache.set("cep", source.name, cep, None, found=False)
+        call = guarded_call(parts, source.name, identifier, batch=batch)
+        if call.outcome is Outcome.OK:
+            return call.data, None
+        if call.outcome is Outcome.NOT_FOUND:
             return None, "not_found"
-        except (SourceError, BreakerOpen, BreakerUnavailable) as error:
-            if not isinstance(error, SourceError):  # no request went out
-                metrics.source_request(
-                    source.name, "breaker_open" if isinstance(error, BreakerOpen) else "breaker_unavailable"
-                )
-            last_error = f"{source.name}: {getattr(error, 'message', error)}"
-            continue
-        cache.set("cep", source.name, cep, data, found=True)
-        return data, None
+        last_error = (
+            f"{source.name} is rate limited"
+            if call.outcome is Outcome.PACED
+            else f"{source.name}: {call.message}"
+        )
     return None, last_error
 
 
-def _merged_result(lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple | None = None) -> dict:
+def _merged_result(
+    parts: Services, lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple | None = None
+) -> dict:
     merged = cross_checks.merge(lookup.type, lookup.sources)
     checks = cross_checks.agreement_checks(lookup.type, lookup.sources)
     if lookup.type == "cnpj":
@@ -590,7 +552,9 @@ def _merged_result(lookup: Lookup, fetch_cep: bool = True, prefetched_cep: tuple
             _COMPANY_CEPS[lookup.identifier] = cep
         prefetched = prefetched_cep[1] if prefetched_cep and prefetched_cep[0] == cep else None
         batch = lookup.priority == BATCH_PRIORITY
-        cep_data, cep_error = _company_cep(cep, fetch_cep, prefetched, batch=batch) if cep else (None, None)
+        cep_data, cep_error = (
+            _company_cep(parts, cep, fetch_cep, prefetched, batch=batch) if cep else (None, None)
+        )
         checks = cross_checks.company_checks(merged, cep_data, cep_error) + checks
     return {"data": merged, "checks": checks}
 
@@ -605,12 +569,12 @@ def _outcome(lookup: Lookup, status: LookupStatus) -> str:
     return "complete" if any(r.state in _ANSWERED for r in lookup.sources.values()) else "failed"
 
 
-def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
+def finalize(parts: Services, lookup_id: str, at_deadline: bool = False) -> str | None:
     """Merge and cross-check; `complete` once every source settled, `partial` at the deadline.
 
     Returns the status it set, or None if there was nothing to do.
     """
-    store = services().lookups
+    store = parts.lookups
     lookup = store.get(lookup_id)
     if lookup is None or lookup.status == LookupStatus.COMPLETE:
         return None
@@ -618,7 +582,7 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
     if not all_settled and (not at_deadline or lookup.status == LookupStatus.PARTIAL):
         return None
     status = LookupStatus.COMPLETE if all_settled else LookupStatus.PARTIAL
-    lookup.result = _merged_result(lookup)
+    lookup.result = _merged_result(parts, lookup)
     if not store.finish(lookup_id, status, lookup.result):
         return None
     if lookup.status != LookupStatus.PARTIAL:  # counted once: the first answer the person gets
@@ -631,24 +595,24 @@ def finalize(lookup_id: str, at_deadline: bool = False) -> str | None:
         len(lookup.sources),
         extra={"lookup_id": lookup_id, "status": str(status)},
     )
-    events = services().events
+    events = parts.events
     if status == LookupStatus.COMPLETE:
         lookup.completed_at = time.time()
         # The person waiting hears first; the housekeeping after it cannot change the answer (a
         # request that joins meanwhile finds the lookup complete).
-        ttl = services().settings.event_log_ttl_after_complete
+        ttl = parts.settings.event_log_ttl_after_complete
         events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
-        _cancel_deadline(lookup_id, lookup.priority)
+        _cancel_deadline(parts, lookup_id, lookup.priority)
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
         events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})
-        _resend_if_lost(lookup)
+        _resend_if_lost(parts, lookup)
     return str(status)
 
 
-def _resend_if_lost(lookup: Lookup) -> None:
+def _resend_if_lost(parts: Services, lookup: Lookup) -> None:
     """At its deadline, send again the lookup task of a lookup none of whose sources ever started,
     when the broker provably holds no message for it.
 
@@ -660,11 +624,11 @@ def _resend_if_lost(lookup: Lookup) -> None:
     queued or taken by a worker and not acknowledged names it (redis_broker.messages_naming); a
     backlog of more than redis_broker.SCAN_MAX messages is left alone (it is not read at every deadline,
     and a message for it may be among them).  A batch item's lookup is sent again the same way by
-    its batch's step (batches.BatchStore._settle_lost).
+    its batch's step (the batch runner).
     """
     if not never_started(lookup):
         return
-    named = redis_broker.messages_naming(services().redis, services().settings.key_prefix, {lookup.id})
+    named = redis_broker.messages_naming(parts.redis, parts.settings.key_prefix, {lookup.id})
     if named is None or lookup.id in named:
         return
     log.warning(
@@ -672,7 +636,7 @@ def _resend_if_lost(lookup: Lookup) -> None:
         lookup.id,
         extra={"lookup_id": lookup.id},
     )
-    send_again(lookup)
+    send_again(parts, lookup)
 
 
 def never_started(lookup: Lookup) -> bool:
@@ -682,20 +646,11 @@ def never_started(lookup: Lookup) -> bool:
     return bool(unsettled) and all(result.state == SourceState.PENDING for result in unsettled)
 
 
-def send_again(lookup: Lookup) -> None:
+def send_again(parts: Services, lookup: Lookup) -> None:
     """Send the lookup task of a lookup record (not an alias: its call ids are the record's) again
     for its unsettled sources.  The caller has made sure that no message for it is left anywhere:
     `_resend_if_lost` at its deadline, a batch's step for an item's lookup that never started
-    (batches.BatchStore._settle_lost)."""
+    (the batch runner)."""
     unsettled = [name for name, result in lookup.sources.items() if not result.settled]
-    send_task(
-        LOOKUP_TASK,
-        [
-            lookup.id,
-            lookup.type,
-            lookup.identifier,
-            lookup.priority,
-            {name: lookup.tasks[name] for name in unsettled},
-        ],
-        {"task_id": uuid.uuid4().hex, "priority": celery_priority(lookup.priority)},
-    )
+    call_ids = {name: lookup.tasks[name] for name in unsettled}
+    _send_lookup_task(parts, LookupTask(lookup.id, lookup.type, lookup.identifier, lookup.priority, call_ids))

@@ -49,6 +49,7 @@ import os
 import time
 from queue import Empty
 
+import redis
 from celery.backends.redis import RedisBackend
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
@@ -411,3 +412,12 @@ def install() -> None:
     """Make `redis://` and `rediss://` (TLS) broker URLs use this transport in this process."""
     for scheme in ("redis", "rediss"):
         TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+
+
+def queue_depths(client: redis.Redis, key_prefix: str) -> dict[str, int]:
+    """Messages waiting on the broker per API priority (10 most urgent), for KEY_PREFIX `key_prefix`."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in priority_lists(key_prefix):
+            pipe.llen(name)
+        lengths = pipe.execute()
+    return {str(10 - level): int(length) for level, length in enumerate(lengths)}

@@ -255,7 +255,7 @@ class Settings:
     batch_source_wait: float = 5.0
     # Seconds an item waits with nothing happening to its lookup (from its last sign of work; never
     # less than visibility_timeout plus two sweeps) before that work counts as lost, and then only
-    # if no task of it is left to run: it settles `failed` saying so (batches.BatchStore.item_limit).
+    # if no task of it is left to run: it settles `failed` saying so (batches.runner.BatchRunner.item_limit).
     batch_item_timeout: float = 120.0
     batch_poll_interval: float = 0.2  # how often a running batch collects answers and starts items
     batch_retention: float = 7 * 86400.0  # a batch and its results are kept this long

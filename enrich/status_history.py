@@ -6,31 +6,27 @@ web process and every worker on any machine adds to the same buckets.  Two kinds
 - counters, added where things happen (`add_counts`, usually riding along with a round trip the
   caller makes anyway): lookups answered from the cache or started, lookups finished with a latency
   histogram in fixed bins (a p95 per bucket is computed from its counts), rate-limit waits;
-- gauges, sampled once per bucket (`sample`: every worker's dispatcher every 5 s, and every history
-  read): queue depth, each breaker's state, the cache's cumulative hit/miss totals
+- gauges, sampled once per bucket (maintenance.sample_status_history: every worker's dispatcher
+  every 5 s, and every history read): queue depth, each breaker's state, the cache's cumulative hit/miss totals
   (a bucket's hit rate is the change of those totals since the sample before).  HSETNX: the first
   sampler of a bucket wins, so several samplers never fight.  A read shows the current bucket's
   gauges as they are at that moment.
 
 Counters are best effort: a Redis failure on their own round trip is logged (at most once a
 minute per process) and skipped; it never fails a lookup.  A history read needs Redis (503).
+This module stores and reads; what the gauges are is maintenance's, the route enrich/web/history's.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import redis
-from flask import Blueprint, request
 
-from circuit_breaker_manager import BreakerUnavailable
-from enrich import maintenance, redis_store
-from enrich.api_errors import ApiError, json_response
-from enrich.extensions import services
+from enrich import redis_store
 from enrich.settings import Settings
 
 log = logging.getLogger("status_history")
@@ -82,7 +78,7 @@ def latency_field(milliseconds: float) -> str:
     return OVERFLOW_BIN
 
 
-def _warn(what: str, error: Exception) -> None:
+def warn_skipped(what: str, error: Exception) -> None:
     """Log a skipped write, at most once a minute per process (an outage would otherwise flood the log)."""
     now = time.monotonic()
     if now - _last_warning[0] >= WARNING_INTERVAL:
@@ -122,26 +118,11 @@ def count(
             pipe.execute()
         return True
     except redis.RedisError as error:
-        _warn("status history counter", error)
+        warn_skipped("status history counter", error)
         return False
 
 
 # -- gauges --------------------------------------------------------------------------------
-
-
-def _gauges() -> dict[str, Any]:
-    """Queue depth, breaker states and cache totals as the cluster sees them now."""
-    broker = sum(maintenance.queue_depths().values())
-    deferred = services().deferred.pending()
-    totals = services().cache.counts()
-    gauges: dict[str, Any] = {
-        "queue_depth": broker + deferred,
-        "cache_hits_total": totals.get("hits", 0),
-        "cache_misses_total": totals.get("misses", 0),
-    }
-    for name, status in services().breakers.status_all().items():
-        gauges[f"breaker:{name}"] = status.state
-    return gauges
 
 
 def _write_sample(pipe: redis.client.Pipeline, key: str, gauges: Mapping[str, Any], now: float) -> None:
@@ -150,24 +131,19 @@ def _write_sample(pipe: redis.client.Pipeline, key: str, gauges: Mapping[str, An
     pipe.expire(key, BUCKET_TTL_SECONDS)
 
 
-def sample(now: float | None = None) -> bool:
-    """Sample the gauges into the current bucket unless it has one already (every worker's
-    dispatcher calls this every 5 s, and every history read does).
+def has_sample(client: redis.Redis, settings: Settings, now: float) -> bool:
+    """Whether the bucket `now` falls in has its gauges sampled already."""
+    return bool(client.hexists(bucket_key(settings, bucket_start(now)), SAMPLED_AT))
 
-    Returns True when this call wrote one; a Redis failure is logged and skipped (False).
+
+def write_sample(client: redis.Redis, settings: Settings, gauges: Mapping[str, Any], now: float) -> bool:
+    """Write `gauges` into the bucket `now` falls in unless it has a sample (HSETNX: the first wins).
+
+    True when this call wrote it.  Raises redis.RedisError when Redis is away.
     """
-    now = now if now is not None else time.time()
-    key = bucket_key(services().settings, bucket_start(now))
-    client = services().redis
-    try:
-        if client.hexists(key, SAMPLED_AT):
-            return False
-        with client.pipeline(transaction=False) as pipe:
-            _write_sample(pipe, key, _gauges(), now)
-            return bool(pipe.execute()[0])
-    except (redis.RedisError, BreakerUnavailable) as error:  # breakers wrap Redis errors
-        _warn("status history sample", error)
-        return False
+    with client.pipeline(transaction=False) as pipe:
+        _write_sample(pipe, bucket_key(settings, bucket_start(now)), gauges, now)
+        return bool(pipe.execute()[0])
 
 
 # -- series --------------------------------------------------------------------------------
@@ -219,15 +195,14 @@ def _hit_rates(buckets: list[dict[str, str]]) -> list[float | None]:
     return rates[1:]
 
 
-def history(minutes: int = DEFAULT_MINUTES, now: float | None = None) -> dict[str, Any]:
+def history(
+    client: redis.Redis, settings: Settings, gauges: Mapping[str, Any], minutes: int, now: float
+) -> dict[str, Any]:
     """The last `minutes` as one point per bucket, oldest first, the current (unfinished) one last.
 
-    Reads the gauges (and samples them into the current bucket if no one has yet), so the last
-    point is live.  Raises redis.RedisError when Redis is away.
+    `gauges` are the cluster's as they are now: the last point shows them, and they are sampled
+    into the current bucket if no one has yet.  Raises redis.RedisError when Redis is away.
     """
-    settings = services().settings
-    client = services().redis
-    now = now if now is not None else time.time()
     current = bucket_start(now)
     count_in_window = minutes * 60 // BUCKET_SECONDS
     # One bucket more than the window, before it: the baseline of the first bucket's hit rate.
@@ -236,7 +211,6 @@ def history(minutes: int = DEFAULT_MINUTES, now: float | None = None) -> dict[st
         for start in starts:
             pipe.hgetall(bucket_key(settings, start))
         buckets = [_decode(raw) for raw in pipe.execute()]
-    gauges = _gauges()
     if SAMPLED_AT not in buckets[-1]:
         with client.pipeline(transaction=False) as pipe:
             _write_sample(pipe, bucket_key(settings, current), gauges, now)
@@ -266,19 +240,3 @@ def history(minutes: int = DEFAULT_MINUTES, now: float | None = None) -> dict[st
         "rate_limit_waits": [_integer(b, "rate_limit_waits") for b in window],
         "breakers": {name: [b.get(f"breaker:{name}") for b in window] for name in settings.sources},
     }
-
-
-# -- endpoint ------------------------------------------------------------------------------
-
-history_api = Blueprint("status_history", __name__)
-_MINUTES = re.compile(r"[0-9]{1,2}")
-
-
-@history_api.get("/api/status/history")
-def status_history():
-    raw = request.args.get("minutes", str(DEFAULT_MINUTES))
-    if not _MINUTES.fullmatch(raw) or not 1 <= int(raw) <= MAX_MINUTES:
-        raise ApiError(
-            400, "invalid_request", f"minutes must be an integer from 1 to {MAX_MINUTES}", "minutes"
-        )
-    return json_response(history(int(raw)))

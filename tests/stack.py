@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from devstack.embedded_redis import free_port
+from enrich.extensions import services
 from enrich.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,7 @@ class Stack:
                 "--without-heartbeat",
             ],
         )
-        client = self.app.extensions["redis"]
+        client = services(self.app).redis
         key = f"{self.settings.key_prefix}:workers"
         _wait(
             lambda: client.zscore(key, hostname) is not None,
@@ -196,7 +197,7 @@ class Stack:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         if self._app is not None:
-            self._app.extensions["redis"].close()
+            services(self._app).redis.close()
 
     # -- HTTP helpers --------------------------------------------------------------------
 

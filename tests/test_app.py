@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import maintenance
+from enrich.extensions import services
 from enrich.identifiers import cnpj_check_digits
 from enrich.settings import Settings
 from enrich.sources import sources_for
@@ -87,8 +88,8 @@ def post_lookup(client: FlaskClient, identifier: object = CNPJ, **fields: object
 
 def fill_cache(app, kind: str, value: str, data: dict) -> None:
     """Cache an answer of every source of `kind` for `value`."""
-    cache = app.extensions["cache"]
-    for source in sources_for(kind, app.extensions["sources"]):
+    cache = services(app).cache
+    for source in sources_for(kind, services(app).sources):
         cache.set(kind, source.name, value, data)
 
 
@@ -100,7 +101,7 @@ def cache_company(app, cnpj: str = CNPJ) -> None:
 
 def queued_messages(app) -> dict[str, int]:
     with app.app_context():
-        return maintenance.queue_depths()
+        return maintenance.queue_depths(services())
 
 
 def assert_error(response, status: int, error: str, field: str | None = None) -> dict:
@@ -126,7 +127,7 @@ def test_uncached_cnpj_is_queued_as_one_task_with_a_call_id_per_source_and_links
     assert body["type"] == "cnpj"
     assert body["identifier"] == CNPJ
     assert body["cached"] is False
-    expected_sources = {s.name for s in sources_for("cnpj", app.extensions["sources"])}
+    expected_sources = {s.name for s in sources_for("cnpj", services(app).sources)}
     assert set(body["tasks"]) == expected_sources == {"brasilapi", "receitaws", "opencnpj"}
     assert len(set(body["tasks"].values())) == len(expected_sources)
     assert body["links"] == {
@@ -165,7 +166,7 @@ def test_fully_cached_cnpj_answers_200_complete_with_result_and_checks(app, clie
 
 
 def test_partly_cached_cnpj_enqueues_only_the_missing_sources(app, client):
-    app.extensions["cache"].set("cnpj", "brasilapi", CNPJ, COMPANY)
+    services(app).cache.set("cnpj", "brasilapi", CNPJ, COMPANY)
 
     body = post_lookup(client).get_json()
 
@@ -231,7 +232,7 @@ def test_masked_bare_and_lowercase_cnpj_normalize_to_the_same_lookup(app, client
     assert {body["identifier"] for body in bodies} == {forms[0]}
     # One lookup's work, each request under an id of its own.
     assert len({body["id"] for body in bodies}) == len(forms)
-    store = app.extensions["lookups"]
+    store = services(app).lookups
     assert {store.get(body["id"]).work_id for body in bodies} == {bodies[0]["id"]}
 
 
@@ -254,7 +255,7 @@ def test_a_cep_is_detected_from_its_shape(client, raw, value):
 def test_a_cpf_is_answered_at_once_from_the_number_alone_and_nothing_is_stored(
     app, client, redis_client, raw
 ):
-    before = set(redis_client.scan_iter(match=f"{app.extensions['settings'].key_prefix}:*"))
+    before = set(redis_client.scan_iter(match=f"{services(app).settings.key_prefix}:*"))
 
     response = post_lookup(client, raw, priority=9)
 
@@ -271,7 +272,7 @@ def test_a_cpf_is_answered_at_once_from_the_number_alone_and_nothing_is_stored(
     assert [(c["name"], c["status"]) for c in body["checks"]] == [("check_digits", "pass")]
     assert sum(queued_messages(app).values()) == 0
     # Nothing written: no record, no cache entry, no task, no event log, not even a counter.
-    assert set(redis_client.scan_iter(match=f"{app.extensions['settings'].key_prefix}:*")) == before
+    assert set(redis_client.scan_iter(match=f"{services(app).settings.key_prefix}:*")) == before
 
 
 def test_a_cpf_is_answered_even_while_redis_is_down(down_client):
@@ -502,13 +503,13 @@ def test_cached_answers_share_one_stored_body_and_read_back_exactly(app, client,
     assert first["id"] != second["id"]
     for created in (first, second):
         assert client.get(created["links"]["self"]).get_json() == created
-    store = app.extensions["lookups"]
+    store = services(app).lookups
     bodies = list(redis_client.scan_iter(match=store.answer_body_key("*")))
     assert len(bodies) == 1  # the sources' part is stored once, each lookup keeps its own head
     head = redis_client.get(store.answered_key(first["id"]))
     assert len(head) < 600 and first["id"].encode() in head
     ttl = redis_client.ttl(store.answered_key(first["id"]))
-    assert 0 < ttl <= app.extensions["settings"].lookup_retention
+    assert 0 < ttl <= services(app).settings.lookup_retention
     assert redis_client.ttl(bodies[0]) > ttl  # the body outlives every head that names it
 
 
@@ -555,9 +556,9 @@ def test_status_reports_breakers_quotas_queues_workers_cache_and_dead_letters(ap
     body = response.get_json()
     for key in ("breakers", "rate_limits", "queues", "workers", "cache", "dead_letters", "health_check"):
         assert key in body, key
-    assert set(body["breakers"]) == set(app.extensions["settings"].sources)
+    assert set(body["breakers"]) == set(services(app).settings.sources)
     assert {breaker["state"] for breaker in body["breakers"].values()} == {"closed"}
-    assert set(body["rate_limits"]) == set(app.extensions["settings"].sources)
+    assert set(body["rate_limits"]) == set(services(app).settings.sources)
     assert set(body["queues"]["by_priority"]) == {str(level) for level in range(1, 11)}
     assert sum(body["queues"]["by_priority"].values()) == 0
     assert body["workers"] == []
@@ -648,7 +649,7 @@ def test_invalidate_one_identifier_deletes_only_its_entries(app, client):
 
     assert response.status_code == 200
     assert response.get_json() == {"deleted": 3}
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     assert cache.get_many("cnpj", ["brasilapi", "receitaws", "opencnpj"], CNPJ) == {}
     assert len(cache.get_many("cnpj", ["brasilapi", "receitaws", "opencnpj"], OTHER_CNPJ)) == 3
     assert post_lookup(client, CNPJ).status_code == 202
@@ -664,7 +665,7 @@ def test_invalidate_a_type_deletes_every_entry_of_that_type(app, client):
 
     assert response.status_code == 200
     assert response.get_json() == {"deleted": 4}
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     assert cache.get_many("cep", ["brasilapi", "viacep"], CEP) == {}
     assert len(cache.get_many("cnpj", ["brasilapi", "receitaws", "opencnpj"], CNPJ)) == 3
 
@@ -722,7 +723,7 @@ def test_dead_letters_list_counts_and_shows_entries(app, client):
     assert empty.status_code == 200
     assert empty.get_json() == {"count": 0, "items": []}
 
-    entry_id = app.extensions["dead_letters"].add("lookup-1", "receitaws", "cnpj", CNPJ, 5, "HTTP 503", 5)
+    entry_id = services(app).dead_letters.add("lookup-1", "receitaws", "cnpj", CNPJ, 5, "HTTP 503", 5)
     body = client.get("/api/admin/dead-letters", headers=AUTH).get_json()
 
     assert body["count"] == 1
@@ -738,7 +739,7 @@ def test_requeue_of_an_unknown_dead_letter_is_404(client):
 
 def test_requeue_of_a_dead_letter_issues_a_known_task(app, client):
     lookup_id = post_lookup(client).get_json()["id"]
-    entry_id = app.extensions["dead_letters"].add(lookup_id, "receitaws", "cnpj", CNPJ, 9, "HTTP 503", 5)
+    entry_id = services(app).dead_letters.add(lookup_id, "receitaws", "cnpj", CNPJ, 9, "HTTP 503", 5)
     queued = sum(queued_messages(app).values())
 
     response = client.post(f"/api/admin/dead-letters/{entry_id}/requeue", headers=AUTH)
@@ -835,7 +836,7 @@ def test_a_record_created_without_a_claim_reads_back(app):
         deadline_at=now + 15,
         sources={"viacep": SourceResult("viacep", SourceState.PENDING)},
     )
-    store = app.extensions["lookups"]
+    store = services(app).lookups
     assert store.create(lookup) is None
     read = store.get(lookup.id)
     assert read is not None and read.to_dict() == lookup.to_dict()

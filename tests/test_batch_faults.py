@@ -19,7 +19,9 @@ from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich import maintenance, redis_broker
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
+from enrich.extensions import services
 from enrich.settings import Settings
+from enrich.source_call import LOOKUP_TASK
 
 
 def _finished(stack, batch_id: str, timeout: float) -> dict:
@@ -99,7 +101,7 @@ def test_after_a_worker_is_killed_mid_batch_every_row_equals_its_lookup(make_sta
     wait_for(lambda: stack.get(f"/api/batches/{batch_id}").json()["done"] >= 60, 30, 0.05, "60 items done")
     # Killed between two steps, as it mostly is (a step takes milliseconds): a step killed holding the
     # batch's lock stalls the batch for the lock's 30 s, which is not scaled down with the timeouts.
-    client, lock = stack.app.extensions["redis"], stack.app.extensions["batches"].key(batch_id, "step")
+    client, lock = services(stack.app).redis, services(stack.app).batches.key(batch_id, "step")
     wait_for(lambda: not client.exists(lock), 5, 0.001, "a moment between two steps")
     stack.kill("w1", signal.SIGKILL)
     in_flight = stack.get(f"/api/batches/{batch_id}").json()["counts"]["running"]
@@ -186,8 +188,8 @@ def test_after_redis_is_killed_mid_batch_every_row_equals_its_lookup(
         )
         # Killed between two steps, as the worker in the test above: a step cut off holding the
         # batch's lock stalls the batch for the lock's 30 s, which is not scaled down.
-        store = stack.app.extensions["batches"]
-        client, lock = stack.app.extensions["redis"], store.key(batch_id, "step")
+        store = services(stack.app).batches
+        client, lock = services(stack.app).redis, store.key(batch_id, "step")
         wait_for(lambda: not client.exists(lock), 5, 0.001, "a moment between two steps")
         in_flight = int(client.hget(store.key(batch_id), "n:running"))
         own_redis.kill()
@@ -214,7 +216,7 @@ def test_after_redis_is_killed_mid_batch_every_row_equals_its_lookup(
         if unfinished:
             # A lookup not complete when the batch finished had its work lost for good: nothing of it
             # is left to run.  Were something left after all, it would complete by then.
-            limit = store.item_limit
+            limit = services(stack.app).batch_runner.item_limit
             deadline = time.monotonic() + limit
             while time.monotonic() < deadline and any(
                 (lookup_of(i) or {}).get("status") != "complete" for i in unfinished
@@ -262,13 +264,14 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
     from enrich.lookups import SourceResult, SourceState
 
     app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
-    client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
+    client, prefix = services(app).redis, services(app).settings.key_prefix
     queues = redis_broker.priority_lists(prefix)
     with app.app_context():
-        store, lookups = app.extensions["batches"], app.extensions["lookups"]
-        assert store.item_limit == 3.0
+        store, lookups = services(app).batches, services(app).lookups
+        runner = services(app).batch_runner
+        assert runner.item_limit == 3.0
         batch_id = store.create(batch_input.parse_json(sandbox.identifiers("cep", 2, seed=151), 10))["id"]
-        store._start_items(batch_id)
+        runner._start_items(batch_id)
         running_key = store.key(batch_id, "running")
         items = {k.decode(): v.decode().split("|") for k, v in client.hgetall(running_key).items()}
         (lost_key, (lost_id, _)), (held_key, (held_id, _)) = sorted(items.items())
@@ -279,10 +282,10 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
                 lookups.set_source(lookup_id, SourceResult(name, SourceState.RUNNING, updated_at=long_ago))
         messages = [raw for queue in queues for raw in client.lrange(queue, 0, -1)]
         held = next(raw for raw in messages if redis_broker.mentions(orjson.loads(raw), held_id))
-        client.delete(*queues, app.extensions["deferred"].key)  # the tasks and the deadlines: gone
+        client.delete(*queues, services(app).deferred.key)  # the tasks and the deadlines: gone
         client.hset(f"{prefix}:celery:unacked", "tag", b"[" + held + b', "", "celery"]')  # a dead worker's
 
-        store._collect(batch_id)
+        runner._collect(batch_id)
         assert set(client.hkeys(running_key)) == {held_key.encode()}  # owed a redelivery: it waits
         lost = orjson.loads(client.hget(store.key(batch_id, "items"), lost_key))
         assert lost["state"] == "failed" and lost["lookup_id"] == lost_id
@@ -292,8 +295,8 @@ def test_an_item_waits_while_a_task_of_its_lookup_is_owed_and_settles_lost_once_
 
         client.delete(f"{prefix}:celery:unacked")  # the redelivery lost after all
         client.delete(store.key(batch_id, "lost-check"))  # the next look at the broker, seconds later
-        store._collect(batch_id)
-        assert client.hlen(running_key) == 0 and store._finish_if_done(batch_id)
+        runner._collect(batch_id)
+        assert client.hlen(running_key) == 0 and runner._finish_if_done(batch_id)
         assert store.status(batch_id)["counts"]["failed"] == 2
         assert client.zcard(store.inflight_key) == 0
 
@@ -314,25 +317,28 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
     from enrich.lookups import SourceResult, SourceState
 
     app = make_app(visibility_timeout=1, batch_item_timeout=2.0)  # the limit: max(2, 1 + 2 sweeps of 1 s)
-    client = app.extensions["redis"]
+    client = services(app).redis
     with app.app_context():
-        store, lookups = app.extensions["batches"], app.extensions["lookups"]
+        store, lookups = services(app).batches, services(app).lookups
+        runner = services(app).batch_runner
         cep, other = sandbox.identifiers("cep", 2, seed=171)
         batch_id = store.create(batch_input.parse_json([cep], 10))["id"]
-        pipeline.start_lookup(parse(other), pipeline.BATCH_PRIORITY)  # another item's task: a backlog
+        pipeline.start_lookup(
+            services(), parse(other), pipeline.BATCH_PRIORITY
+        )  # another item's task: a backlog
 
         def redis_gone(*args, **kwargs):
             raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
         monkeypatch.setattr(pipeline, "send_task", redis_gone)
         with pytest.raises(OperationalError):
-            store._start_items(batch_id)  # the record is written, its task is not sent
+            runner._start_items(batch_id)  # the record is written, its task is not sent
         monkeypatch.undo()
         running_key = store.key(batch_id, "running")
         ((key, entry),) = client.hgetall(running_key).items()
         assert entry.startswith(b"|")  # claimed, not started
         orphan_id = client.get(lookups.inflight_key("cep", parse(cep).value)).decode()
-        queues = redis_broker.priority_lists(app.extensions["settings"].key_prefix)
+        queues = redis_broker.priority_lists(services(app).settings.key_prefix)
 
         def queued_naming(lookup_id: str) -> list[dict]:
             messages = [orjson.loads(raw) for queue in queues for raw in client.lrange(queue, 0, -1)]
@@ -340,22 +346,22 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
 
         assert not queued_naming(orphan_id)
         # Its deadline: `partial`, and not sent again: the backlog is more than it reads (made so).
-        client.delete(app.extensions["deferred"].key)  # taken by the dispatcher
+        client.delete(services(app).deferred.key)  # taken by the dispatcher
         monkeypatch.setattr(redis_broker, "SCAN_MAX", 0)
-        assert pipeline.finalize(orphan_id, at_deadline=True) == "partial"
+        assert pipeline.finalize(services(), orphan_id, at_deadline=True) == "partial"
         monkeypatch.undo()
         assert not queued_naming(orphan_id)
 
-        store._collect(batch_id)  # the item starts again: it joins the lookup that never ran
+        runner._collect(batch_id)  # the item starts again: it joins the lookup that never ran
         lookup_id, _, shared_id = client.hget(running_key, key).decode().split("|")
         assert shared_id == orphan_id and lookup_id != orphan_id
         client.hset(running_key, key, f"{lookup_id}|{time.time() - 10}|{shared_id}")  # long ago
 
-        store._collect(batch_id)
+        runner._collect(batch_id)
         assert client.hexists(running_key, key), "the item settled as lost though its lookup never ran"
         (message,) = queued_naming(orphan_id)  # its task, sent again
-        assert message["headers"]["task"] == pipeline.LOOKUP_TASK
-        store._collect(batch_id)
+        assert message["headers"]["task"] == LOOKUP_TASK
+        runner._collect(batch_id)
         assert len(queued_naming(orphan_id)) == 1  # sent once: now a task of it is owed
 
         orphan = lookups.get(orphan_id)
@@ -363,8 +369,8 @@ def test_an_item_whose_lookup_never_reached_the_broker_sends_it_again_instead_of
         assert args == [orphan_id, "cep", orphan.identifier, pipeline.BATCH_PRIORITY, orphan.tasks]
         for name in orphan.sources:  # the worker's part: the sources answer
             lookups.set_source(orphan_id, SourceResult(name, SourceState.NOT_FOUND, updated_at=time.time()))
-        assert pipeline.finalize(orphan_id) == "complete"
-        store._collect(batch_id)
+        assert pipeline.finalize(services(), orphan_id) == "complete"
+        runner._collect(batch_id)
         (row,) = store.rows(batch_id)
         assert row["lookup_id"] == lookup_id and row["state"] == "not_found", row
         assert _row_differs(row, orjson.loads(orjson.dumps(lookups.get(lookup_id).to_dict()))) is None
@@ -387,7 +393,7 @@ def test_batch_calls_leave_the_interactive_reserve_to_people(make_stack, sandbox
     )
 
     def viacep_tokens() -> float:
-        return stack.app.extensions["rate_limiter"].tokens("viacep")
+        return services(stack.app).rate_limiter.tokens("viacep")
 
     for cep in people:
         lookup = stack.wait_status(stack.post_lookup(cep).json()["id"], timeout=10)
@@ -428,8 +434,8 @@ def test_a_held_batch_call_never_waits_past_batch_source_wait(make_stack, sandbo
     stack = make_stack(**BATCH_ENV, BATCH_SOURCE_WAIT=str(limit))
     stack.start_worker("w1")
     stack.start_web()
-    client, settings = stack.app.extensions["redis"], stack.settings
-    limiter = stack.app.extensions["rate_limiter"]
+    client, settings = services(stack.app).redis, stack.settings
+    limiter = services(stack.app).rate_limiter
 
     def receitaws(token_in: float, room_in: float) -> None:
         """ReceitaWS's next token above the reserve `token_in` s away, and a start in its log that
@@ -446,7 +452,7 @@ def test_a_held_batch_call_never_waits_past_batch_source_wait(make_stack, sandbo
 
     def receitaws_of(batch_id: str) -> tuple[dict, dict] | None:
         """(the item's lookup, its ReceitaWS state) while the batch's one item is in flight."""
-        running = client.hvals(stack.app.extensions["batches"].key(batch_id, "running"))
+        running = client.hvals(services(stack.app).batches.key(batch_id, "running"))
         lookup_id = running[0].decode().partition("|")[0] if running else ""
         lookup = stack.get(f"/api/lookups/{lookup_id}").json() if lookup_id else None
         return (lookup, lookup["sources"]["receitaws"]) if lookup else None
@@ -507,11 +513,11 @@ def test_cleanup_deletes_batches_past_their_retention(settings, redis_client):
     app = create_app(dataclasses.replace(settings, batch_retention=0.0))
     try:
         with app.app_context():
-            store = app.extensions["batches"]
+            store = services(app).batches
             parsed = batch_input.parse_json(["01310100", "bad"], 10)
             batch_id = store.create(parsed)["id"]
             assert store.status(batch_id) is not None
-            report = maintenance.cleanup()
+            report = maintenance.cleanup(services())
             assert report["removed"]["batches"] == 1
             assert store.status(batch_id) is None
             assert not list(redis_client.scan_iter(match=f"{settings.key_prefix}:batch:{batch_id}*"))
@@ -536,13 +542,13 @@ def test_a_person_does_not_join_a_batch_items_lookup_but_a_batch_item_joins_thei
 
     first, second = (parse(value) for value in sandbox.identifiers("cep", 2, seed=131))
     with app.app_context():  # no worker: the lookups stay running
-        item, _ = pipeline.start_lookup(first, pipeline.BATCH_PRIORITY)
-        person, created = pipeline.start_lookup(first, 5)
+        item, _ = pipeline.start_lookup(services(), first, pipeline.BATCH_PRIORITY)
+        person, created = pipeline.start_lookup(services(), first, 5)
         assert created and person.id != item.id  # the person's own lookup, at their priority
-        again, created = pipeline.start_lookup(first, pipeline.BATCH_PRIORITY)
+        again, created = pipeline.start_lookup(services(), first, pipeline.BATCH_PRIORITY)
         # Batch items still share one lookup's work, each under an id of its own.
         assert not created and again.work_id == item.id and again.id != item.id
 
-        someone, _ = pipeline.start_lookup(second, 5)
-        rider, created = pipeline.start_lookup(second, pipeline.BATCH_PRIORITY)
+        someone, _ = pipeline.start_lookup(services(), second, 5)
+        rider, created = pipeline.start_lookup(services(), second, pipeline.BATCH_PRIORITY)
         assert not created and rider.work_id == someone.id and rider.id != someone.id

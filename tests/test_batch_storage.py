@@ -7,6 +7,8 @@ import time
 import orjson
 import pytest
 
+from enrich.extensions import services
+
 
 def post(client, rows: list[str], address: str):
     return client.post("/api/batches", json={"identifiers": rows}, headers={"X-Forwarded-For": address})
@@ -23,7 +25,7 @@ JUNK = ["x" * 413 + str(n) for n in range(300)]  # 300 invalid rows of 413+ char
 
 
 def test_an_address_past_its_share_gets_503_storage_full_and_others_go_on(small):
-    client, storage = small.test_client(), small.extensions["batches"].storage
+    client, storage = small.test_client(), services(small).batches.storage
     statuses = [post(client, JUNK, "198.51.100.1").status_code for _ in range(4)]
     assert statuses[:2] == [202, 202] and 503 in statuses
     refused = post(client, JUNK, "198.51.100.1")
@@ -40,17 +42,17 @@ def test_stored_invalid_values_are_cut_to_an_identifiers_length(small, redis_cli
     client = small.test_client()
     created = post(client, JUNK[:3], "198.51.100.9").get_json()
     assert created["invalid"][0]["value"] == JUNK[0]  # the 202 tells the uploader the whole line
-    lines = small.extensions["batches"].key(created["id"], "lines")
+    lines = services(small).batches.key(created["id"], "lines")
     kept = [orjson.loads(raw) for raw in redis_client.lrange(lines, 0, -1)]
     assert [len(value) for _, value, _, _ in kept] == [64, 64, 64]
 
 
 def test_cleanup_gives_a_deleted_batchs_bytes_back(small):
-    client, batches = small.test_client(), small.extensions["batches"]
+    client, batches = small.test_client(), services(small).batches
     for _ in range(2):
         assert post(client, JUNK, "198.51.100.20").status_code == 202
     assert post(client, JUNK, "198.51.100.20").status_code == 503
     with small.app_context():
-        assert batches.delete_older_than(time.time() + 1) >= 2
+        assert batches.delete_older_than(time.time() + 1, services(small).events.stream_key) >= 2
     assert "client:198.51.100.20" not in batches.storage.used()
     assert post(client, JUNK, "198.51.100.20").status_code == 202

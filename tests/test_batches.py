@@ -13,6 +13,8 @@ from conftest import FAST_LIMITS, wait_for
 from sse_client import Event, read_all
 from test_batch_rows import HYPERLINK_LEAK, formula_cells
 
+from enrich.extensions import services
+
 # ReceitaWS keeps its real limit (2.85 a minute, the sandbox's quota of 3): batch items skip it
 # once its token is gone, as they would in production, and still settle from the other sources.
 BATCH_ENV = {
@@ -235,7 +237,7 @@ def test_only_the_cancel_token_cancels_and_nothing_shows_it_again(stack, sandbox
     unknown = requests.delete(f"{url}x", headers={"X-Cancel-Token": token}, timeout=10)
     assert unknown.status_code == 404  # an unknown batch is still a 404, token or not
     # Redis keeps only the token's hash (a reader of Redis cannot cancel either).
-    stored = stack.app.extensions["redis"].hgetall(stack.app.extensions["batches"].key(batch_id))
+    stored = services(stack.app).redis.hgetall(services(stack.app).batches.key(batch_id))
     assert stored[b"cancel_token_sha256"] == hashlib.sha256(token.encode()).hexdigest().encode()
     assert not any(token.encode() in value for value in stored.values())
 

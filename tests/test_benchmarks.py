@@ -1,4 +1,4 @@
-"""Every benchmark script still runs: `--quick` once per suite (figures come from `make bench`)."""
+"""Every benchmark runs as `python -m bench.NAME --quick`, once per suite (figures: `make bench`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def test_the_benchmark_runs_in_quick_mode(name):
     before = set(results.glob("*-quick-*.json"))
     docs_before = (ROOT / "docs" / "benchmarks.md").read_text()
     finished = subprocess.run(
-        [sys.executable, str(script), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=230
+        [sys.executable, "-m", f"bench.{name}", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     written = set(results.glob("*-quick-*.json")) - before

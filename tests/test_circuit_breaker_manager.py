@@ -368,3 +368,75 @@ def test_a_withdrawn_call_counts_for_nothing_and_gives_its_probe_permit_back(set
     with pytest.raises(CallWithdrawn):
         manager.call(SOURCE, withdraw)
     assert manager.status(SOURCE).failures == 0
+
+
+class Transitions(pybreaker.CircuitBreakerListener):
+    """The state changes one breaker announced, as (old, new) names."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def state_change(self, cb, old_state, new_state) -> None:
+        self.seen.append((old_state.name, new_state.name))
+
+
+def test_the_decorator_and_the_with_block_go_through_the_shared_state(settings, redis_client):
+    manager = BreakerManager(redis_client, make_settings(settings, breaker_fail_max=3))
+    breaker = manager.breaker(SOURCE)
+
+    @breaker  # pybreaker's decorator calls breaker.call
+    def decorated() -> None:
+        raise TransientError("upstream is down")
+
+    with pytest.raises(TransientError):
+        decorated()
+    assert manager.status(SOURCE).failures == 1
+    with pytest.raises(TransientError), breaker.calling():
+        raise TransientError("upstream is down")
+    assert manager.status(SOURCE).failures == 2
+    with breaker.calling():
+        pass
+    assert manager.status(SOURCE).failures == 0
+
+    body = []
+    breaker.open()
+    with pytest.raises(BreakerOpen), breaker.calling():
+        body.append("ran")
+    assert body == []
+
+
+def test_reading_the_state_announces_nothing_and_keeps_the_counters(settings, redis_client):
+    overrides = {"breaker_fail_max": 3}
+    here = BreakerManager(redis_client, make_settings(settings, **overrides)).breaker(SOURCE)
+    transitions = Transitions()
+    here.add_listener(transitions)
+    elsewhere = BreakerManager(redis_client, make_settings(settings, **overrides))
+    with pytest.raises(TransientError):
+        elsewhere.call(SOURCE, fail)
+    elsewhere.force_open(SOURCE)  # another process's change
+
+    assert isinstance(here.state, pybreaker.CircuitOpenState)
+    assert (here.current_state, here.fail_counter) == ("open", 1)
+    assert transitions.seen == []  # announced once, by the process that made it
+    here.half_open()
+    assert isinstance(here.state, pybreaker.CircuitHalfOpenState)
+    assert transitions.seen == [("open", "half-open")]
+
+
+def test_state_changes_only_through_the_scripts(settings, redis_client):
+    breaker = BreakerManager(redis_client, settings).breaker(SOURCE)
+    storage = breaker.storage
+    for write in [
+        storage.increment_counter,
+        storage.reset_counter,
+        storage.increment_success_counter,
+        storage.reset_success_counter,
+        lambda: setattr(storage, "state", "open"),
+        lambda: setattr(storage, "opened_at", None),
+    ]:
+        with pytest.raises(NotImplementedError):
+            write()
+    with pytest.raises(NotImplementedError):
+        breaker.call_async(lambda: "tornado")
+    keys = [redis_store.key(settings, "breaker", SOURCE, part) for part in ("state", "probes")]
+    assert redis_client.exists(*keys) == 0  # building the breaker wrote nothing

@@ -14,9 +14,11 @@ from conftest import FAST_LIMITS
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
-from enrich import maintenance, pipeline
+from enrich import maintenance
+from enrich.extensions import services
 from enrich.feature_flags import FeatureFlags
 from enrich.settings import Settings
+from enrich.source_call import FETCH_TASK, FINALIZE_TASK, celery_priority, send_task
 
 CNPJ = "11222333000181"
 CNPJ_MASKED = "11.222.333/0001-81"
@@ -36,19 +38,19 @@ def cache_keys(redis_client, settings, kind: str = "*") -> list[bytes]:
 
 def queued(app) -> dict[str, int]:
     with app.app_context():
-        return maintenance.queue_depths()
+        return maintenance.queue_depths(services())
 
 
 def beat(app, hostname: str = "w1@test") -> None:
     """A worker heartbeat, as a live worker writes it."""
-    maintenance.record_worker_heartbeat(app, hostname)
+    maintenance.record_worker_heartbeat(services(app), hostname)
 
 
 # -- cache ----------------------------------------------------------------------------------------
 
 
 def test_cache_invalidate_deletes_one_identifiers_entries_only(app, run, settings, redis_client):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     cache.set("cnpj", "brasilapi", CNPJ, {"cnpj": CNPJ}, found=True)
     cache.set("cnpj", "receitaws", CNPJ, {"cnpj": CNPJ}, found=True)
     cache.set("cnpj", "brasilapi", "11444777000161", {"cnpj": "11444777000161"}, found=True)
@@ -63,7 +65,7 @@ def test_cache_invalidate_deletes_one_identifiers_entries_only(app, run, setting
 
 
 def test_cache_invalidate_of_a_type_leaves_the_other_types(app, run, settings, redis_client):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     cache.set("cnpj", "brasilapi", CNPJ, {"cnpj": CNPJ}, found=True)
     cache.set("cep", "viacep", CEP, {"cep": CEP}, found=True)
 
@@ -76,7 +78,7 @@ def test_cache_invalidate_of_a_type_leaves_the_other_types(app, run, settings, r
 
 
 def test_cache_invalidate_all_and_bump_generation_each_raise_the_generation(app, run):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     cache.set("cep", "viacep", CEP, {"cep": CEP}, found=True)
     assert cache.generation() == 0
 
@@ -102,18 +104,18 @@ def test_cache_invalidate_all_and_bump_generation_each_raise_the_generation(app,
     ],
 )
 def test_cache_invalidate_refuses_bad_arguments_as_usage_errors(app, run, args):
-    app.extensions["cache"].set("cnpj", "brasilapi", CNPJ, {"cnpj": CNPJ}, found=True)
+    services(app).cache.set("cnpj", "brasilapi", CNPJ, {"cnpj": CNPJ}, found=True)
 
     result = run("cache", "invalidate", *args)
 
     assert result.exit_code == 2, result.output
     assert "Error:" in result.output and "Traceback" not in result.output
-    assert app.extensions["cache"].generation() == 0
-    assert app.extensions["cache"].get("cnpj", "brasilapi", CNPJ) is not None
+    assert services(app).cache.generation() == 0
+    assert services(app).cache.get("cnpj", "brasilapi", CNPJ) is not None
 
 
 def test_cache_stats_reports_keys_and_hits(app, run):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     cache.set("cep", "viacep", CEP, {"cep": CEP}, found=True)
     cache.get_many("cep", ["viacep"], CEP)
 
@@ -128,7 +130,7 @@ def test_cache_stats_reports_keys_and_hits(app, run):
 
 
 def test_breakers_open_then_reset_change_the_shared_state(app, run):
-    breakers = app.extensions["breakers"]
+    breakers = services(app).breakers
 
     opened = run("breakers", "open", "receitaws")
     assert opened.exit_code == 0, opened.output
@@ -151,14 +153,14 @@ def test_breakers_of_an_unknown_source_is_a_usage_error(app, run, action):
 
     assert result.exit_code == 2, result.output
     assert "no source named 'nosuchsource'" in result.output
-    assert {s.state for s in app.extensions["breakers"].status_all().values()} == {"closed"}
+    assert {s.state for s in services(app).breakers.status_all().values()} == {"closed"}
 
 
 # -- dead letters ---------------------------------------------------------------------------------
 
 
 def test_dead_letters_list_shows_the_entries(app, run):
-    letters = app.extensions["dead_letters"]
+    letters = services(app).dead_letters
     first = letters.add("lookup-1", "receitaws", "cnpj", CNPJ, 5, "HTTP 503", 5)
     second = letters.add("lookup-2", "viacep", "cep", CEP, 5, "timed out", 5)
 
@@ -171,7 +173,7 @@ def test_dead_letters_list_shows_the_entries(app, run):
 
 
 def test_dead_letters_requeue_puts_a_task_on_the_broker_and_marks_the_letter(app, run):
-    letters = app.extensions["dead_letters"]
+    letters = services(app).dead_letters
     entry_id = letters.add("lookup-1", "receitaws", "cnpj", CNPJ, 9, "HTTP 503", 5)
     before = queued(app)
 
@@ -183,8 +185,8 @@ def test_dead_letters_requeue_puts_a_task_on_the_broker_and_marks_the_letter(app
     assert after["9"] == before["9"] + 1 and sum(after.values()) == sum(before.values()) + 1
     assert letters.count() == 0
     assert letters.get(entry_id)["requeue_count"] == 1 and letters.get(entry_id)["requeued_at"]
-    assert app.extensions["lookups"].task(body["task_id"]) == {
-        "name": pipeline.FETCH_TASK,
+    assert services(app).lookups.task(body["task_id"]) == {
+        "name": FETCH_TASK,
         "lookup_id": "lookup-1",
         "source": "receitaws",
     }
@@ -203,9 +205,9 @@ def test_dead_letters_requeue_of_an_unknown_id_fails(app, run):
 
 def test_queue_stats_reports_depths_deferred_calls_and_workers(app, run):
     beat(app, "w1@test")
-    app.extensions["deferred"].add(time.time() + 600, pipeline.FETCH_TASK, ["x"], {"priority": 0})
+    services(app).deferred.add(time.time() + 600, FETCH_TASK, ["x"], {"priority": 0})
     with app.app_context():
-        pipeline.send_task(pipeline.FINALIZE_TASK, ["lookup-1"], {"priority": pipeline.celery_priority(3)})
+        send_task(services(), FINALIZE_TASK, ["lookup-1"], {"priority": celery_priority(3)})
 
     body = json.loads(run("queue", "stats", "--json").stdout)
     human = run("queue", "stats")
@@ -230,7 +232,7 @@ def test_health_is_ready_with_a_worker_and_strict_fails_on_an_open_breaker(app, 
     assert ready.exit_code == 0, ready.output
     assert json.loads(ready.stdout)["ready"] is True
 
-    app.extensions["breakers"].force_open("receitaws")
+    services(app).breakers.force_open("receitaws")
     lenient = run("health")
     strict = run("health", "--strict", "--json")
 
@@ -244,7 +246,7 @@ def test_health_is_ready_with_a_worker_and_strict_fails_on_an_open_breaker(app, 
 
 
 def test_flags_set_is_seen_by_every_process_and_default_goes_back_to_the_setting(app, run, settings):
-    elsewhere = FeatureFlags(app.extensions["redis"], settings)  # another process's view
+    elsewhere = FeatureFlags(services(app).redis, settings)  # another process's view
     listed = json.loads(run("flags", "list", "--json").stdout)
     assert {name: flag["enabled"] for name, flag in listed.items()} == {
         "rate_limiting": True,
@@ -261,7 +263,7 @@ def test_flags_set_is_seen_by_every_process_and_default_goes_back_to_the_setting
     back = run("flags", "set", "cache", "default", "--json")
     assert back.exit_code == 0, back.output
     assert json.loads(back.stdout)["source"] == "settings"
-    assert FeatureFlags(app.extensions["redis"], settings).all()["cache"] == {
+    assert FeatureFlags(services(app).redis, settings).all()["cache"] == {
         "enabled": True,
         "source": "settings",
         "default": True,
@@ -273,7 +275,7 @@ def test_flags_set_refuses_unknown_names_and_values(app, run, settings, args):
     result = run("flags", "set", *args)
 
     assert result.exit_code == 2, result.output
-    assert all(flag["source"] == "settings" for flag in app.extensions["flags"].all().values())
+    assert all(flag["source"] == "settings" for flag in services(app).flags.all().values())
 
 
 # -- lookup ---------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ def down_app():
     ids=" ".join,
 )
 def test_every_command_says_redis_is_unreachable_and_exits_1(down_app, args):
-    port = down_app.extensions["settings"].redis_url.rsplit(":", 1)[1].split("/")[0]
+    port = services(down_app).settings.redis_url.rsplit(":", 1)[1].split("/")[0]
 
     result = down_app.test_cli_runner().invoke(args=args)
 

@@ -21,6 +21,7 @@ from test_batches import fast_upstreams  # noqa: F401 - the autouse fixture appl
 from devstack.embedded_redis import free_port
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
+from enrich.extensions import services
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "flask"
@@ -57,11 +58,11 @@ def flask(
 
 
 def store(stack):
-    return stack.app.extensions["batches"]
+    return services(stack.app).batches
 
 
 def batch_ids(stack) -> set[str]:
-    return {raw.decode() for raw in stack.app.extensions["redis"].zrange(store(stack).index_key, 0, -1)}
+    return {raw.decode() for raw in services(stack.app).redis.zrange(store(stack).index_key, 0, -1)}
 
 
 def status_of(stack, batch_id: str) -> dict | None:
@@ -71,7 +72,8 @@ def status_of(stack, batch_id: str) -> dict | None:
 
 def created_in_process(stack, identifiers: list) -> dict:
     with stack.app.app_context():
-        return store(stack).create(batch_input.parse_json(identifiers, 2000), "in-process")
+        runner = services(stack.app).batch_runner  # the create path: the store's create, then a step
+        return runner.create(batch_input.parse_json(identifiers, 2000), "in-process")
 
 
 def test_run_of_a_spreadsheet_csv_writes_one_row_per_input_line(stack, sandbox, tmp_path):
@@ -337,7 +339,7 @@ def test_run_without_a_live_worker_fails_and_creates_nothing(app, tmp_path):
 
     assert result.exit_code == 1, result.output
     assert "no live worker to run the batch" in result.stderr
-    assert app.extensions["redis"].zcard(app.extensions["batches"].index_key) == 0
+    assert services(app).redis.zcard(services(app).batches.index_key) == 0
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
+from enrich.extensions import services
 from enrich.settings import Settings
 
 INVALID = {"identifier": "not an identifier"}  # a 400 still counts: the limit is on requests
@@ -78,7 +79,7 @@ def test_each_app_counts_in_its_own_redis_namespace(make_app):
         assert post(second.test_client()).status_code == 400
     finally:
         for prefix in ("tlimits-a", "tlimits-b"):
-            client = first.extensions["redis"]
+            client = services(first).redis
             for key in client.scan_iter(match=f"{prefix}:*"):
                 client.delete(key)
 
@@ -99,7 +100,7 @@ def test_over_the_limit_is_a_json_429_with_retry_after(make_app):
 
 def test_the_limit_is_shared_by_every_web_process(make_app):
     first = make_app(lookup_rate_limit="2/minute")
-    second = create_app(first.extensions["settings"])  # another process: same Redis, same prefix
+    second = create_app(services(first).settings)  # another process: same Redis, same prefix
     try:
         assert post(first.test_client()).status_code == 400
         assert post(second.test_client()).status_code == 400

@@ -17,9 +17,9 @@ import requests
 from conftest import wait_for
 from deploy_files import BIN, DEPLOY, ENV_FILE, ROOT, Host, Unit, env_file, options, procfile
 
-import job_queue
 from devstack import launcher
 from devstack.embedded_redis import free_port
+from enrich.celery_app import LookupCelery
 from enrich.settings import PROFILES, SOURCE_NAMES, Settings
 
 UNITS = ("enrich-web.service", "enrich-worker@.service", "enrich-beat.service")
@@ -192,7 +192,7 @@ def test_the_units_run_the_service_with_two_workers_on_one_machine(service, redi
         scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert scraped.status_code == 200 and "# TYPE" in scraped.text
     # No -c in the unit: the concurrency comes from the settings (WORKER_CONCURRENCY, else the profile).
-    celery = job_queue.LookupCelery(service.settings)
+    celery = LookupCelery(service.settings)
     try:
         stats = celery.control.inspect(destination=hostnames[:1], timeout=5).stats() or {}
     finally:

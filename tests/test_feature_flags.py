@@ -13,6 +13,7 @@ from cache_manager import Cache
 from circuit_breaker_manager import BreakerManager, BreakerOpen
 from devstack.embedded_redis import free_port
 from enrich import redis_store
+from enrich.extensions import services
 from enrich.feature_flags import FAILURE_BACKOFF, FeatureFlags, UnknownFlag
 from enrich.rate_limiter import RateLimiter
 from enrich.settings import Settings
@@ -125,7 +126,7 @@ def test_admin_api_lists_and_sets_flags(settings, redis_client):
     answer = client.put("/api/admin/flags/cache", json={"enabled": False}, headers=auth)
     assert answer.status_code == 200
     assert answer.get_json() == {"name": "cache", "enabled": False, "source": "redis", "default": True}
-    assert other.extensions["flags"].enabled("cache") is False
+    assert services(other).flags.enabled("cache") is False
     assert other.test_client().get("/api/status").get_json()["flags"]["cache"] is False
     assert client.put("/api/admin/flags/cache", json={"enabled": None}, headers=auth).get_json()["enabled"]
     for bad in ({"enabled": "no"}, {}, {"enabled": True, "extra": 1}):
@@ -220,7 +221,7 @@ def test_breaker_flag_lets_calls_through_an_open_breaker_without_a_restart(flag_
 
 def test_rate_limiting_flag_lets_calls_past_an_exhausted_quota_without_a_restart(flag_stack, sandbox):
     first, second = sandbox.identifiers("cnpj", 2, seed=303)
-    flag_stack.app.extensions["rate_limiter"].reset("receitaws")
+    services(flag_stack.app).rate_limiter.reset("receitaws")
     done = flag_stack.wait_status(flag_stack.post_lookup(first).json()["id"])
     assert done["sources"]["receitaws"]["state"] == "ok"
     waiting = flag_stack.post_lookup(second).json()["id"]

@@ -17,6 +17,7 @@ import job_queue
 from app import create_app
 from devstack import launcher
 from enrich import call_pool, log_redaction, log_setup
+from enrich.extensions import services
 from enrich.settings import Settings
 
 TOKEN = "log-test-admin-token-5c1e"
@@ -140,7 +141,7 @@ def test_configure_is_idempotent_and_leaves_other_handlers_alone(root_logging, s
     root_logging.addHandler(foreign)
     for _ in range(3):
         app = create_app(settings)
-        app.extensions["redis"].close()
+        services(app).redis.close()
     ours = [handler for handler in root_logging.handlers if getattr(handler, "_log_setup", False)]
     assert len(ours) == 1 and foreign in root_logging.handlers
     assert isinstance(ours[0].formatter, log_setup.TextFormatter)
@@ -152,7 +153,7 @@ def test_configure_is_idempotent_and_leaves_other_handlers_alone(root_logging, s
 def test_a_more_verbose_command_line_level_wins_and_outlives_the_app_factory(root_logging, settings):
     log_setup.configure(settings, "worker", level=logging.DEBUG)  # celery worker --loglevel DEBUG
     app = create_app(settings)  # the worker builds its Flask app later, with LOG_LEVEL=INFO
-    app.extensions["redis"].close()
+    services(app).redis.close()
     assert root_logging.level == logging.DEBUG and log_setup.configured_process() == "worker"
     log_setup.configure(Settings.from_env({}, log_level="WARNING"), "worker", level=logging.ERROR)
     assert root_logging.level == logging.WARNING  # LOG_LEVEL when the command line asks for less
@@ -172,7 +173,7 @@ def test_a_call_pool_thread_runs_in_the_callers_context_and_keeps_its_own_bindin
             seen = call_pool.submit(app, 2, source_call).result(timeout=10)
             after = log_setup.current_context()
     finally:
-        app.extensions["redis"].close()
+        services(app).redis.close()
     assert seen == {"lookup_id": "L-3", "source": "opencnpj", "task_id": "T-3"}
     assert after == {"lookup_id": "L-3", "task_id": "T-3"}
     (line,) = _json_lines(stream.getvalue())

@@ -8,6 +8,8 @@ import pytest
 import requests
 from conftest import wait_for
 
+from enrich.extensions import services
+
 
 @pytest.mark.parametrize(
     ("identifier", "kind", "sources"),
@@ -65,7 +67,7 @@ def test_concurrent_requests_for_one_identifier_share_one_lookup(running_stack, 
     ids = {response.json()["id"] for response in responses}
     # One lookup's work; each request under an id of its own (lookups.py: aliases).
     assert len(ids) == 20 and {response.status_code for response in responses} == {202}
-    store = running_stack.app.extensions["lookups"]
+    store = services(running_stack.app).lookups
     assert len({store.get(lookup_id).work_id for lookup_id in ids}) == 1
     running_stack.wait_status(ids.pop())
     stats = sandbox.stats()["upstreams"]
@@ -102,10 +104,10 @@ def test_a_complete_lookups_event_log_expires_soon_and_a_late_stream_still_ends_
     created = running_stack.post_lookup(sandbox.identifiers("cep", 1, seed=8)[0]).json()
     running_stack.wait_status(created["id"])
     app = running_stack.app
-    log_key = app.extensions["events"].stream_key(created["id"])
-    ttl = app.extensions["redis"].ttl(log_key)
-    assert 0 < ttl <= app.extensions["settings"].event_log_ttl_after_complete
-    app.extensions["redis"].delete(log_key)  # as if it had expired
+    log_key = services(app).events.stream_key(created["id"])
+    ttl = services(app).redis.ttl(log_key)
+    assert 0 < ttl <= services(app).settings.event_log_ttl_after_complete
+    services(app).redis.delete(log_key)  # as if it had expired
     response = requests.get(f"{running_stack.web_url}{created['links']['events']}", timeout=20)
     types = [line.split(":", 1)[1] for line in response.text.splitlines() if line.startswith("event:")]
     assert types == ["snapshot", "complete"]

@@ -18,9 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import pipeline
+from enrich.extensions import services
 from enrich.identifiers import parse
 from enrich.lookups import SourceResult, SourceState
 from enrich.settings import Settings
+from enrich.source_call import SourceCallTask, celery_priority
 
 CEP_SOURCES = ("brasilapi", "viacep")
 
@@ -74,14 +76,16 @@ def test_source_calls_are_counted_by_outcome_and_a_finished_lookup_by_type(app, 
     cep = sandbox.known("cep", seed=21)
     before = scrape(app)
     with app.app_context():
-        lookup, created = pipeline.start_lookup(parse(cep))
+        lookup, created = pipeline.start_lookup(services(), parse(cep))
         assert created and lookup.status == "queued"
-        app.extensions["breakers"].force_open("brasilapi")
+        services(app).breakers.force_open("brasilapi")
         for source in CEP_SOURCES:
             pipeline.run_source_call(
-                lookup.id, source, "cep", lookup.identifier, 5, call_id=lookup.tasks[source]
+                services(),
+                SourceCallTask(lookup.id, source, "cep", lookup.identifier, 5),
+                call_id=lookup.tasks[source],
             )
-        assert app.extensions["lookups"].get(lookup.id).status == "complete"
+        assert services(app).lookups.get(lookup.id).status == "complete"
     after = scrape(app)
 
     def delta(name: str, **labels: str) -> float:
@@ -108,13 +112,15 @@ def test_a_lookup_is_counted_once_at_its_first_answer_partial_or_failed(app, san
     late, failing = sandbox.identifiers("cep", 2, seed=22)
     before = scrape(app)
     with app.app_context():
-        partial, _ = pipeline.start_lookup(parse(late))
-        assert pipeline.finalize(partial.id, at_deadline=True) == "partial"
-        failed, _ = pipeline.start_lookup(parse(failing))
+        partial, _ = pipeline.start_lookup(services(), parse(late))
+        assert pipeline.finalize(services(), partial.id, at_deadline=True) == "partial"
+        failed, _ = pipeline.start_lookup(services(), parse(failing))
         for lookup in (partial, failed):  # every source gives up: the partial one completes as well
             for source in CEP_SOURCES:
-                pipeline.settle(lookup.id, SourceResult(source, SourceState.ERROR, error="gave up"))
-        assert app.extensions["lookups"].get(partial.id).status == "complete"
+                pipeline.settle(
+                    services(), lookup.id, SourceResult(source, SourceState.ERROR, error="gave up")
+                )
+        assert services(app).lookups.get(partial.id).status == "complete"
     after = scrape(app)
 
     def delta(outcome: str) -> float:
@@ -132,14 +138,18 @@ def test_rate_limit_waits_are_counted_per_source_and_reason(app, sandbox):
     cep, cnpj = sandbox.known("cep", seed=23), sandbox.known("cnpj", seed=23)
     before = scrape(app)
     with app.app_context():
-        limiter = app.extensions["rate_limiter"]
-        company, _ = pipeline.start_lookup(parse(cnpj))
-        place, _ = pipeline.start_lookup(parse(cep))
+        limiter = services(app).rate_limiter
+        company, _ = pipeline.start_lookup(services(), parse(cnpj))
+        place, _ = pipeline.start_lookup(services(), parse(cep))
         for source in ("viacep", "receitaws"):  # buckets now empty (burst and interactive reserve)
             assert all(limiter.reserve(source).granted for _ in range(limiter.capacity(source)))
-        waiting = pipeline.run_source_call(place.id, "viacep", "cep", cep, 5, call_id=place.tasks["viacep"])
+        waiting = pipeline.run_source_call(
+            services(), SourceCallTask(place.id, "viacep", "cep", cep, 5), call_id=place.tasks["viacep"]
+        )
         refused = pipeline.run_source_call(
-            company.id, "receitaws", "cnpj", cnpj, 5, call_id=company.tasks["receitaws"]
+            services(),
+            SourceCallTask(company.id, "receitaws", "cnpj", cnpj, 5),
+            call_id=company.tasks["receitaws"],
         )
     assert waiting["state"] == "rate_limited" and waiting["scheduled_at"] is not None
     assert refused["state"] == "rate_limited" and refused["scheduled_at"] is None
@@ -161,7 +171,7 @@ def test_batches_are_seen_by_the_scrape_and_the_status(app, sandbox):
     from enrich.batches import input as batch_input
 
     with app.app_context():  # no worker: the batch stays queued
-        batch = app.extensions["batches"].create(
+        batch = services(app).batches.create(
             batch_input.parse_json(sandbox.identifiers("cep", 3, seed=29), 10)
         )
     samples = scrape(app)
@@ -171,18 +181,18 @@ def test_batches_are_seen_by_the_scrape_and_the_status(app, sandbox):
     status = app.test_client().get("/api/status").get_json()["batches"]
     assert status == {"running": 1, "items_pending": 3, "items_in_flight": 0}
     with app.app_context():
-        app.extensions["batches"].cancel(batch["id"])
+        services(app).batch_runner.cancel(batch["id"])
     assert value(scrape(app), "enrich_batches_running") == 0
 
 
 def test_the_scrape_reports_breakers_queues_tokens_and_dead_letters_from_redis(app, sandbox):
     added_before = value(scrape(app), "enrich_dead_letters_added_total", source="viacep")
     with app.app_context():
-        app.extensions["breakers"].force_open("viacep")
-        app.extensions["dead_letters"].add("lookup-id", "viacep", "cep", "01310100", 5, "timeout", 5)
-        app.extensions["celery"].send_task("job_queue.cleanup", priority=pipeline.celery_priority(7))
-        app.extensions["deferred"].add(time.time() + 600, "job_queue.cleanup", [])
-        assert app.extensions["rate_limiter"].reserve("receitaws").granted
+        services(app).breakers.force_open("viacep")
+        services(app).dead_letters.add("lookup-id", "viacep", "cep", "01310100", 5, "timeout", 5)
+        services(app).celery.send_task("job_queue.cleanup", priority=celery_priority(7))
+        services(app).deferred.add(time.time() + 600, "job_queue.cleanup", [])
+        assert services(app).rate_limiter.reserve("receitaws").granted
     samples = scrape(app)
     assert value(samples, "enrich_redis_up") == 1
     assert value(samples, "enrich_breaker_state", source="viacep", state="open") == 1
@@ -349,11 +359,13 @@ def test_every_alert_fires_in_the_rule_unit_tests():
 def test_gunicorn_start_removes_only_the_metrics_files_of_a_previous_run(tmp_path, monkeypatch):
     import importlib
 
+    monkeypatch.setenv("METRICS_DIR", str(tmp_path))
+    # Loading the config (importing it too) sets this for gunicorn's processes: recorded before the
+    # import, so monkeypatch puts back what this process had (a scrape of it would otherwise read
+    # the directory's files instead of its own metrics).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
     import gunicorn_config
 
-    monkeypatch.setenv("METRICS_DIR", str(tmp_path))
-    # Loading the config sets this for gunicorn's processes: monkeypatch puts it back afterwards.
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
     (tmp_path / "counter_123.db").write_bytes(b"old")
     (tmp_path / "appendonly.aof").write_bytes(b"not ours")  # METRICS_DIR may share a directory
     importlib.reload(gunicorn_config).on_starting(None)

@@ -21,6 +21,8 @@ from conftest import FAST_LIMITS, ROOT, wait_for
 from sandbox_fixture import generated_cnpjs, generated_cpfs
 from sse_client import read_all
 
+from enrich.extensions import services
+
 SLOW_COMPANY_SOURCES = ("brasilapi", "receitaws", "opencnpj")
 
 
@@ -93,7 +95,7 @@ def test_a_batch_item_that_joins_a_persons_lookup_shows_its_own_lookup_id(stack,
     assert _leaks(rows, person) == []
     assert _leaks(stack.get(f"/api/lookups/{row['lookup_id']}").text, person) == []
     # It did join: one set of upstream calls for both.
-    assert stack.app.extensions["lookups"].get(row["lookup_id"]).work_id == person["id"]
+    assert services(stack.app).lookups.get(row["lookup_id"]).work_id == person["id"]
 
 
 def _redis_dump(client) -> str:
@@ -180,7 +182,7 @@ def test_no_cpf_is_ever_kept_in_redis_or_shown_in_a_log(stack, sandbox):
     wait_for(lambda: stack.get(f"/api/batches/{created.json()['id']}").json()["finished_at"], 30, 0.1, "it")
 
     assert sandbox.served("brasilapi") == served_before + 1  # the CEP's call; never a CPF
-    everything = _redis_dump(stack.app.extensions["redis"])
+    everything = _redis_dump(services(stack.app).redis)
     logs = stack.log("web") + stack.log("w1")
     for cpf in [*cpfs, typo]:
         for form in _forms(cpf):
@@ -206,7 +208,7 @@ def test_cleanup_purges_the_cpfs_an_earlier_version_cached_and_recorded(app, red
     from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState
 
     cpf, cep = generated_cpfs(1, seed=1405)[0], "01310100"
-    store, cache = app.extensions["lookups"], app.extensions["cache"]
+    store, cache = services(app).lookups, services(app).cache
     with app.app_context():
         # What the earlier version left: a cache entry, a running lookup (record, lock, task id,
         # event log) and one answered from the cache; and a CEP's, which must stay.
@@ -226,13 +228,13 @@ def test_cleanup_purges_the_cpfs_an_earlier_version_cached_and_recorded(app, red
                 tasks={"brasilapi": f"task-{kind}"},
             )
             store.create(lookup, claim=True)
-            app.extensions["events"].publish(lookup.id, "source", {"identifier": value})
+            services(app).events.publish(lookup.id, "source", {"identifier": value})
         answered = dataclasses.replace(lookup, id="old-answer", type="cpf", identifier=cpf, tasks={})
         answered.status = LookupStatus.COMPLETE
         store.create_answered(answered)
         assert cpf in _redis_dump(redis_client)
 
-        report = maintenance.cleanup()
+        report = maintenance.cleanup(services())
 
     assert report["removed"]["cpf_leftovers"] >= 4, report
     everything = _redis_dump(redis_client)

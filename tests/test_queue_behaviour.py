@@ -5,10 +5,12 @@ from __future__ import annotations
 import orjson
 from conftest import FAST_LIMITS, wait_for
 
+from enrich.extensions import services
+
 
 def _events(stack, lookup_id: str) -> list[dict]:
     """The lookup's logged events, decoded, oldest first."""
-    events = stack.app.extensions["events"]
+    events = services(stack.app).events
     return [{**orjson.loads(m.data), "event": m.type} for m in events.read_after(lookup_id)]
 
 
@@ -90,15 +92,15 @@ def test_beat_cleans_up_expired_lookups_and_records_health_checks(make_stack, sa
     stack.start_web()
     lookup_id = stack.post_lookup(sandbox.identifiers("cep", 1, seed=51)[0]).json()["id"]
     stack.wait_status(lookup_id)
-    events_key = stack.app.extensions["events"].stream_key(lookup_id)
-    assert stack.app.extensions["redis"].exists(events_key)
+    events_key = services(stack.app).events.stream_key(lookup_id)
+    assert services(stack.app).redis.exists(events_key)
     stack.start_beat()
     health = wait_for(
         lambda: stack.get("/api/status").json()["health_check"], timeout=20, message="health check"
     )
     assert health["redis"]["ok"] and health["workers"] and set(health["breakers"]) >= {"brasilapi", "viacep"}
     wait_for(lambda: stack.get(f"/api/lookups/{lookup_id}").status_code == 404, timeout=20, message="cleanup")
-    assert not stack.app.extensions["redis"].exists(events_key)
+    assert not services(stack.app).redis.exists(events_key)
 
     # The run that deleted it records its report when it ends, a moment after the delete.
     def report() -> dict | None:

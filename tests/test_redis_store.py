@@ -8,6 +8,7 @@ import requests
 from conftest import FAST_LIMITS, wait_for
 
 from enrich import redis_store
+from enrich.extensions import services
 
 
 def _keys_without_ttl(client, prefix: str) -> list[str]:
@@ -47,11 +48,11 @@ def test_every_key_expires_but_the_named_few_after_lookups_a_batch_a_fault_and_c
             lambda b=batch: stack.get(f"/api/batches/{b['id']}").json()["finished_at"], 30, 0.1, "a batch"
         )
     with stack.app.app_context():
-        maintenance.cleanup()
-        maintenance.health_check()
+        maintenance.cleanup(services())
+        maintenance.health_check(services())
 
     prefix = stack.settings.key_prefix
     named = [f"{prefix}:{pattern}" for pattern in redis_store.WITHOUT_TTL]
-    stray = [key for key in _keys_without_ttl(stack.app.extensions["redis"], prefix)
+    stray = [key for key in _keys_without_ttl(services(stack.app).redis, prefix)
              if not any(fnmatch.fnmatchcase(key, pattern) for pattern in named)]  # fmt: skip
     assert stray == [], "\n".join(stray)

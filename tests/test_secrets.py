@@ -9,6 +9,7 @@ import pytest
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
+from enrich.extensions import services
 from enrich.settings import Settings
 
 ADMIN_TOKEN = "s3cret-admin-token-4f9a"
@@ -54,7 +55,7 @@ def test_a_500_on_an_admin_call_logs_neither_the_token_nor_the_request_headers(
     settings, redis_client, caplog
 ):
     app = create_app(dataclasses.replace(settings, admin_token=ADMIN_TOKEN))
-    letters = app.extensions["dead_letters"]
+    letters = services(app).dead_letters
 
     def broken(limit):
         raise RuntimeError("dead-letter list is corrupt")

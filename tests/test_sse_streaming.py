@@ -10,6 +10,7 @@ import pytest
 from conftest import FAST_LIMITS, wait_for
 from sse_client import Comment, Event, Stream, read_all
 
+from enrich.extensions import services
 from sse_streaming import RESYNC, EventHub, EventLog, Listener, Notice, follow
 
 # -- the log and the hub, in process -----------------------------------------------------------
@@ -166,7 +167,7 @@ def _queued_lookup(stack, sandbox, seed: int) -> dict:
 
 
 def _publisher(stack) -> EventLog:
-    return stack.app.extensions["events"]
+    return services(stack.app).events
 
 
 def test_a_stream_opens_with_a_snapshot_at_once_and_sends_heartbeats(web, sandbox):

@@ -11,8 +11,9 @@ from conftest import FAST_LIMITS, wait_for
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
-from enrich import status_history
+from enrich import maintenance, status_history
 from enrich.deferred_calls import DeferredCalls
+from enrich.extensions import services
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
 from enrich.settings import Settings
 from enrich.status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
@@ -28,7 +29,7 @@ def client(app):
 
 def _history(app, minutes: int = 1, now: float | None = None) -> dict:
     with app.app_context():
-        return status_history.history(minutes, now)
+        return maintenance.status_history_series(services(), minutes, now)
 
 
 def _totals(redis_client, settings) -> dict[str, int]:
@@ -70,7 +71,7 @@ def test_counters_land_in_the_bucket_of_their_time_and_expire_after_an_hour(sett
 
 
 def test_cached_answers_and_started_lookups_are_counted_by_outcome(app, client, redis_client):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     cache.set("cnpj", "brasilapi", CNPJ, COMPANY)
     cache.set("cnpj", "receitaws", CNPJ, COMPANY)
     cache.set("cnpj", "opencnpj", CNPJ, COMPANY)
@@ -93,15 +94,15 @@ def test_the_current_bucket_rate_is_per_second_of_the_bucket_so_far(app, setting
 
 
 def test_a_request_that_joins_a_running_lookup_is_not_counted_as_started(app, redis_client):
-    store = app.extensions["lookups"]
+    store = services(app).lookups
     first, second = _lookup(time.time()), _lookup(time.time())  # the same identifier
     assert store.create(first, claim=True) is None
     assert store.create(second, claim=True) == first.id  # joins the first
-    assert _totals(redis_client, app.extensions["settings"])["started"] == 1
+    assert _totals(redis_client, services(app).settings)["started"] == 1
 
 
 def test_a_first_finish_counts_the_latency_since_creation_once(app, redis_client):
-    store = app.extensions["lookups"]
+    store = services(app).lookups
     quick, slow = _lookup(time.time() - 0.3), _lookup(time.time() - 20)
     store.create(quick)
     store.create(slow)
@@ -109,7 +110,7 @@ def test_a_first_finish_counts_the_latency_since_creation_once(app, redis_client
     assert store.finish(slow.id, LookupStatus.PARTIAL, {"data": None, "checks": []})
     assert store.finish(slow.id, LookupStatus.COMPLETE, {"data": None, "checks": []})  # later: not again
     assert not store.finish(quick.id, LookupStatus.COMPLETE, {"data": None, "checks": []})
-    bucket = _totals(redis_client, app.extensions["settings"])
+    bucket = _totals(redis_client, services(app).settings)
     assert bucket["started"] == 2
     assert bucket["finished:complete"] == 1 and bucket["finished:partial"] == 1
     assert bucket["latency:400"] == 1  # 300 ms and a bit: the 250-400 ms bin
@@ -120,7 +121,7 @@ def test_a_first_finish_counts_the_latency_since_creation_once(app, redis_client
 def test_rate_limit_waits_are_counted_with_their_deferred_add_and_other_adds_are_not(
     app, settings, redis_client
 ):
-    deferred: DeferredCalls = app.extensions["deferred"]
+    deferred: DeferredCalls = services(app).deferred
     deferred.add(time.time() + 5, "job_queue.fetch_source", ["a"], rate_limit_wait=True)
     with redis_client.pipeline(transaction=False) as pipe:
         deferred.add(time.time() + 5, "job_queue.fetch_source", ["b"], pipe=pipe, rate_limit_wait=True)
@@ -166,10 +167,12 @@ def test_each_bucket_has_the_p95_of_its_own_finishes(app, settings, redis_client
 def test_sampling_writes_once_per_bucket_and_the_first_sampler_wins(app, settings, redis_client):
     now = bucket_start(time.time()) + 1.0  # now + 0.5 stays in the same bucket, whatever the clock says
     with app.app_context():
-        assert status_history.sample(now) is True
-        app.extensions["breakers"].force_open("receitaws")
-        assert status_history.sample(now + 0.5) is False  # same bucket: the first sample stands
-        assert status_history.sample(now + BUCKET_SECONDS) is True
+        assert maintenance.sample_status_history(services(), now) is True
+        services(app).breakers.force_open("receitaws")
+        assert (
+            maintenance.sample_status_history(services(), now + 0.5) is False
+        )  # same bucket: the first sample stands
+        assert maintenance.sample_status_history(services(), now + BUCKET_SECONDS) is True
     first = redis_client.hgetall(bucket_key(settings, bucket_start(now)))
     second = redis_client.hgetall(bucket_key(settings, bucket_start(now + BUCKET_SECONDS)))
     assert first[b"breaker:receitaws"] == b"closed" and second[b"breaker:receitaws"] == b"open"
@@ -183,8 +186,8 @@ def test_sampling_writes_once_per_bucket_and_the_first_sampler_wins(app, setting
 def test_the_last_point_is_live_while_the_stored_sample_keeps_the_first(app, settings, redis_client):
     now = time.time()
     with app.app_context():
-        status_history.sample(now)
-        app.extensions["breakers"].force_open("viacep")
+        maintenance.sample_status_history(services(), now)
+        services(app).breakers.force_open("viacep")
     assert _history(app, now=now + 0.5)["breakers"]["viacep"][-1] == "open"
     assert redis_client.hget(bucket_key(settings, bucket_start(now)), "breaker:viacep") == b"closed"
 
@@ -203,10 +206,10 @@ def test_a_history_read_samples_the_current_bucket_when_no_one_has(app, client, 
 
 
 def test_the_hit_rate_is_the_change_of_the_cache_totals_since_the_sample_before(app, settings, redis_client):
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     now = time.time()
     with app.app_context():
-        status_history.sample(now - BUCKET_SECONDS)
+        maintenance.sample_status_history(services(), now - BUCKET_SECONDS)
     cache.set("cep", "viacep", "01310100", {"cep": "01310100"})
     for _ in range(3):
         cache.get("cep", "viacep", "01310100")  # hits
@@ -214,7 +217,7 @@ def test_the_hit_rate_is_the_change_of_the_cache_totals_since_the_sample_before(
     history = _history(app, now=now)  # samples the current bucket, with this process's counts flushed
     assert history["cache_hit_rate"][-2:] == [None, 0.75]  # the first sample has no baseline
     with app.app_context():
-        status_history.sample(now + BUCKET_SECONDS)  # no reads since: no rate
+        maintenance.sample_status_history(services(), now + BUCKET_SECONDS)  # no reads since: no rate
     assert _history(app, now=now + BUCKET_SECONDS)["cache_hit_rate"][-1] is None
 
 
@@ -225,7 +228,7 @@ def test_a_real_worker_counts_its_finishes_and_samples_every_bucket_without_any_
     cep = sandbox.known("cep", seed=60)
     stack.wait_status(stack.post_lookup(cep).json()["id"])
     assert stack.post_lookup(cep).status_code == 200  # now from the cache
-    client, settings = stack.app.extensions["redis"], stack.settings
+    client, settings = services(stack.app).redis, stack.settings
 
     def sampled() -> int:
         keys = client.scan_iter(match=f"{settings.key_prefix}:history:*")
@@ -259,12 +262,12 @@ def down_app():
 
 def test_with_redis_down_counters_and_samples_are_skipped_and_logged_once(down_app, caplog, monkeypatch):
     monkeypatch.setattr(status_history, "_last_warning", [float("-inf")])
-    client, settings = down_app.extensions["redis"], down_app.extensions["settings"]
+    client, settings = services(down_app).redis, services(down_app).settings
     with caplog.at_level(logging.WARNING, logger="status_history"):
         started = time.monotonic()
         assert status_history.count(client, settings, {"started": 1}) is False
         with down_app.app_context():
-            assert status_history.sample() is False
+            assert maintenance.sample_status_history(services()) is False
         assert time.monotonic() - started < 5  # each gives up at the socket timeout, never hangs
     warnings = [r for r in caplog.records if r.name == "status_history"]
     assert len(warnings) == 1 and "skipped, Redis unreachable" in warnings[0].getMessage()
@@ -272,7 +275,7 @@ def test_with_redis_down_counters_and_samples_are_skipped_and_logged_once(down_a
 
 def test_with_redis_down_a_history_read_raises_and_the_endpoint_answers_503(down_app):
     with down_app.app_context(), pytest.raises(redis.RedisError):
-        status_history.history(5)
+        maintenance.status_history_series(services(), 5)
     response = down_app.test_client().get("/api/status/history?minutes=5")
     assert response.status_code == 503
     assert response.get_json()["error"] == "unavailable" and response.headers["Retry-After"] == "5"

@@ -1,7 +1,7 @@
 """The Celery ceiling's app: the service's own Celery configuration with one no-op task.
 
 `celery -A bench.baselines.celery_noop worker ...` runs a worker on exactly the broker, backend
-and worker settings of `job_queue.LookupCelery` (key prefix, priorities, acks late, prefetch 1,
+and worker settings of `enrich.celery_app.LookupCelery` (key prefix, priorities, acks late, prefetch 1,
 track started, extended results); the task only increments a Redis counter, so that the
 benchmark can count completions without a result backend.  BENCH_NO_RESULTS=1 drops the result
 backend (the "without results" ceiling).
@@ -13,12 +13,13 @@ import os
 
 import redis
 
-import job_queue
+from app import create_app
+from enrich.celery_app import LookupCelery
 from enrich.settings import Settings
 
 TASK = "bench.noop"
 settings = Settings.from_env()
-app = job_queue.LookupCelery(settings)
+app = LookupCelery(settings, app_factory=create_app)
 if os.environ.get("BENCH_NO_RESULTS") == "1":
     app.conf.update(result_backend=None, task_ignore_result=True, task_track_started=False)
 

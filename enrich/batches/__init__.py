@@ -1,1 +1,1 @@
-"""Bulk batches: input parsing, storage caps, result rows, and the store that runs them."""
+"""Bulk batches: input parsing, storage caps, result rows, the store that keeps them, the runner that moves them."""

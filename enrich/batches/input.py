@@ -1,6 +1,6 @@
 """Reading a bulk batch's identifiers: a JSON list or a CSV (`,` or `;`, optional header and type column).
 
-The first piece of bulk lookups (issue 7): it turns what a team uploads into one entry per input
+It turns what a team uploads into one entry per input
 line, valid or not, so that a batch's results can answer line for line, and a list of the distinct
 identifiers to look up.  A bad row is reported with its line and reason and never fails the batch;
 only a batch over the row limit, or a body that is not text, is refused as a whole.  The CSV is

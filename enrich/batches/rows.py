@@ -112,7 +112,7 @@ def summary_of(lookup: Lookup, complete: bool) -> dict:
 
 def lost(lookup: Lookup, idle: float) -> dict:
     """The summary of an item whose lookup's work was lost for good: none of its sources moved for
-    `idle` seconds and no task of it is left anywhere (batches.BatchStore._collect).
+    `idle` seconds and no task of it is left anywhere (batches.runner.BatchRunner._settle_lost).
 
     What the settled sources answered is kept (`partial` with data, else `failed`); each source that
     never settled shows `error` with why, never the `running` or `pending` it was left in.

@@ -19,8 +19,9 @@ from flask.cli import AppGroup
 from enrich import cpf_answers, maintenance
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
+from enrich.batches.runner import BatchRunner
 from enrich.batches.store import BatchStore
-from enrich.cli import echo_json, json_option, needs_redis
+from enrich.cli.common import echo_json, json_option, needs_redis
 from enrich.cli.watch import clock
 from enrich.extensions import services
 from enrich.identifiers import IdentifierType
@@ -37,6 +38,18 @@ batch = AppGroup("batch", help=f"Bulk batches: run a file of identifiers, follow
 
 def _store() -> BatchStore:
     return services().batches
+
+
+def _runner() -> BatchRunner:
+    return services().batch_runner
+
+
+def _read_status(batch_id: str) -> dict | None:
+    """The batch's status; as when the API reads it, a batch whose steps stopped gets one."""
+    status = _runner().status(batch_id)
+    if status is not None:
+        _runner().kick_if_stalled(batch_id)
+    return status
 
 
 def _stderr(line: str) -> None:
@@ -120,7 +133,7 @@ def follow(batch_id: str, status: dict, timeout: float | None) -> tuple[dict, bo
             if left is not None and left <= 0:
                 return status, True
             time.sleep(POLL_INTERVAL if left is None else min(POLL_INTERVAL, left))
-            latest = _store().status(batch_id)
+            latest = _read_status(batch_id)
             if latest is None:
                 raise click.ClickException(f"batch {batch_id} vanished (expired or cleaned up)")
             status = latest
@@ -196,14 +209,14 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
     if not parsed.lines:
         raise click.BadParameter("the file holds no identifiers", param_hint="'FILE'")
     looked_up = [identifier for identifier in parsed.unique if identifier.type is not IdentifierType.CPF]
-    if looked_up and not maintenance.live_workers():  # a CPF needs no worker (cpf_answers.py)
+    if looked_up and not maintenance.live_workers(services()):  # a CPF needs no worker (cpf_answers.py)
         raise click.ClickException("no live worker to run the batch (start one: celery -A job_queue worker)")
     for entry in parsed.invalid:
         # Masked as the batch keeps it: an unreadable line may still hold a person's CPF.
         value, reason = (cpf_answers.mask_digit_runs(text) for text in (entry.value, entry.reason))
         _stderr(f"line {entry.line}: {value}: {reason}")
     default_name = "" if file == "-" else os.path.basename(file)
-    status = _store().create(parsed, default_name if name is None else name)
+    status = _runner().create(parsed, default_name if name is None else name)
     batch_id = status["id"]
     # Shown once, like the API's 202: whoever else is given the id can watch the batch, not cancel it.
     _stderr(
@@ -214,10 +227,10 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
         status, timed_out = follow(batch_id, status, timeout)
     except KeyboardInterrupt:
         # Ctrl-C means "stop this": the items not started are cancelled, those in flight finish.
-        if _store().cancel(batch_id) == "complete":
+        if _runner().cancel(batch_id) == "complete":
             _stderr(f"batch {batch_id} completed before the cancel (flask batch results {batch_id})")
         else:
-            _stderr(_cancelled_line(_store().status(batch_id) or status))
+            _stderr(_cancelled_line(_read_status(batch_id) or status))
         raise click.exceptions.Exit(130) from None
     if timed_out:
         raise click.ClickException(
@@ -231,7 +244,7 @@ def batch_run(file: str, name: str | None, output: str, fmt: str, timeout: float
 
 
 def _status_or_fail(batch_id: str) -> dict:
-    status = _store().status(batch_id)
+    status = _read_status(batch_id)
     if status is None:
         raise click.ClickException(NOT_FOUND.format(batch_id))
     return status
@@ -273,7 +286,7 @@ def batch_cancel(batch_id: str, as_json: bool) -> None:
 
     Exit 1 when the batch is already complete (nothing is left to cancel).
     """
-    outcome = _store().cancel(batch_id) if len(batch_id) <= 64 else None
+    outcome = _runner().cancel(batch_id) if len(batch_id) <= 64 else None
     if outcome is None:
         raise click.ClickException(NOT_FOUND.format(batch_id))
     if outcome == "complete":

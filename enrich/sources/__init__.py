@@ -1,22 +1,26 @@
-"""The source interface: normalized schemas, the HTTP fetch and its error mapping, building the sources."""
+"""The upstream sources: building them from settings and choosing those that serve an identifier.
+
+The `Source` base class and the normalized schemas live in `base`, one subclass per upstream in
+`adapters`, the errors a fetch raises in `errors`; the names callers use are re-exported here.
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeoutError
-
-from enrich.identifiers import Identifier
-from enrich.settings import SOURCE_NAMES, Settings, SourceSettings
+from enrich.settings import SOURCE_NAMES, Settings
+from enrich.sources.adapters import ADAPTERS
+from enrich.sources.base import (
+    ADDRESS_KEYS,
+    CEP_KEYS,
+    CNAE_KEYS,
+    CNPJ_KEYS,
+    MAX_BODY_BYTES,
+    PARTNER_KEYS,
+    Source,
+    default_session,
+    identifier_label,
+)
 from enrich.sources.errors import (
     BadResponse,
     NotFound,
@@ -25,227 +29,12 @@ from enrich.sources.errors import (
     TransientError,
     UpstreamRejected,
 )
-from enrich.sources.upstream_json import JsonReader, error_detail, json_object, only_alphanumeric
 
-# The errors live in source_errors (upstream_json raises them too); callers import them from here.
 __all__ = [
     "ADDRESS_KEYS", "CEP_KEYS", "CNAE_KEYS", "CNPJ_KEYS", "MAX_BODY_BYTES", "PARTNER_KEYS",
     "BadResponse", "NotFound", "RateLimited", "Source", "SourceError", "TransientError", "UpstreamRejected",
     "build_sources", "default_session", "identifier_label", "sources_for",
 ]  # fmt: skip
-
-# ---------------------------------------------------------------------------------------------------------
-# Normalized schemas: every source of a type returns exactly these keys (None where it has no value).
-
-CNPJ_KEYS = (
-    "cnpj", "razao_social", "nome_fantasia", "situacao_cadastral", "data_situacao_cadastral", "data_abertura",
-    "natureza_juridica", "porte", "capital_social", "cnae_principal", "cnaes_secundarios", "endereco",
-    "telefone", "email", "socios",
-)  # fmt: skip
-ADDRESS_KEYS = ("logradouro", "numero", "complemento", "bairro", "municipio", "uf", "cep")
-CNAE_KEYS = ("codigo", "descricao")
-PARTNER_KEYS = ("nome", "qualificacao")
-CEP_KEYS = (
-    "cep", "logradouro", "complemento", "bairro", "municipio", "uf", "ibge", "ddd", "latitude", "longitude",
-)  # fmt: skip
-
-
-# A lookup answer is a few KB; anything past this is a broken or hostile upstream, not data.
-MAX_BODY_BYTES = 2 * 1024 * 1024
-READ_CHUNK_BYTES = 64 * 1024
-USER_AGENT = "enrichment-lookup/0.1 (+https://github.com/enrichment-lookup; python-requests)"
-
-_session: requests.Session | None = None
-_session_pid: int | None = None
-_session_lock = threading.Lock()
-
-
-def default_session() -> requests.Session:
-    """The process's shared HTTP session (keep-alive connection reuse), with the service's User-Agent."""
-    global _session, _session_pid
-    with _session_lock:
-        # A pool inherited through fork() would share sockets with the parent, so each process builds its own.
-        if _session is None or _session_pid != os.getpid():
-            session = requests.Session()
-            session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-            adapter = HTTPAdapter(pool_connections=len(SOURCE_NAMES), pool_maxsize=32)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            _session, _session_pid = session, os.getpid()
-        return _session
-
-
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    value = (headers or {}).get("Retry-After")
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The source interface
-
-
-def identifier_label(identifier: Identifier) -> str:
-    """How error messages name an identifier: its type and masked value ("CNPJ 11.222.333/0001-81")."""
-    return f"{identifier.type.value.upper()} {identifier.masked()}"
-
-
-@dataclass(frozen=True)
-class Source:
-    """One upstream API: its URL for an identifier, the HTTP call, and the mapping into the normalized schema.
-
-    Subclasses give `_path` and `_normalize`; `_check_body` reads errors that arrive inside HTTP 200.
-    """
-
-    name: str
-    types: tuple[str, ...]
-    settings: SourceSettings
-
-    def to_dict(self) -> dict[str, Any]:
-        """The source as a JSON-ready dict."""
-        return {
-            "name": self.name,
-            "types": list(self.types),
-            "base_url": self.settings.base_url,
-            "timeout": self.settings.timeout,
-        }
-
-    def supports(self, identifier: Identifier) -> bool:
-        """Whether this upstream can look this identifier up at all."""
-        return identifier.type.value in self.types
-
-    def url(self, identifier: Identifier) -> str:
-        """The absolute URL of this identifier at this upstream."""
-        return self.settings.base_url.rstrip("/") + self._path(identifier)
-
-    def fetch(self, identifier: Identifier, session: requests.Session | None = None) -> dict[str, Any]:
-        """GET the identifier within the source's timeout; normalized data, or a SourceError saying why not."""
-        if not self.supports(identifier):
-            raise UpstreamRejected(f"{self.name} cannot look up {identifier_label(identifier)}")
-        url = self.url(identifier)
-        timeout = self.settings.timeout
-        http = session if session is not None else default_session()
-        deadline = time.monotonic() + timeout  # for the whole exchange, not each socket read
-        try:
-            with http.get(url, timeout=timeout, stream=True) as response:
-                body = self._read_body(response, deadline)
-                status, headers = response.status_code, response.headers
-        except requests.Timeout as error:
-            raise TransientError(
-                f"{self.name}: no answer within {timeout:g}s for {identifier_label(identifier)}"
-            ) from error
-        except ReadTimeoutError as error:
-            raise TransientError(
-                f"{self.name}: answer for {identifier_label(identifier)} stalled past {timeout:g}s"
-            ) from error
-        except (ProtocolError, DecodeError) as error:
-            raise BadResponse(
-                f"{self.name}: body cut off or undecodable for {identifier_label(identifier)}: {error}"
-            ) from error
-        except HTTPError as error:
-            raise TransientError(
-                f"{self.name}: reading the answer for {identifier_label(identifier)} failed: {error}"
-            ) from error
-        except requests.ConnectionError as error:
-            raise TransientError(
-                f"{self.name}: connection to {self.settings.base_url} failed: {error}"
-            ) from error
-        except requests.RequestException as error:
-            raise TransientError(
-                f"{self.name}: request for {identifier_label(identifier)} failed: {error}"
-            ) from error
-        return self.parse(identifier, status, body, headers)
-
-    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise BadResponse(
-                f"{self.name}: body of {int(declared)} bytes is over the {MAX_BODY_BYTES} byte limit "
-                f"(HTTP {response.status_code})"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        # read1 returns whatever has arrived, so a body that drips in slowly still meets the deadline below
-        # (iter_content would block until a whole chunk came); it also decodes gzip, counted after decoding.
-        while chunk := response.raw.read1(READ_CHUNK_BYTES, decode_content=True):
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise BadResponse(
-                    f"{self.name}: body is larger than the {MAX_BODY_BYTES} byte limit "
-                    f"(HTTP {response.status_code}); stopped reading"
-                )
-            # The requests timeout bounds each socket read, not the whole body.
-            if time.monotonic() > deadline:
-                raise TransientError(
-                    f"{self.name}: body took longer than {self.settings.timeout:g}s to arrive"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def parse(
-        self, identifier: Identifier, status: int, body: bytes, headers: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
-        """Turn one HTTP answer into normalized data or the SourceError it means (pure, no I/O)."""
-        if not self.supports(identifier):
-            raise UpstreamRejected(f"{self.name} cannot look up {identifier_label(identifier)}")
-        self._check_status(identifier, status, body, headers)
-        data = json_object(self.name, body)
-        self._check_body(identifier, data, status)
-        return self._normalize(identifier, JsonReader(self.name, data))
-
-    def _check_status(
-        self, identifier: Identifier, status: int, body: bytes, headers: Mapping[str, str] | None
-    ) -> None:
-        if 200 <= status < 300:
-            return
-        detail = error_detail(body)
-        what = f"{self.name}: {identifier_label(identifier)}"
-        if status == 429:
-            retry_after = _retry_after(headers)
-            when = f", retry after {retry_after:g}s" if retry_after is not None else ""
-            raise RateLimited(f"{what}: rate limited (HTTP 429{detail}){when}", status, retry_after)
-        if status == 404:
-            raise NotFound(f"{what} not found (HTTP 404{detail})", status)
-        if status == 408 or status >= 500:
-            raise TransientError(f"{what}: upstream error (HTTP {status}{detail})", status)
-        if 400 <= status < 500:
-            raise UpstreamRejected(f"{what} rejected by the upstream (HTTP {status}{detail})", status)
-        raise BadResponse(f"{what}: unexpected HTTP {status}{detail}", status)
-
-    def _check_body(self, identifier: Identifier, data: dict[str, Any], status: int) -> None:
-        """Raise the error an upstream reports inside a 2xx body; most report none there."""
-
-    def _path(self, identifier: Identifier) -> str:
-        raise NotImplementedError
-
-    def _normalize(self, identifier: Identifier, reader: JsonReader) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _same_identifier(self, identifier: Identifier, answered: str | None, length: int) -> str:
-        """The identifier the upstream answered for, which must be the one asked (or absent)."""
-        normalized = only_alphanumeric(answered)
-        if normalized and len(normalized) < length and normalized.isdigit():
-            normalized = normalized.zfill(length)  # numeric JSON drops leading zeros
-        if not normalized:
-            return identifier.value
-        if normalized != identifier.value:
-            raise BadResponse(
-                f"{self.name}: answered for {answered!r} when asked for {identifier_label(identifier)}"
-            )
-        return normalized
 
 
 def build_sources(settings: Settings) -> dict[str, Source]:
@@ -255,9 +44,6 @@ def build_sources(settings: Settings) -> dict[str, Source]:
         raise ValueError(
             f"settings have no source settings for {', '.join(missing)}; use Settings.from_env()"
         )
-    # Imported here, not at the top, because the adapters subclass Source from this module.
-    from enrich.sources.adapters import ADAPTERS
-
     sources: dict[str, Source] = {}
     for name in SOURCE_NAMES:
         adapter, types = ADAPTERS[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from enrich.identifiers import Identifier
-from enrich.sources import ADDRESS_KEYS, CEP_KEYS, CNPJ_KEYS, Source, identifier_label
+from enrich.sources.base import ADDRESS_KEYS, CEP_KEYS, CNPJ_KEYS, Source, identifier_label
 from enrich.sources.errors import BadResponse, NotFound, RateLimited, TransientError, UpstreamRejected
 from enrich.sources.upstream_json import (
     JsonReader,

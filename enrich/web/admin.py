@@ -202,7 +202,7 @@ def list_dead_letters():
 
 @admin.post("/dead-letters/<entry_id>/requeue")
 def requeue_dead_letter(entry_id: str):
-    requeued = dead_letters.requeue(entry_id)
+    requeued = dead_letters.requeue(services(), entry_id)
     if requeued is None:
         raise ApiError(404, "not_found", "no dead letter with this id")
     return json_response(requeued, 202)

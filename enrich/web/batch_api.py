@@ -1,9 +1,13 @@
 """The bulk batch API: `POST /api/batches`, its status, events, cancel and streamed results.
 
-The routes only read the request and shape the answer; batches.py holds the batch itself and
-batch_input.py reads what was uploaded.  A batch's id is meant to be shared (its page, events and
-results need nothing else); cancelling it takes the `cancel_token` its creation returned, sent
-back in the `X-Cancel-Token` header.
+The routes only read the request and shape the answer: batches/input.py reads what was uploaded,
+the batch store (batches/store.py) keeps the batch and the runner (batches/runner.py) moves it
+along.  The links a batch's status shows are built here (`batch_links`); the runner is handed this
+function to put them in the statuses it publishes.  Reading a batch's status (its JSON, its event
+stream) also repairs a batch whose steps stopped (`BatchRunner.kick_if_stalled`), as the README
+says; the store's own reads never send anything.  A batch's id is meant to be shared (its page,
+events and results need nothing else); cancelling it takes the `cancel_token` its creation
+returned, sent back in the `X-Cancel-Token` header.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from enrich.api_errors import ApiError, json_response
 from enrich.batches import input as batch_input
 from enrich.batches.rows import csv_lines, jsonl_lines
+from enrich.batches.runner import BatchRunner
 from enrich.batches.storage import StorageFull
 from enrich.batches.store import BatchStore
 from enrich.extensions import services
@@ -38,6 +43,20 @@ CANCEL_TOKEN_HEADER = "X-Cancel-Token"
 
 def _store() -> BatchStore:
     return services().batches
+
+
+def _runner() -> BatchRunner:
+    return services().batch_runner
+
+
+def batch_links(batch_id: str) -> dict[str, str]:
+    """The links a batch's status shows: its status, events, results and page (paths)."""
+    return {
+        "self": f"/api/batches/{batch_id}",
+        "events": f"/api/batches/{batch_id}/events",
+        "results": f"/api/batches/{batch_id}/results",
+        "page": f"/batches/{batch_id}",
+    }
 
 
 def _parse_upload() -> tuple[batch_input.ParsedBatch, str]:
@@ -81,7 +100,7 @@ def create_batch():
         raise ApiError(400, "invalid_batch", "the batch holds no identifiers")
     try:
         # The client's address as the per-client limits see it (ProxyFix behind TRUSTED_PROXIES).
-        body = _store().create(parsed, name, client=request.remote_addr or "unknown")
+        body = _runner().create(parsed, name, client=request.remote_addr or "unknown")
     except StorageFull as full:
         whose = "all batches together" if full.scope == "all" else "this address's batches"
         raise ApiError(
@@ -95,9 +114,11 @@ def create_batch():
 
 
 def _status(batch_id: str) -> dict:
-    body = _store().status(batch_id)
+    """The batch's status as read; a batch whose steps stopped gets one (README: when its status is read)."""
+    body = _runner().status(batch_id)
     if body is None:
         raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
+    _runner().kick_if_stalled(batch_id)
     return body
 
 
@@ -123,7 +144,7 @@ def cancel_batch(batch_id: str):
             "forbidden",
             f"cancelling a batch takes the cancel_token its creation returned, in {CANCEL_TOKEN_HEADER}",
         )
-    status = _store().cancel(batch_id)
+    status = _runner().cancel(batch_id)
     if status is None:
         raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
     body = _status(batch_id)
@@ -139,9 +160,10 @@ def batch_events(batch_id: str):
     (its `status` says complete or cancelled)."""
     from sse_streaming import sse  # the blueprint that owns the event streams
 
+    _runner().kick_if_stalled(batch_id)  # its status is read: a batch whose steps stopped gets one
     return sse.stream_channel(
         BatchStore.channel(batch_id),
-        lambda: _store().status(batch_id),
+        lambda: _runner().status(batch_id),
         lambda snapshot: snapshot["finished_at"] is not None,
         "no batch with this id (unknown or expired)",
     )

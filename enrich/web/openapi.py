@@ -10,8 +10,8 @@ from __future__ import annotations
 from flask import Blueprint
 
 from enrich.api_errors import json_response
+from enrich.batches.record import ITEM_STATES
 from enrich.batches.rows import CSV_COLUMNS
-from enrich.batches.store import ITEM_STATES
 
 docs = Blueprint("openapi", __name__)
 

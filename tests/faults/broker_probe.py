@@ -18,6 +18,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from enrich import redis_broker
+from enrich.extensions import services
 from job_queue import celery_app as app  # installs the project's transport
 
 DONE_KEY = f"{app.settings.key_prefix}:probe:done"
@@ -52,4 +53,4 @@ if os.environ.get("PROBE_STOCK_TAKE") == "1":
 
 @app.task(name="probe.note", ignore_result=True)
 def note(number: int) -> None:
-    app.flask_app.extensions["redis"].sadd(DONE_KEY, number)
+    services(app.flask_app).redis.sadd(DONE_KEY, number)

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-import job_queue
 from enrich import redis_broker
+from enrich.celery_app import LookupCelery
+from enrich.extensions import services
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +33,9 @@ def _kill_in_the_window(make_stack, kills: int, stock: bool, per_kill: int = 5) 
     """Send tasks, kill `kills` workers each inside the window while a worker never killed competes
     for every message (tokens taken by one and messages by the other), drain; count."""
     stack = make_stack(VISIBILITY_TIMEOUT="2", PROBE_STOCK_TAKE="1" if stock else "0")
-    client = stack.app.extensions["redis"]
+    client = services(stack.app).redis
     done_key = f"{stack.settings.key_prefix}:probe:done"
-    celery = job_queue.LookupCelery(stack.settings)
+    celery = LookupCelery(stack.settings)
     sent = 0
 
     def send(count: int) -> None:

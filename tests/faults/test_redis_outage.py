@@ -10,6 +10,7 @@ import requests
 from conftest import FAST_LIMITS, wait_for
 
 from devstack.embedded_redis import EmbeddedRedis, free_port
+from enrich.extensions import services
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +117,7 @@ def test_redis_stopped_for_ten_seconds_under_load(redis_server, sandbox_url, san
 
         accepted = [body["id"] for _, _, status, body in load.answers if status in (200, 202)]
         assert len(accepted) >= 40
-        store = stack.app.extensions["lookups"]
+        store = services(stack.app).lookups
 
         def unfinished() -> list[str]:
             return [i for i in accepted if (lookup := store.get(i)) is None or lookup.status != "complete"]

@@ -13,13 +13,15 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 
+from enrich.extensions import services
+
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
 def _events(stack, lookup_id: str) -> list[dict]:
     """The lookup's logged events, decoded, oldest first."""
-    events = stack.app.extensions["events"]
+    events = services(stack.app).events
     return [{**orjson.loads(m.data), "event": m.type} for m in events.read_after(lookup_id)]
 
 

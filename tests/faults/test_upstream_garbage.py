@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import FAST_LIMITS
 
+from enrich.extensions import services
+
 pytestmark = pytest.mark.slow
 
 # What each kind of garbage must be called in the source's error.
@@ -24,7 +26,7 @@ def test_garbage_bodies_settle_as_clear_errors_and_are_never_cached(make_stack, 
     sandbox.control("receitaws", quota_per_minute=None)  # this test makes more than 3 calls a minute
     stack.start_worker("w1", concurrency=4)
     stack.start_web()
-    cache = stack.app.extensions["cache"]
+    cache = services(stack.app).cache
     identifiers = {}
     report = []
     for seed, (kind, reason) in enumerate(REASONS.items(), start=80):

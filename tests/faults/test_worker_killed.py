@@ -8,13 +8,16 @@ import time
 import pytest
 from conftest import FAST_LIMITS, wait_for
 
+from enrich.extensions import services
+from enrich.source_call import celery_priority
+
 pytestmark = pytest.mark.slow
 
 LOOKUPS = 300
 
 
 def _complete_events(app, lookup_id: str) -> int:
-    events = app.extensions["events"]
+    events = services(app).events
     return sum(1 for message in events.read_after(lookup_id) if message.type == "complete")
 
 
@@ -33,7 +36,7 @@ def test_killing_a_worker_node_loses_no_lookup(make_stack, sandbox):
         created[response.json()["id"]] = identifier
 
     app = stack.app
-    store = app.extensions["lookups"]
+    store = services(app).lookups
 
     def completed() -> int:
         return sum(1 for lookup_id in created if store.get(lookup_id).status == "complete")
@@ -60,7 +63,7 @@ def test_killing_a_worker_node_loses_no_lookup(make_stack, sandbox):
         raise AssertionError(f"{len(stuck)} lookups never completed, e.g. {report}") from None
     recovery = time.monotonic() - killed_at
 
-    cache = app.extensions["cache"]
+    cache = services(app).cache
     wrong = []
     for lookup_id, identifier in created.items():
         lookup = store.get(lookup_id)
@@ -89,27 +92,27 @@ def test_a_lookup_whose_task_was_lost_is_sent_again_at_its_deadline(app, sandbox
     from enrich import pipeline, redis_broker
     from enrich.identifiers import parse
 
-    client, prefix = app.extensions["redis"], app.extensions["settings"].key_prefix
-    queue = f"{prefix}:celery:celery:{pipeline.celery_priority(5)}"
+    client, prefix = services(app).redis, services(app).settings.key_prefix
+    queue = f"{prefix}:celery:celery:{celery_priority(5)}"
     unacked = f"{prefix}:celery:unacked"
     queued, lost, held = (parse(value) for value in sandbox.identifiers("cep", 3, seed=9100))
     with app.app_context():  # no worker: each lookup's task stays where the test puts it
-        waiting, _ = pipeline.start_lookup(queued)
-        assert pipeline.finalize(waiting.id, at_deadline=True) == "partial"
+        waiting, _ = pipeline.start_lookup(services(), queued)
+        assert pipeline.finalize(services(), waiting.id, at_deadline=True) == "partial"
         assert client.llen(queue) == 1  # its message is still queued: nothing sent again
 
-        gone, _ = pipeline.start_lookup(lost)
+        gone, _ = pipeline.start_lookup(services(), lost)
         client.delete(queue)  # both messages lost
-        assert pipeline.finalize(gone.id, at_deadline=True) == "partial"
+        assert pipeline.finalize(services(), gone.id, at_deadline=True) == "partial"
         resent = [orjson.loads(raw) for raw in client.lrange(queue, 0, -1)]
         assert len(resent) == 1 and resent[0]["headers"]["task"] == "job_queue.fetch_lookup"
         assert redis_broker.mentions(resent[0], gone.id)
 
-        taken, _ = pipeline.start_lookup(held)
+        taken, _ = pipeline.start_lookup(services(), held)
         message = client.lpop(queue)
         while message is not None and not redis_broker.mentions(orjson.loads(message), taken.id):
             message = client.lpop(queue)
         client.delete(queue)
         client.hset(unacked, "tag", orjson.dumps([orjson.loads(message), "", "celery"]))  # a worker has it
-        assert pipeline.finalize(taken.id, at_deadline=True) == "partial"
+        assert pipeline.finalize(services(), taken.id, at_deadline=True) == "partial"
         assert client.llen(queue) == 0

@@ -1,4 +1,4 @@
-"""Flask app factory and the JSON API routes (pages live in pages.py, event streams in sse_streaming.py)."""
+"""Flask app factory and the JSON API routes (pages live in enrich/web/pages.py, event streams in sse_streaming.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import circuit_breaker_manager
 import sse_streaming
 from enrich import (
     api_errors,
-    celery_app,
+    celery_setup,
     cli,
     log_redaction,
     log_setup,
@@ -28,15 +28,15 @@ from enrich import (
 from enrich.api_errors import ApiError, json_response
 from enrich.batches.runner import BatchRunner
 from enrich.batches.store import BatchStore
-from enrich.celery_app import LookupCelery
+from enrich.celery_setup import LookupCelery
 from enrich.dead_letters import DeadLetters
 from enrich.deferred_calls import DeferredCalls
-from enrich.extensions import Services, services
 from enrich.feature_flags import FeatureFlags
 from enrich.identifiers import InvalidIdentifier, parse
 from enrich.lookups import LookupStore
 from enrich.near_cache import NearCache
 from enrich.rate_limiter import RateLimiter
+from enrich.services import Services, services
 from enrich.settings import Settings, parse_allowed_hosts
 from enrich.sources import build_sources
 from enrich.web import (
@@ -95,8 +95,8 @@ def create_app(settings: Settings | None = None, celery: LookupCelery | None = N
         event_hub=sse_streaming.EventHub(settings),
         dead_letters=DeadLetters(client, settings),
         batches=batches,
+        celery=celery or LookupCelery(settings, flask_app=app),
     )
-    parts.celery = celery or LookupCelery(settings, flask_app=app)
     parts.batch_runner = BatchRunner(parts, batch_api.batch_links)  # its statuses carry the routes' links
     parts.register(app)
     app.register_blueprint(sse_streaming.sse)  # /api/lookups/<id>/events
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, celery: LookupCelery | None = N
     metrics_endpoint.init_app(app)  # GET /metrics
     app.register_blueprint(pages.pages)
     pages.init_app(app)
-    cli.init_app(app)  # the `flask` commands (cli.py)
+    cli.init_app(app)  # the `flask` commands (enrich/cli/)
     return app
 
 
@@ -224,7 +224,9 @@ def get_lookup(lookup_id: str):
 @api.get("/api/tasks/<task_id>")
 def task_status(task_id: str):
     body = (
-        celery_app.task_status(services().celery, services().lookups, task_id) if len(task_id) <= 64 else None
+        celery_setup.task_status(services().celery, services().lookups, task_id)
+        if len(task_id) <= 64
+        else None
     )
     if body is None:
         raise ApiError(404, "not_found", "no task with this id was issued by the service")

@@ -8,12 +8,9 @@ fetched: young enough is a hit, older is a stale copy kept for when a source's b
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,33 +306,3 @@ class Cache:
             "used_memory_human": memory.get("used_memory_human"),
             "near_cache": self.near.stats() if self.near is not None else None,
         }
-
-    def cached(self, name: str, ttl: int) -> Callable:
-        """Decorator caching a function's JSON-serializable result by its arguments for `ttl` seconds.
-
-        The key includes the generation, so a bump invalidates these too; a Redis error calls through.
-        """
-
-        def decorate(function: Callable) -> Callable:
-            @functools.wraps(function)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                digest = hashlib.sha256(orjson.dumps([args, kwargs], option=orjson.OPT_SORT_KEYS)).hexdigest()
-                try:
-                    key = self._key(f"v{SCHEMA_VERSION}", f"g{self.generation()}", "fn", name, digest[:32])
-                    raw = self.redis.get(key)
-                except redis.RedisError:
-                    return function(*args, **kwargs)
-                if raw is not None:
-                    self._count(hits=1)
-                    return orjson.loads(raw)
-                self._count(misses=1)
-                value = function(*args, **kwargs)
-                try:
-                    self.redis.set(key, orjson.dumps(value), ex=ttl)
-                except redis.RedisError as error:
-                    log.warning("cache write failed: %s", error)
-                return value
-
-            return wrapper
-
-        return decorate

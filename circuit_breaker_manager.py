@@ -8,8 +8,9 @@ behaviour of it relied on here:
   the name, the listeners (`add_listener`) and the exclusions (`is_system_error`), and its readers
   (`current_state`, `fail_counter`, `success_counter`) read the shared state through the storage
   on every access. Building a breaker reads the state once and writes nothing.
-- Listeners are `pybreaker.CircuitBreakerListener`s, called as pybreaker calls them: `before_call`,
-  then `success` or `failure`, and `state_change(cb, old, new)` with pybreaker's public state
+- Listeners are `pybreaker.CircuitBreakerListener`s, called as pybreaker calls them and in its
+  order: `before_call`, then `success` or `failure`, then (a call that changed the state)
+  `state_change(cb, old, new)` with pybreaker's public state
   objects (`CircuitClosedState`, `CircuitOpenState`, `CircuitHalfOpenState`, built with
   `notify=False`, which only names a state). `BreakerOpen` is a `pybreaker.CircuitBreakerError`.
 

@@ -4,7 +4,7 @@ beat schedule's jobs and the worker hooks.
 Wired like Flask's examples/celery: `celery_app` is given the app factory (`app.create_app`) and
 builds its Flask app lazily, in the worker process, on the first task; every task runs inside that
 app's context and calls one plain function of the engine (`pipeline`, `maintenance`, the batch
-runner).  The Celery app itself and its configuration live in enrich/celery_app.py, which the web
+runner).  The Celery app itself and its configuration live in enrich/celery_setup.py, which the web
 app uses to send tasks by name.
 """
 
@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.signals import (
     beat_init,
     task_postrun,
@@ -25,11 +25,11 @@ from celery.signals import (
 
 from app import create_app
 from enrich import log_setup, maintenance, metrics, pipeline
-from enrich.celery_app import LookupCelery
+from enrich.celery_setup import LookupCelery
 from enrich.deferred_calls import DeferredCalls, Dispatcher
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import LookupTask, SourceCallTask
+from enrich.task_messages import LookupTask, SourceCallTask
 
 log = logging.getLogger("job_queue")
 
@@ -37,17 +37,19 @@ log = logging.getLogger("job_queue")
 # Fetch and finalize tasks store no result: their outcome is the source's state in the lookup
 # record, which /api/tasks reads (`task_status`).  A result per task cost two GET+SET pairs
 # (STARTED, then SUCCESS) and ~600 bytes kept for two days; only a task that raised stores one.
-# The fetch tasks' positional arguments are their payload class's fields, in order (source_call.py);
+# The fetch tasks' positional arguments are their payload class's fields, in order (task_messages.py);
 # `payload` names the class, for their log lines' lookup and source too (log_setup.bind_task).
 @shared_task(
     name="job_queue.fetch_source",
+    bind=True,
     ignore_result=True,
     store_errors_even_if_ignored=True,
     payload=SourceCallTask,
 )
-def fetch_source(*payload: object) -> dict:
-    """Call one source for one lookup (never sleeps; waits go to the deferred set)."""
-    return pipeline.run_source_call(services(), SourceCallTask(*payload))
+def fetch_source(self: Task, *payload: object) -> dict:
+    """Call one source for one lookup (never sleeps; waits go to the deferred set).  Its later
+    sends (a wait, a retry) keep this task's id, the source's call id."""
+    return pipeline.run_source_call(services(), SourceCallTask(*payload), call_id=self.request.id)
 
 
 @shared_task(

@@ -36,8 +36,8 @@ from flask_sse import Message, ServerSentEventsBlueprint
 
 from enrich import metrics, redis_store
 from enrich.api_errors import ApiError
-from enrich.extensions import services
 from enrich.lookups import Lookup, alias_head
+from enrich.services import services
 from enrich.settings import Settings
 
 log = logging.getLogger("events")

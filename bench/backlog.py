@@ -32,7 +32,7 @@ from bench.deployment import Service
 from bench.harness import Processes, answers, fmt, log, wait_for
 from devstack import launcher
 from devstack.embedded_redis import EmbeddedRedis, free_port
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 NAME = "backlog"

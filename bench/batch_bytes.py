@@ -15,7 +15,7 @@ import tempfile
 from app import close_app, create_app
 from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich.batches import input as batch_input
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 ROWS = 10_000

@@ -23,7 +23,7 @@ from kombu.transport import redis as kombu_redis
 
 from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich import redis_broker
-from enrich.celery_app import celery_config
+from enrich.celery_setup import celery_config
 from enrich.settings import Settings
 
 MESSAGES = 5_000

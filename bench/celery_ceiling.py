@@ -24,7 +24,7 @@ import redis
 
 from bench import harness
 from bench.harness import BIN, Processes, cell, fmt, log, spread, wait_for
-from enrich.celery_app import LookupCelery
+from enrich.celery_setup import LookupCelery
 from enrich.settings import Settings
 
 NAME = "celery_ceiling"
@@ -179,7 +179,7 @@ def markdown(report: dict) -> str:
     config = report["config"]
     lines = [
         harness.header(report, "Celery ceiling: no-op task round trips (`bench/celery_ceiling.py`)"),
-        f"One worker node of `bench/baselines/celery_noop.py`: `enrich.celery_app.LookupCelery`'s own configuration "
+        f"One worker node of `bench/baselines/celery_noop.py`: `enrich.celery_setup.LookupCelery`'s own configuration "
         f"(Redis broker with priorities and the service's key prefix, acks late, prefetch 1, track started, "
         f"extended results, log level {config['worker_loglevel']}) plus a task that only increments a Redis "
         f"counter. This process sends {config['tasks']:,} tasks at once from one producer thread and waits until "

@@ -35,7 +35,7 @@ from bench.backlog import start_service_with
 from bench.deployment import Service
 from bench.harness import Processes, cell, fmt, log, spread
 from enrich import redis_store
-from enrich.extensions import services
+from enrich.services import services
 
 NAME = "rate_fidelity"
 SOURCE = "opencnpj"

@@ -38,9 +38,9 @@ from bench import harness
 from bench.baselines import flask_sse_app
 from bench.harness import ROOT, Processes, log, wait_for
 from devstack.embedded_redis import free_port
-from enrich.extensions import services
 from enrich.identifiers import cnpj_check_digits, parse
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from enrich.services import services
 from enrich.settings import Settings
 from enrich.sources import build_sources, sources_for
 

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from flask import Flask
-
 _pool: ThreadPoolExecutor | None = None
 _pool_pid: int | None = None
 _pool_lock = threading.Lock()
@@ -35,19 +33,15 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def submit(app: Flask, size: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-    """Run `function(*args, **kwargs)` on a pool thread, inside an app context of `app`.
+def submit(size: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """Run `function(*args, **kwargs)` on a pool thread (the pool sized `size` when first made).
 
     It runs in a copy of the caller's context variables (pool threads do not inherit them), so
     its log lines carry the caller's lookup and task (log_setup); what it binds stays its own.
+    The functions are handed the app's parts: no app context is needed.
     """
     context = contextvars.copy_context()
-
-    def run() -> Any:
-        with app.app_context():
-            return function(*args, **kwargs)
-
-    return _executor(size).submit(context.run, run)
+    return _executor(size).submit(context.run, function, *args, **kwargs)
 
 
 def start_cep_fetch(cep: str, start: Callable[[], Future]) -> None:

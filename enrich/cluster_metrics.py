@@ -15,8 +15,8 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from enrich import maintenance
-from enrich.extensions import Services
 from enrich.metrics import warn_rate_limited
+from enrich.services import Services
 
 BREAKER_STATES = ("closed", "open", "half-open")
 

@@ -1,18 +1,16 @@
-"""Dead-letter list: source calls that failed after every retry, kept with their error for requeue."""
+"""Dead-letter list: source calls that failed after every retry, kept with their error for requeue
+(pipeline.requeue_dead_letter sends one again)."""
 
 from __future__ import annotations
 
 import secrets
 import time
-import uuid
 
 import orjson
 import redis
 
 from enrich import metrics, redis_store
-from enrich.extensions import Services
 from enrich.settings import Settings
-from enrich.source_call import FETCH_TASK, SourceCallTask, send_task
 
 
 class DeadLetters:
@@ -92,26 +90,3 @@ class DeadLetters:
             if not self.redis.exists(self._entry_key(entry_id)):
                 removed += self.redis.lrem(self.list_key, 0, entry_id)
         return removed
-
-
-def requeue(parts: Services, entry_id: str) -> dict | None:
-    """Take a dead letter off the list and send its call again as a new, registered task.
-
-    Returns the entry with the new `task_id`, or None for an unknown id (the admin API and
-    `flask dead-letters requeue` both call this).  The call replaces the source's settled answer.
-    """
-    entry = parts.dead_letters.mark_requeued(entry_id)
-    if entry is None:
-        return None
-    task_id = uuid.uuid4().hex
-    parts.lookups.register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
-    call = SourceCallTask(
-        entry["lookup_id"],
-        entry["source"],
-        entry["type"],
-        entry["identifier"],
-        entry["priority"],
-        requeue=True,
-    )
-    send_task(parts, FETCH_TASK, call.args(), call.options(task_id))
-    return {**entry, "task_id": task_id}

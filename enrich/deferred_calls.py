@@ -95,6 +95,17 @@ class DeferredCalls:
     def pending(self) -> int:
         return int(self.redis.zcard(self.key))
 
+    def naming(self, ids: set[str], limit: int) -> set[str] | None:
+        """Those of `ids` that some waiting call names (in its arguments), or None when more than
+        `limit` calls wait (too many to read each time: the caller assumes any may be named)."""
+        if self.redis.zcard(self.key) > limit:
+            return None
+        named: set[str] = set()
+        for raw in self.redis.zrange(self.key, 0, -1):
+            args = orjson.loads(raw).get("args") or []
+            named.update(value for value in args if isinstance(value, str) and value in ids)
+        return named
+
 
 class Dispatcher(threading.Thread):
     """Background thread that sends due deferred calls with `send(task, args, options)`."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import inspect
 import logging
 import sys
@@ -57,23 +56,6 @@ def bind(**fields: str | None) -> Iterator[None]:
 def current_context() -> dict[str, str]:
     """The fields bound here now."""
     return {name: value for name, var in _context.items() if (value := var.get()) is not None}
-
-
-def bind_arguments(**fields: str) -> Callable[[Function], Function]:
-    """Decorate a function to bind log fields from its arguments while it runs (field=argument name)."""
-
-    def decorate(function: Function) -> Function:
-        signature = inspect.signature(function)
-
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            arguments = signature.bind_partial(*args, **kwargs).arguments
-            with bind(**{field: arguments.get(name) for field, name in fields.items()}):
-                return function(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 class ContextFilter(logging.Filter):

@@ -144,7 +144,7 @@ class Lookup:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The API representation (docs/architecture.md, "The HTTP contract")."""
+        """The API representation (the README's API section; docs/architecture.md, "The HTTP contract")."""
         merged = self.result or {}
         return {
             **self.head(),

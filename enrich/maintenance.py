@@ -14,7 +14,7 @@ import redis
 
 from circuit_breaker_manager import BreakerUnavailable
 from enrich import redis_broker, redis_store, status_history
-from enrich.extensions import Services
+from enrich.services import Services
 
 log = logging.getLogger("maintenance")
 

@@ -2,7 +2,7 @@
 
 Plain functions called by the API, the CLI, the batch runner and the Celery tasks in job_queue,
 each given the app's parts (`Services`) it works with.  A source call's upstream request takes
-the guarded path of source_call.py; this module decides what each outcome means for the lookup.
+the guarded path of upstream_call.py; this module decides what each outcome means for the lookup.
 """
 
 from __future__ import annotations
@@ -13,29 +13,25 @@ import random
 import time
 import uuid
 
-from celery import current_task
-from flask import current_app
-
 from cache_manager import CacheEntry
 from circuit_breaker_manager import BreakerOpen
 from enrich import call_pool, cpf_answers, cross_checks, log_redaction, log_setup, metrics, redis_broker
-from enrich.extensions import Services
+from enrich.deferred_calls import DeferredCalls
 from enrich.identifiers import Identifier, IdentifierType
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
-from enrich.source_call import (
+from enrich.services import Services
+from enrich.settings import Settings
+from enrich.sources import RateLimited, Source, sources_for
+from enrich.task_messages import (
     FETCH_TASK,
     FINALIZE_TASK,
     LOOKUP_TASK,
-    CallResult,
     LookupTask,
-    Outcome,
-    Paced,
     SourceCallTask,
     celery_priority,
-    guarded_call,
     send_task,
 )
-from enrich.sources import RateLimited, sources_for
+from enrich.upstream_call import CallResult, Outcome, Paced, guarded_call
 
 log = logging.getLogger("pipeline")
 
@@ -49,7 +45,7 @@ _CACHED_RESULTS: dict[tuple, dict] = {}
 CACHED_RESULTS_MAX = 10_000
 
 
-# A bulk batch's items (batches.py) run below every interactive priority (the API's are 1..10),
+# A bulk batch's items (enrich/batches/) run below every interactive priority (the API's are 1..10),
 # and their calls keep each source's interactive reserve of tokens (rate_limiter.py).
 BATCH_PRIORITY = 0
 
@@ -82,7 +78,7 @@ def start_lookup(
         # has seen the company before; `_company_cep` uses it only if the merged CEP is the same.
         guess = _COMPANY_CEPS.get(identifier.value) if kind == "cnpj" else None
         reads = [(kind, names, identifier.value)] + (
-            [("cep", _cep_source_names(parts), guess)] if guess else []
+            [("cep", _cep_source_names(parts.sources), guess)] if guess else []
         )
         answers = parts.cache.read(reads)
         cached = answers[0]
@@ -125,7 +121,7 @@ def start_lookup(
         # skip a source rather than touch the interactive reserve.  Theirs runs beside it.
         if joined is not None and not (joined.priority == BATCH_PRIORITY < priority):
             store.discard(lookup)
-            _cancel_deadline(parts, lookup.id, priority)
+            _cancel_deadline(parts.deferred, lookup.id, priority)
             # Shared work, not a shared identity: this request gets an id, priority and call ids of
             # its own (an alias), so it never learns who else asked or when.
             return store.create_alias(lookup.id, joined, priority, now), False
@@ -176,14 +172,13 @@ def _deadline_call(lookup_id: str, priority: int) -> tuple[str, list, dict, str]
     return FINALIZE_TASK, [lookup_id, True], {"priority": celery_priority(priority)}, f"deadline:{lookup_id}"
 
 
-def _cancel_deadline(parts: Services, lookup_id: str, priority: int) -> None:
+def _cancel_deadline(deferred: DeferredCalls, lookup_id: str, priority: int) -> None:
     task, args, options, call_id = _deadline_call(lookup_id, priority)
-    parts.deferred.cancel(call_id, task, args, options)
+    deferred.cancel(call_id, task, args, options)
 
 
-def _backoff(parts: Services, attempt: int) -> float:
+def _backoff(settings: Settings, attempt: int) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, capped."""
-    settings = parts.settings
     delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
@@ -214,7 +209,7 @@ def run_source_call(
 
     Never sleeps: a call without a token, or waiting for a retry, goes to the deferred set
     and this function returns at once.  Returns a small dict describing what happened.
-    `call_id`: the id its later sends get (default: the running task's); `settled_checked`:
+    `call_id`: the id its later sends get (the running task's, or the source's call id); `settled_checked`:
     the caller has just seen this source unsettled.  A batch item's call skips the source rather
     than wait past BATCH_SOURCE_WAIT from `task.held_since` (`_SourceCall.batch_wait`).  Its log
     lines name the lookup, the source and the source's own task id (as /api/lookups reports it).
@@ -236,7 +231,7 @@ def run_source_call(
 
 
 class _SourceCall:
-    """One run of `run_source_call`: reserving its token, the guarded call (source_call.py), and
+    """One run of `run_source_call`: reserving its token, the guarded call (upstream_call.py), and
     one method per outcome, each recorded as the source's state."""
 
     def __init__(self, parts: Services, task: SourceCallTask, call_id: str | None) -> None:
@@ -251,7 +246,7 @@ class _SourceCall:
         self.batch = task.priority == BATCH_PRIORITY
         self.settings = parts.settings
         self.limiter = parts.rate_limiter
-        self.task_id = call_id or _current_task_id()
+        self.task_id = call_id
         self.options = task.options(self.task_id)
         # A call whose token was reserved ahead runs when its slot has come: it jumps the queue
         # (0 is served first), since a slot spent waiting behind new work bunches calls up later.
@@ -416,7 +411,7 @@ class _SourceCall:
                 self.lookup_id, self.source_name, self.kind, self.value, self.task.priority, message, attempts
             )
             return self.result(SourceState.ERROR, error=f"gave up after {attempts} attempts: {message}")
-        delay = _backoff(self.parts, self.attempt)
+        delay = _backoff(self.settings, self.attempt)
         if isinstance(error, RateLimited) and error.retry_after:
             delay = max(delay, error.retry_after)
         due = time.time() + delay
@@ -442,10 +437,9 @@ def run_lookup_calls(parts: Services, task: LookupTask) -> dict:
     if not unsettled:
         finalize(parts, task.lookup_id)
         return {}
-    app, size = current_app._get_current_object(), _call_pool_size(parts)
+    size = _call_pool_size(parts.settings)
     calls = {
         name: call_pool.submit(
-            app,
             size,
             run_source_call,
             parts,
@@ -465,9 +459,9 @@ def _dropped_cpf_call(lookup_id: str) -> dict:
     return {"state": "dropped"}
 
 
-def _call_pool_size(parts: Services) -> int:
+def _call_pool_size(settings: Settings) -> int:
     # Every lookup task of the worker's pool may have all its sources and one CEP fetch running.
-    return max(4, parts.settings.worker_concurrency * 4)
+    return max(4, settings.worker_concurrency * 4)
 
 
 def _start_cep_fetch(parts: Services, cep: str | None, batch: bool = False) -> None:
@@ -476,18 +470,14 @@ def _start_cep_fetch(parts: Services, cep: str | None, batch: bool = False) -> N
     # be a second call of the CEP source.
     if not cep or not parts.settings.cep_prefetch or not parts.cache.enabled:
         return
-    app, size = current_app._get_current_object(), _call_pool_size(parts)
+    size = _call_pool_size(parts.settings)
     call_pool.start_cep_fetch(
-        cep, lambda: call_pool.submit(app, size, _company_cep, parts, cep, wait_running=False, batch=batch)
+        cep, lambda: call_pool.submit(size, _company_cep, parts, cep, wait_running=False, batch=batch)
     )
 
 
-def _current_task_id() -> str | None:
-    return current_task.request.id if current_task and current_task.request else None
-
-
-def _cep_source_names(parts: Services) -> list[str]:
-    return [s.name for s in sources_for("cep", parts.sources)]
+def _cep_source_names(sources: dict[str, Source]) -> list[str]:
+    return [s.name for s in sources_for("cep", sources)]
 
 
 def _company_cep(
@@ -531,11 +521,10 @@ def _company_cep(
             return call.data, None
         if call.outcome is Outcome.NOT_FOUND:
             return None, "not_found"
-        last_error = (
-            f"{source.name} is rate limited"
-            if call.outcome is Outcome.PACED
-            else f"{source.name}: {call.message}"
-        )
+        if call.outcome is Outcome.PACED:
+            last_error = f"{source.name} is rate limited"
+        else:  # the error's own words (an unreadable breaker state says so itself)
+            last_error = f"{source.name}: {getattr(call.error, 'message', call.error)}"
     return None, last_error
 
 
@@ -604,7 +593,7 @@ def finalize(parts: Services, lookup_id: str, at_deadline: bool = False) -> str 
         events.publish_many(lookup_id, [("complete", lookup.to_dict())], ttl=ttl)
         store.release_inflight(lookup.type, lookup.identifier, lookup_id)
         # Its deadline's finalize would only find it complete: a task and a record read saved.
-        _cancel_deadline(parts, lookup_id, lookup.priority)
+        _cancel_deadline(parts.deferred, lookup_id, lookup.priority)
     else:
         unsettled = {name: r.to_dict() for name, r in lookup.sources.items() if not r.settled}
         events.publish(lookup_id, "partial", {**lookup.to_dict(), "unsettled": unsettled})
@@ -654,3 +643,26 @@ def send_again(parts: Services, lookup: Lookup) -> None:
     unsettled = [name for name, result in lookup.sources.items() if not result.settled]
     call_ids = {name: lookup.tasks[name] for name in unsettled}
     _send_lookup_task(parts, LookupTask(lookup.id, lookup.type, lookup.identifier, lookup.priority, call_ids))
+
+
+def requeue_dead_letter(parts: Services, entry_id: str) -> dict | None:
+    """Take a dead letter off the list and send its call again as a new, registered task.
+
+    Returns the entry with the new `task_id`, or None for an unknown id (the admin API and
+    `flask dead-letters requeue` both call this).  The call replaces the source's settled answer.
+    """
+    entry = parts.dead_letters.mark_requeued(entry_id)
+    if entry is None:
+        return None
+    task_id = uuid.uuid4().hex
+    parts.lookups.register_task(task_id, FETCH_TASK, entry["lookup_id"], entry["source"])
+    call = SourceCallTask(
+        entry["lookup_id"],
+        entry["source"],
+        entry["type"],
+        entry["identifier"],
+        entry["priority"],
+        requeue=True,
+    )
+    send_task(parts, FETCH_TASK, call.args(), call.options(task_id))
+    return {**entry, "task_id": task_id}

@@ -17,7 +17,7 @@ log of starts per source (`admit`): it goes ahead only while the last second hol
 rate + burst starts and the last minute fewer than the per-minute rate + burst; otherwise it
 waits a little longer, keeping its token.
 
-Bulk batches (batches.py) share the buckets under one more rule: a batch item's call takes a token
+Bulk batches (enrich/batches/) share the buckets under one more rule: a batch item's call takes a token
 only while more than BATCH_TOKEN_RESERVE tokens would remain, and never reserves ahead.  The bucket
 holds burst + reserve tokens (and room for a dispatcher round's refill: `capacity`), so an
 interactive lookup arriving during a batch finds the reserve at once; the log of starts keeps the

@@ -242,7 +242,7 @@ class Settings:
     # be kept for the record's two days (it was half of Redis's memory per lookup).
     event_log_ttl_after_complete: int = 120
 
-    # Bulk batches (batches.py)
+    # Bulk batches (enrich/batches/)
     batch_rate_limit: str = "30/hour"  # per client address, on POST /api/batches; "off" for none
     batch_max_rows: int = 10_000  # input rows a batch may have (invalid and duplicate rows count)
     batch_max_bytes: int = 4 * 1024 * 1024  # body of POST /api/batches (others: MAX_REQUEST_BYTES)
@@ -259,7 +259,7 @@ class Settings:
     batch_item_timeout: float = 120.0
     batch_poll_interval: float = 0.2  # how often a running batch collects answers and starts items
     batch_retention: float = 7 * 86400.0  # a batch and its results are kept this long
-    # The bytes all batches kept may hold in Redis, and one client address's share (batch_storage.py).
+    # The bytes all batches kept may hold in Redis, and one client address's share (batches/storage.py).
     batch_storage_max_bytes: int = 1024 * 1024 * 1024
     batch_storage_per_client_bytes: int = 64 * 1024 * 1024
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 from devstack.embedded_redis import free_port
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

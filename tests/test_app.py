@@ -19,8 +19,8 @@ from flask.testing import FlaskClient
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import maintenance
-from enrich.extensions import services
 from enrich.identifiers import cnpj_check_digits
+from enrich.services import services
 from enrich.settings import Settings
 from enrich.sources import sources_for
 

@@ -19,9 +19,9 @@ from devstack.embedded_redis import EmbeddedRedis, free_port
 from enrich import maintenance, redis_broker
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import LOOKUP_TASK
+from enrich.task_messages import LOOKUP_TASK
 
 
 def _finished(stack, batch_id: str, timeout: float) -> dict:

@@ -1,4 +1,4 @@
-"""batch_rows.py: results rows as CSV (defused against formula injection) and as JSONL (as they are)."""
+"""batches/rows.py: results rows as CSV (defused against formula injection) and as JSONL (as they are)."""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ import pytest
 from enrich import pipeline, redis_broker
 from enrich.batches import input as batch_input
 from enrich.batches.runner import STALL_SECONDS, STEP_TASK
-from enrich.extensions import services
 from enrich.identifiers import parse
 from enrich.lookups import LookupStatus, SourceResult, SourceState
+from enrich.services import services
 from enrich.sources import sources_for
 from enrich.web.batch_api import batch_links
 

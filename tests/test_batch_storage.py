@@ -1,4 +1,4 @@
-"""batch_storage.py: batches reserve the bytes they keep in Redis, under a cap for all and a share per address."""
+"""batches/storage.py: batches reserve the bytes they keep in Redis, under a cap for all and a share per address."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import orjson
 import pytest
 
-from enrich.extensions import services
+from enrich.services import services
 
 
 def post(client, rows: list[str], address: str):

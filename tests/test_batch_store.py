@@ -13,9 +13,9 @@ from enrich.batches import eta
 from enrich.batches import input as batch_input
 from enrich.batches.record import COUNT_FIELDS, SUMMARY_BYTES, item_key
 from enrich.batches.store import InFlight
-from enrich.extensions import services
 from enrich.identifiers import parse
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState
+from enrich.services import services
 
 CEPS = [f"0131{n:04d}" for n in range(10)]
 CNPJ = "11.222.333/0001-81"

@@ -13,7 +13,7 @@ from conftest import FAST_LIMITS, wait_for
 from sse_client import Event, read_all
 from test_batch_rows import HYPERLINK_LEAK, formula_cells
 
-from enrich.extensions import services
+from enrich.services import services
 
 # ReceitaWS keeps its real limit (2.85 a minute, the sandbox's quota of 3): batch items skip it
 # once its token is gone, as they would in production, and still settle from the other sources.

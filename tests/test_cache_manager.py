@@ -7,8 +7,6 @@ import time
 import pytest
 
 from cache_manager import Cache
-from devstack.embedded_redis import free_port
-from enrich import redis_store
 from enrich.settings import Settings
 
 
@@ -103,31 +101,3 @@ def test_stats_count_hits_misses_and_keys(cache):
     stats = cache.stats()
     assert stats["hits"] == 1 and stats["misses"] == 1 and stats["hit_rate"] == 0.5
     assert stats["keys"] == 1 and stats["used_memory_bytes"] > 0
-
-
-def test_cached_decorator_calls_the_function_once(cache):
-    calls = []
-
-    @cache.cached("square", ttl=60)
-    def square(x):
-        calls.append(x)
-        return {"value": x * x}
-
-    assert square(4) == {"value": 16}
-    assert square(4) == {"value": 16}
-    assert square(5) == {"value": 25}
-    assert calls == [4, 5]
-
-
-def test_redis_down_read_is_a_miss_not_an_error():
-    settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="down")
-    cache = Cache(redis_store.connect(settings), settings)
-    started = time.monotonic()
-    assert cache.get_many("cnpj", ["brasilapi", "receitaws"], "11222333000181") == {}
-    assert time.monotonic() - started < 2.5
-
-    @cache.cached("fn", ttl=60)
-    def answer():
-        return 42
-
-    assert answer() == 42

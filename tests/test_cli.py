@@ -1,4 +1,4 @@
-"""The `flask` command line (cli.py, cli_admin.py, cli_lookup.py) through Flask's CliRunner.
+"""The `flask` command line (enrich/cli/: commands, admin, watch) through Flask's CliRunner.
 
 Each command runs against the session Redis and is checked by its effect there; `lookup` runs
 end to end against a real Celery worker and the sandbox upstream.
@@ -15,10 +15,10 @@ from conftest import FAST_LIMITS
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import maintenance
-from enrich.extensions import services
 from enrich.feature_flags import FeatureFlags
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import FETCH_TASK, FINALIZE_TASK, celery_priority, send_task
+from enrich.task_messages import FETCH_TASK, FINALIZE_TASK, celery_priority, send_task
 
 CNPJ = "11222333000181"
 CNPJ_MASKED = "11.222.333/0001-81"

@@ -1,4 +1,4 @@
-"""`flask batch` (cli_batch.py) end to end: the real `flask` command in a subprocess, a real Celery
+"""`flask batch` (enrich/cli/batch.py) end to end: the real `flask` command in a subprocess, a real Celery
 worker, the sandbox upstream over HTTP, Redis.
 """
 
@@ -21,7 +21,7 @@ from test_batches import fast_upstreams  # noqa: F401 - the autouse fixture appl
 from devstack.embedded_redis import free_port
 from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
-from enrich.extensions import services
+from enrich.services import services
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASK = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "flask"

@@ -10,7 +10,7 @@ import pytest
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 INVALID = {"identifier": "not an identifier"}  # a 400 still counts: the limit is on requests

@@ -19,7 +19,7 @@ from deploy_files import BIN, DEPLOY, ENV_FILE, ROOT, Host, Unit, env_file, opti
 
 from devstack import launcher
 from devstack.embedded_redis import free_port
-from enrich.celery_app import LookupCelery
+from enrich.celery_setup import LookupCelery
 from enrich.settings import PROFILES, SOURCE_NAMES, Settings
 
 UNITS = ("enrich-web.service", "enrich-worker@.service", "enrich-beat.service")

@@ -13,9 +13,9 @@ from cache_manager import Cache
 from circuit_breaker_manager import BreakerManager, BreakerOpen
 from devstack.embedded_redis import free_port
 from enrich import redis_store
-from enrich.extensions import services
 from enrich.feature_flags import FAILURE_BACKOFF, FeatureFlags, UnknownFlag
 from enrich.rate_limiter import RateLimiter
+from enrich.services import services
 from enrich.settings import Settings
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}

@@ -1,4 +1,4 @@
-"""job_queue.py and enrich/celery_app.py: the worker's tasks, the Celery app and its configuration,
+"""job_queue.py and enrich/celery_setup.py: the worker's tasks, the Celery app and its configuration,
 and what became of an issued task.
 
 The tasks' functions run in an app context on the real parts (the test Redis, the sandbox upstream
@@ -21,12 +21,12 @@ from flask import Flask
 import job_queue
 from app import close_app, create_app
 from enrich import log_setup, maintenance, pipeline, redis_broker
-from enrich.celery_app import LookupCelery, celery_config, task_status
-from enrich.extensions import services
+from enrich.celery_setup import LookupCelery, celery_config, task_status
 from enrich.identifiers import parse
 from enrich.lookups import SourceResult, SourceState
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import FETCH_TASK, LookupTask, SourceCallTask
+from enrich.task_messages import FETCH_TASK, LookupTask, SourceCallTask
 
 TASK_NAMES = {
     "job_queue.fetch_source": job_queue.fetch_source,
@@ -69,7 +69,10 @@ def test_every_task_is_registered_on_the_worker_app_under_its_name():
     registered = job_queue.celery_app.tasks
     for name, task in TASK_NAMES.items():
         assert name in registered and task.name == name
-        assert registered[name].run is task.run
+        # The same function (a bound task's `run` is a method of its own task object).
+        assert getattr(registered[name].run, "__func__", registered[name].run) is getattr(
+            task.run, "__func__", task.run
+        )
     # The fetch tasks' outcome is the lookup record; beat's two keep their report as a result.
     assert all(registered[name].ignore_result for name in TASK_NAMES if name.startswith("job_queue.f"))
     assert not registered["job_queue.cleanup"].ignore_result

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,11 @@ def _imported(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
     return names
+
+
+def _contracts() -> list[dict]:
+    """pyproject.toml's import-linter contracts."""
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
 
 
 def _project_modules() -> dict[str, Path]:
@@ -114,9 +121,9 @@ def test_the_card_modules_sit_in_their_layers():
         if module not in entry_points and not module.startswith(routes):
             assert not targets & entry_points, f"{module} imports {targets & entry_points}"
     assert "job_queue" not in graph["app"]
-    above_the_stores = ("enrich.web", "enrich.cli", "enrich.api_errors", "enrich.batches", "enrich.pipeline",
-                        "enrich.dead_letters", "enrich.maintenance", "enrich.cluster_metrics",
-                        "enrich.celery_app", "enrich.source_call", "enrich.cross_checks", "enrich.cpf_answers")  # fmt: skip
+    layers = next(c["layers"] for c in _contracts() if c["type"] == "layers")
+    stores = next(i for i, layer in enumerate(layers) if "enrich.lookups" in layer)
+    above_the_stores = tuple(name.strip() for layer in layers[:stores] for name in re.split(r"[|:]", layer))
     for store in ("cache_manager", "circuit_breaker_manager"):
         upward = {t for t in graph[store] if t in entry_points or t.startswith(above_the_stores)}
         assert upward == set(), f"{store} imports {upward}"

@@ -17,7 +17,7 @@ import job_queue
 from app import create_app
 from devstack import launcher
 from enrich import call_pool, log_redaction, log_setup
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 TOKEN = "log-test-admin-token-5c1e"
@@ -170,7 +170,7 @@ def test_a_call_pool_thread_runs_in_the_callers_context_and_keeps_its_own_bindin
 
     try:
         with log_setup.bind(lookup_id="L-3", task_id="T-3"):
-            seen = call_pool.submit(app, 2, source_call).result(timeout=10)
+            seen = call_pool.submit(2, source_call).result(timeout=10)
             after = log_setup.current_context()
     finally:
         services(app).redis.close()

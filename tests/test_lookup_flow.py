@@ -8,7 +8,7 @@ import pytest
 import requests
 from conftest import wait_for
 
-from enrich.extensions import services
+from enrich.services import services
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import pipeline
-from enrich.extensions import services
 from enrich.identifiers import parse
 from enrich.lookups import SourceResult, SourceState
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import SourceCallTask, celery_priority
+from enrich.task_messages import SourceCallTask, celery_priority
 
 CEP_SOURCES = ("brasilapi", "viacep")
 

@@ -14,19 +14,19 @@ import pytest
 
 from app import close_app, create_app
 from enrich import pipeline, redis_broker
-from enrich.extensions import Services, services
 from enrich.identifiers import parse
 from enrich.lookups import SourceResult, SourceState
+from enrich.services import Services, services
 from enrich.settings import Settings
-from enrich.source_call import (
+from enrich.task_messages import (
     FETCH_TASK,
     FINALIZE_TASK,
     LOOKUP_TASK,
     LookupTask,
     SourceCallTask,
     celery_priority,
-    guarded_call,
 )
+from enrich.upstream_call import guarded_call
 
 CPF = "111.444.777-35"
 CEP_SOURCES = ("brasilapi", "viacep")
@@ -476,7 +476,7 @@ def test_the_backoff_is_half_fixed_half_random_and_capped(parts):
     settings = parts.settings
     for attempt in range(12):
         delay = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**attempt)
-        waits = [pipeline._backoff(parts, attempt) for _ in range(200)]
+        waits = [pipeline._backoff(parts.settings, attempt) for _ in range(200)]
         assert all(delay / 2 <= wait <= delay for wait in waits), (attempt, min(waits), max(waits))
         assert len(set(waits)) > 1  # jittered
-    assert pipeline._backoff(parts, 30) <= settings.retry_backoff_max
+    assert pipeline._backoff(parts.settings, 30) <= settings.retry_backoff_max

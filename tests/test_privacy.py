@@ -21,7 +21,7 @@ from conftest import FAST_LIMITS, ROOT, wait_for
 from sandbox_fixture import generated_cnpjs, generated_cpfs
 from sse_client import read_all
 
-from enrich.extensions import services
+from enrich.services import services
 
 SLOW_COMPANY_SOURCES = ("brasilapi", "receitaws", "opencnpj")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from conftest import FAST_LIMITS, wait_for
 
-from enrich.extensions import services
+from enrich.services import services
 
 
 def _events(stack, lookup_id: str) -> list[dict]:

@@ -8,7 +8,7 @@ import requests
 from conftest import FAST_LIMITS, wait_for
 
 from enrich import redis_store
-from enrich.extensions import services
+from enrich.services import services
 
 
 def _keys_without_ttl(client, prefix: str) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from app import close_app, create_app
 from devstack.embedded_redis import free_port
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import Settings
 
 ADMIN_TOKEN = "s3cret-admin-token-4f9a"

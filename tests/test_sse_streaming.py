@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST_LIMITS, wait_for
 from sse_client import Comment, Event, Stream, read_all
 
-from enrich.extensions import services
+from enrich.services import services
 from sse_streaming import RESYNC, EventHub, EventLog, Listener, Notice, follow
 
 # -- the log and the hub, in process -----------------------------------------------------------

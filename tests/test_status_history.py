@@ -13,8 +13,8 @@ from app import close_app, create_app
 from devstack.embedded_redis import free_port
 from enrich import maintenance, status_history
 from enrich.deferred_calls import DeferredCalls
-from enrich.extensions import services
 from enrich.lookups import Lookup, LookupStatus, SourceResult, SourceState, new_lookup_id
+from enrich.services import services
 from enrich.settings import Settings
 from enrich.status_history import BUCKET_SECONDS, bucket_key, bucket_start, quantile_from_bins
 

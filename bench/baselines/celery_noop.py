@@ -1,7 +1,7 @@
 """The Celery ceiling's app: the service's own Celery configuration with one no-op task.
 
 `celery -A bench.baselines.celery_noop worker ...` runs a worker on exactly the broker, backend
-and worker settings of `enrich.celery_app.LookupCelery` (key prefix, priorities, acks late, prefetch 1,
+and worker settings of `enrich.celery_setup.LookupCelery` (key prefix, priorities, acks late, prefetch 1,
 track started, extended results); the task only increments a Redis counter, so that the
 benchmark can count completions without a result backend.  BENCH_NO_RESULTS=1 drops the result
 backend (the "without results" ceiling).
@@ -14,7 +14,7 @@ import os
 import redis
 
 from app import create_app
-from enrich.celery_app import LookupCelery
+from enrich.celery_setup import LookupCelery
 from enrich.settings import Settings
 
 TASK = "bench.noop"

@@ -43,11 +43,11 @@ from enrich.batches import input as batch_input
 from enrich.batches import rows as batch_rows
 from enrich.batches.record import item_key
 from enrich.batches.store import InFlight
-from enrich.extensions import Services
 from enrich.identifiers import Identifier, IdentifierType
 from enrich.lookups import Lookup, LookupStatus
-from enrich.source_call import celery_priority, send_task
+from enrich.services import Services
 from enrich.sources import sources_for
+from enrich.task_messages import celery_priority, send_task
 
 log = logging.getLogger("batches")
 
@@ -319,13 +319,8 @@ class BatchRunner:
         )
         if named is None:
             return set(work_ids)
-        deferred = self.parts.deferred.key  # its members are plain JSON: call id, task, args, options
-        if self.redis.zcard(deferred) > redis_broker.SCAN_MAX:
-            return set(work_ids)
-        for raw in self.redis.zrange(deferred, 0, -1):
-            text = raw.decode(errors="replace")
-            named.update(work_id for work_id in work_ids if work_id in text)
-        return named
+        waiting = self.parts.deferred.naming(work_ids, redis_broker.SCAN_MAX)
+        return set(work_ids) if waiting is None else named | waiting
 
     def _start_items(self, batch_id: str) -> None:
         now = time.time()

@@ -127,7 +127,7 @@ class BatchStore:
         `create` is what also sends the first step.
 
         Its bytes are reserved first against the caps for all batches and for `client` (its
-        address; "cli" for `flask batch run`): batch_storage.StorageFull when there is no room.
+        address; "cli" for `flask batch run`): storage.StorageFull when there is no room.
 
         The token is returned here and only here: the batch keeps its hash, and no status, event or
         result shows either.  The id is meant to be shared (progress, results); the token is not.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 from flask.cli import AppGroup
 
-from enrich import dead_letters
+from enrich import pipeline
 from enrich.cli import watch
 from enrich.cli.common import CACHED_TYPES, echo_json, json_option, needs_redis
-from enrich.extensions import services
 from enrich.feature_flags import FLAGS
 from enrich.identifiers import InvalidIdentifier, parse
+from enrich.services import services
 
 # -- cache ----------------------------------------------------------------------------------------
 
@@ -161,7 +161,7 @@ def dead_letters_list(limit: int, as_json: bool) -> None:
 @needs_redis
 def dead_letters_requeue(entry_id: str, as_json: bool) -> None:
     """Send a dead letter's call again as a new task."""
-    requeued = dead_letters.requeue(services(), entry_id)
+    requeued = pipeline.requeue_dead_letter(services(), entry_id)
     if requeued is None:
         raise click.ClickException(f"no dead letter with id {entry_id!r}")
     if as_json:

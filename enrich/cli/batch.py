@@ -1,6 +1,6 @@
 """`flask batch run|status|cancel|results`: bulk batches on the command line, without the HTTP API.
 
-`run` reads a CSV (or a JSON list) the way `POST /api/batches` does (batch_input.py), creates
+`run` reads a CSV (or a JSON list) the way `POST /api/batches` does (batches/input.py), creates
 the batch in this process, follows it with a progress bar and writes its results with the API's
 own row serializers (batch_rows.csv_lines / jsonl_lines).  Like `flask lookup`, it only creates
 and watches: the items are looked up by the Celery workers.
@@ -23,8 +23,8 @@ from enrich.batches.runner import BatchRunner
 from enrich.batches.store import BatchStore
 from enrich.cli.common import echo_json, json_option, needs_redis
 from enrich.cli.watch import clock
-from enrich.extensions import services
 from enrich.identifiers import IdentifierType
+from enrich.services import services
 
 # A status read is a few round trips; twice a second keeps the bar lively at no cost to Redis.
 POLL_INTERVAL = 0.5

@@ -13,9 +13,9 @@ from circuit_breaker_manager import BreakerUnavailable
 from enrich import maintenance, pipeline
 from enrich.cli import watch
 from enrich.cli.common import IDENTIFIER_TYPES, echo_json, json_option, needs_redis, shown_redis_url
-from enrich.extensions import services
 from enrich.identifiers import IdentifierType, InvalidIdentifier, parse
 from enrich.lookups import SourceResult
+from enrich.services import services
 
 # -- lookup -------------------------------------------------------------------------------------
 

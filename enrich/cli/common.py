@@ -12,7 +12,7 @@ import click
 import redis
 
 from circuit_breaker_manager import BreakerUnavailable
-from enrich.extensions import services
+from enrich.services import services
 
 IDENTIFIER_TYPES = ("cnpj", "cep", "cpf")
 CACHED_TYPES = ("cnpj", "cep")  # a CPF is never cached (cpf_answers.py)

@@ -12,11 +12,11 @@ from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from enrich import dead_letters
+from enrich import pipeline
 from enrich.api_errors import ApiError, json_response
-from enrich.extensions import services
 from enrich.feature_flags import FLAGS
 from enrich.identifiers import InvalidIdentifier, parse
+from enrich.services import services
 from enrich.settings import RATE_LIMIT_OFF
 
 admin = Blueprint("admin", __name__, url_prefix="/api/admin")
@@ -202,7 +202,7 @@ def list_dead_letters():
 
 @admin.post("/dead-letters/<entry_id>/requeue")
 def requeue_dead_letter(entry_id: str):
-    requeued = dead_letters.requeue(services(), entry_id)
+    requeued = pipeline.requeue_dead_letter(services(), entry_id)
     if requeued is None:
         raise ApiError(404, "not_found", "no dead letter with this id")
     return json_response(requeued, 202)

@@ -22,7 +22,8 @@ from enrich.batches.rows import csv_lines, jsonl_lines
 from enrich.batches.runner import BatchRunner
 from enrich.batches.storage import StorageFull
 from enrich.batches.store import BatchStore
-from enrich.extensions import services
+from enrich.services import services
+from sse_streaming import sse  # the blueprint that owns the event streams
 
 batch_api = Blueprint("batch_api", __name__)
 CREATE_ENDPOINT = "batch_api.create_batch"  # POST /api/batches: BATCH_MAX_BYTES, not MAX_REQUEST_BYTES
@@ -158,8 +159,6 @@ def cancel_batch(batch_id: str):
 def batch_events(batch_id: str):
     """SSE: `snapshot` (the status), `progress` after each change, `complete` at the end
     (its `status` says complete or cancelled)."""
-    from sse_streaming import sse  # the blueprint that owns the event streams
-
     _runner().kick_if_stalled(batch_id)  # its status is read: a batch whose steps stopped gets one
     return sse.stream_channel(
         BatchStore.channel(batch_id),

@@ -15,7 +15,7 @@ from flask_limiter.util import get_remote_address
 from limits import parse_many
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import RATE_LIMIT_OFF as OFF
 
 LIMITED_ENDPOINT = "api.create_lookup"  # POST /api/lookups; reads and streams are not limited

@@ -8,7 +8,7 @@ from flask import Blueprint, request
 
 from enrich import maintenance
 from enrich.api_errors import ApiError, json_response
-from enrich.extensions import services
+from enrich.services import services
 from enrich.status_history import DEFAULT_MINUTES, MAX_MINUTES
 
 history_api = Blueprint("status_history", __name__)

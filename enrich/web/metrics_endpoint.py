@@ -10,8 +10,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 
 from enrich.cluster_metrics import ClusterState
-from enrich.extensions import services
 from enrich.metrics import MULTIPROC_ENV, warn_rate_limited
+from enrich.services import services
 
 
 class _ThisProcess:

@@ -22,7 +22,7 @@ import logging
 from flask import Flask, request
 
 from enrich.api_errors import ApiError
-from enrich.extensions import services
+from enrich.services import services
 from enrich.settings import normalise_origin, parse_allowed_origins
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

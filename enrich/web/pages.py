@@ -6,7 +6,7 @@ from flask import Blueprint, Flask, Response, has_request_context, render_templa
 from flask_babel import Babel, format_decimal, format_number, get_locale, pgettext
 from flask_babel import gettext as _
 
-from enrich.extensions import services
+from enrich.services import services
 
 pages = Blueprint("pages", __name__)
 

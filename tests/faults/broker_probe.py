@@ -18,7 +18,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from enrich import redis_broker
-from enrich.extensions import services
+from enrich.services import services
 from job_queue import celery_app as app  # installs the project's transport
 
 DONE_KEY = f"{app.settings.key_prefix}:probe:done"

@@ -19,8 +19,8 @@ import pytest
 from conftest import wait_for
 
 from enrich import redis_broker
-from enrich.celery_app import LookupCelery
-from enrich.extensions import services
+from enrich.celery_setup import LookupCelery
+from enrich.services import services
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import requests
 from conftest import FAST_LIMITS, wait_for
 
 from devstack.embedded_redis import EmbeddedRedis, free_port
-from enrich.extensions import services
+from enrich.services import services
 
 pytestmark = pytest.mark.slow
 

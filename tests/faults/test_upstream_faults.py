@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import FAST_LIMITS, wait_for
 
-from enrich.extensions import services
+from enrich.services import services
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer test-admin-token"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import FAST_LIMITS
 
-from enrich.extensions import services
+from enrich.services import services
 
 pytestmark = pytest.mark.slow
 

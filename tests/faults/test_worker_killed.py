@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import FAST_LIMITS, wait_for
 
-from enrich.extensions import services
-from enrich.source_call import celery_priority
+from enrich.services import services
+from enrich.task_messages import celery_priority
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the parts' modules import this one: their types are for ann
     from circuit_breaker_manager import BreakerManager
     from enrich.batches.runner import BatchRunner
     from enrich.batches.store import BatchStore
-    from enrich.celery_app import LookupCelery
+    from enrich.celery_setup import LookupCelery
     from enrich.dead_letters import DeadLetters
     from enrich.deferred_calls import DeferredCalls
     from enrich.feature_flags import FeatureFlags
@@ -49,7 +49,7 @@ class Services:
     event_hub: EventHub
     dead_letters: DeadLetters
     batches: BatchStore
-    celery: LookupCelery | None = None
+    celery: LookupCelery  # the worker's runs the tasks; the web's only sends them
     batch_runner: BatchRunner | None = None  # built on these parts, once they exist
     # The web's own: per-client limits (web.client_limits) and failed admin logins (web.admin).
     client_limiter: Limiter | None = None

@@ -1,4 +1,4 @@
-"""source_call.py: the guarded upstream call and the source-call task's payload.
+"""upstream_call.py: the guarded upstream call, each of its outcomes, and the outcome table.
 
 `guarded_call` runs against the real parts: the test Redis (breaker state, the log of starts, the
 cache) and the sandbox upstream over HTTP, whose request counts show whether a request went out.
@@ -6,29 +6,14 @@ cache) and the sandbox upstream over HTTP, whose request counts show whether a r
 
 from __future__ import annotations
 
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import close_app, create_app
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
-from enrich import redis_broker
-from enrich.extensions import services
 from enrich.identifiers import Identifier, IdentifierType, parse
+from enrich.services import services
 from enrich.settings import Settings
-from enrich.source_call import (
-    FETCH_TASK,
-    OUTCOMES,
-    CallResult,
-    LookupTask,
-    Outcome,
-    Paced,
-    SourceCallTask,
-    celery_priority,
-    guarded_call,
-    outcome_of,
-    send_task,
-)
 from enrich.sources import (
     BadResponse,
     NotFound,
@@ -37,6 +22,7 @@ from enrich.sources import (
     TransientError,
     UpstreamRejected,
 )
+from enrich.upstream_call import OUTCOMES, CallResult, Outcome, Paced, guarded_call, outcome_of
 
 SOURCE_TIMEOUT = 1.0
 
@@ -265,64 +251,3 @@ def test_an_exception_maps_to_the_outcome_of_its_most_specific_class(error, outc
 )
 def test_a_call_result_says_what_went_wrong_in_a_line(result, message):
     assert result.message == message
-
-
-# -- the task payloads and priorities ----------------------------------------------------------
-
-
-def test_a_source_call_task_is_its_fields_in_order_and_survives_the_broker_json():
-    task = SourceCallTask(
-        "L1", "viacep", "cep", "01310100", 7, attempt=2, reserved=True, requeue=True, held_since=12.5
-    )
-
-    args = task.args()
-
-    assert args == ["L1", "viacep", "cep", "01310100", 7, 2, True, True, 12.5]
-    assert SourceCallTask(*orjson.loads(orjson.dumps(args))) == task
-    # A payload sent before the optional fields existed still reads, with their defaults.
-    assert SourceCallTask(*args[:5]) == SourceCallTask("L1", "viacep", "cep", "01310100", 7)
-
-
-def test_a_lookup_task_is_its_fields_in_order_and_survives_the_broker_json():
-    task = LookupTask("L1", "cep", "01310100", 4, {"brasilapi": "c1", "viacep": "c2"})
-
-    assert task.args() == ["L1", "cep", "01310100", 4, {"brasilapi": "c1", "viacep": "c2"}]
-    assert LookupTask(*orjson.loads(orjson.dumps(task.args()))) == task
-
-
-@pytest.mark.parametrize(
-    ("priority", "task_id", "override", "options"),
-    [
-        (10, "call-1", None, {"priority": 0, "task_id": "call-1"}),
-        (1, "call-1", None, {"priority": 9, "task_id": "call-1"}),
-        (0, None, None, {"priority": 9}),  # a batch item's call: the lowest level
-        (5, "call-1", 0, {"priority": 0, "task_id": "call-1"}),  # a reserved slot jumps the queue
-    ],
-)
-def test_options_give_the_celery_priority_or_the_override_and_the_task_id(
-    priority, task_id, override, options
-):
-    task = SourceCallTask("L1", "viacep", "cep", "01310100", priority)
-    assert task.options(task_id, priority=override) == options
-
-
-@pytest.mark.parametrize(
-    ("priority", "level"), [(10, 0), (9, 1), (5, 5), (1, 9), (0, 9), (-3, 9), (11, 0), (99, 0)]
-)
-def test_celery_priority_maps_api_priorities_onto_the_brokers_levels_within_bounds(priority, level):
-    assert celery_priority(priority) == level
-
-
-def test_send_task_puts_the_payload_on_the_brokers_list_for_its_level(parts):
-    task = SourceCallTask("L1", "viacep", "cep", "01310100", 7)
-
-    send_task(parts, FETCH_TASK, task.args(), task.options("call-1"))
-
-    lists = redis_broker.priority_lists(parts.settings.key_prefix)
-    waiting = {name: parts.redis.lrange(name, 0, -1) for name in lists}
-    assert [name for name, messages in waiting.items() if messages] == [lists[celery_priority(7)]]
-    (raw,) = waiting[lists[celery_priority(7)]]
-    message = orjson.loads(raw)
-    assert message["headers"]["task"] == FETCH_TASK and message["headers"]["id"] == "call-1"
-    args, kwargs, _ = orjson.loads(redis_broker.message_text(message))
-    assert SourceCallTask(*args) == task and kwargs == {}

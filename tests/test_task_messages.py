@@ -1,0 +1,118 @@
+"""task_messages.py: the tasks' payloads, their priorities, and sending them to the broker."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import close_app, create_app
+from enrich import redis_broker
+from enrich.services import services
+from enrich.settings import Settings
+from enrich.task_messages import FETCH_TASK, LookupTask, SourceCallTask, celery_priority, send_task
+
+SOURCE_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def app(settings, redis_client, sandbox_url):
+    """An in-process app on the test Redis whose sources are the sandbox's (no worker).
+
+    ReceitaWS at one call a minute: its log of starts holds 2 starts a minute (rate + burst) and a
+    batch call's 1 (the interactive reserve of 2 kept), so a test can fill it and stay full.
+    """
+    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
+    on_sandbox = Settings.from_env(
+        {"RATE_LIMIT_RECEITAWS": "1"},
+        redis_url=settings.redis_url,
+        key_prefix=settings.key_prefix,
+        sandbox_host=host,
+        sandbox_port=int(port),
+        source_timeout=SOURCE_TIMEOUT,
+        lookup_rate_limit="off",
+        worker_metrics_port=0,
+    )
+    app = create_app(on_sandbox)
+    yield app
+    close_app(app)
+
+
+@pytest.fixture
+def parts(app):
+    with app.app_context():
+        yield services()
+
+
+def requests_made(app, source: str) -> dict[str, float]:
+    """This process's count of `source` calls by outcome, from the app's /metrics."""
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200, response.text
+    families = text_string_to_metric_families(response.get_data(as_text=True))
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "enrich_source_requests_total" and sample.labels.get("source") == source
+    }
+
+
+# -- the task payloads and priorities ----------------------------------------------------------
+
+
+def test_a_source_call_task_is_its_fields_in_order_and_survives_the_broker_json():
+    task = SourceCallTask(
+        "L1", "viacep", "cep", "01310100", 7, attempt=2, reserved=True, requeue=True, held_since=12.5
+    )
+
+    args = task.args()
+
+    assert args == ["L1", "viacep", "cep", "01310100", 7, 2, True, True, 12.5]
+    assert SourceCallTask(*orjson.loads(orjson.dumps(args))) == task
+    # A payload sent before the optional fields existed still reads, with their defaults.
+    assert SourceCallTask(*args[:5]) == SourceCallTask("L1", "viacep", "cep", "01310100", 7)
+
+
+def test_a_lookup_task_is_its_fields_in_order_and_survives_the_broker_json():
+    task = LookupTask("L1", "cep", "01310100", 4, {"brasilapi": "c1", "viacep": "c2"})
+
+    assert task.args() == ["L1", "cep", "01310100", 4, {"brasilapi": "c1", "viacep": "c2"}]
+    assert LookupTask(*orjson.loads(orjson.dumps(task.args()))) == task
+
+
+@pytest.mark.parametrize(
+    ("priority", "task_id", "override", "options"),
+    [
+        (10, "call-1", None, {"priority": 0, "task_id": "call-1"}),
+        (1, "call-1", None, {"priority": 9, "task_id": "call-1"}),
+        (0, None, None, {"priority": 9}),  # a batch item's call: the lowest level
+        (5, "call-1", 0, {"priority": 0, "task_id": "call-1"}),  # a reserved slot jumps the queue
+    ],
+)
+def test_options_give_the_celery_priority_or_the_override_and_the_task_id(
+    priority, task_id, override, options
+):
+    task = SourceCallTask("L1", "viacep", "cep", "01310100", priority)
+    assert task.options(task_id, priority=override) == options
+
+
+@pytest.mark.parametrize(
+    ("priority", "level"), [(10, 0), (9, 1), (5, 5), (1, 9), (0, 9), (-3, 9), (11, 0), (99, 0)]
+)
+def test_celery_priority_maps_api_priorities_onto_the_brokers_levels_within_bounds(priority, level):
+    assert celery_priority(priority) == level
+
+
+def test_send_task_puts_the_payload_on_the_brokers_list_for_its_level(parts):
+    task = SourceCallTask("L1", "viacep", "cep", "01310100", 7)
+
+    send_task(parts, FETCH_TASK, task.args(), task.options("call-1"))
+
+    lists = redis_broker.priority_lists(parts.settings.key_prefix)
+    waiting = {name: parts.redis.lrange(name, 0, -1) for name in lists}
+    assert [name for name, messages in waiting.items() if messages] == [lists[celery_priority(7)]]
+    (raw,) = waiting[lists[celery_priority(7)]]
+    message = orjson.loads(raw)
+    assert message["headers"]["task"] == FETCH_TASK and message["headers"]["id"] == "call-1"
+    args, kwargs, _ = orjson.loads(redis_broker.message_text(message))
+    assert SourceCallTask(*args) == task and kwargs == {}

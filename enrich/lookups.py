@@ -275,6 +275,8 @@ def new_lookup_id() -> str:
 class LookupStore:
     """Reads and writes lookup records, the single-flight index and the issued-task registry."""
 
+    BODY_CHECK_INTERVAL = 1.0  # seconds between checks that a shared answer body is still there
+
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
@@ -283,6 +285,7 @@ class LookupStore:
         self._release = client.register_script(_RELEASE)
         self._bodies: dict[tuple, tuple[bytes, str]] = {}  # entry versions -> (body JSON, digest)
         self._bodies_written: dict[str, float] = {}  # digest -> when this process last wrote it
+        self._bodies_checked: dict[str, float] = {}  # digest -> when this process last saw it there
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, *parts)
@@ -403,17 +406,32 @@ class LookupStore:
                 self._bodies[versions] = body
         inner, digest = body
         head = encode_json(lookup.head())
+        body_key = self.answer_body_key(digest)
         with self.redis.pipeline(transaction=False) as pipe:
             # The body outlives every head that names it: written for 1.2 x retention and written
             # again once a tenth of the retention has passed, so it ends >= 1.1 x retention after
-            # any head this process wrote.  In between it is written only if missing (NX), so a
-            # body lost with a restarted or flushed Redis comes back with the next answer.
+            # any head this process wrote.  In between its presence is checked at most once a
+            # BODY_CHECK_INTERVAL (a command on every cached answer cost throughput), so a body
+            # lost with a restarted or flushed Redis is written again within that interval.
             now = time.monotonic()
             renew = now - self._bodies_written.get(digest, -retention) > retention / 10
-            pipe.set(self.answer_body_key(digest), inner, ex=int(retention * 1.2) + 1, nx=not renew)
+            check = (
+                not renew and now - self._bodies_checked.get(digest, -retention) >= self.BODY_CHECK_INTERVAL
+            )
+            if renew:
+                pipe.set(body_key, inner, ex=int(retention * 1.2) + 1)
+            elif check:
+                pipe.exists(body_key)
             pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
             status_history.add_counts(pipe, self.settings, {"answered": 1})
-            pipe.execute()
+            first = pipe.execute()[0]
+        if check:
+            if len(self._bodies_checked) >= ANSWER_BODIES_MAX:
+                self._bodies_checked.clear()
+            self._bodies_checked[digest] = now
+            if not first:
+                self.redis.set(body_key, inner, ex=int(retention * 1.2) + 1)
+                renew = True
         if renew:  # only once it is surely written: a failed round trip leaves it due
             if len(self._bodies_written) >= ANSWER_BODIES_MAX:
                 self._bodies_written.clear()

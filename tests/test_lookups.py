@@ -477,9 +477,10 @@ def test_answered_lookups_from_the_same_entries_share_one_stored_body(store, red
 
 def test_an_answer_body_lost_with_redis_is_written_again_by_the_next_answer(store, redis_client, settings):
     """A restarted or flushed Redis loses the shared body: the next answer from the same entries
-    writes it again, though this process wrote it a moment ago (a head naming no body reads as
-    unknown: a 200 then a 404)."""
+    once its check is due writes it again, though this process wrote it a moment ago (a head
+    naming no body reads as unknown: a 200 then a 404)."""
     versions = ("cep", "01310100", (("viacep", 1.0),))
+    store.BODY_CHECK_INTERVAL = 0  # checked on every answer here (at most once a second by default)
     store.create_answered(_answered(), versions)
     for key in redis_client.scan_iter(match=f"{settings.key_prefix}:answer-body:*"):
         redis_client.delete(key)

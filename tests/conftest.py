@@ -79,6 +79,45 @@ def app(settings, redis_client):
     close_app(app)
 
 
+@pytest.fixture
+def make_sandbox_app(settings, redis_client, sandbox_url):
+    """Factory of in-process apps on the test Redis whose sources are the session's sandbox (no
+    worker): `environ` as from the environment, `changes` as Settings fields."""
+    from app import close_app, create_app
+
+    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
+    apps = []
+
+    def make(environ: dict | None = None, **changes):
+        on_sandbox = Settings.from_env(
+            environ or {},
+            **{
+                "redis_url": settings.redis_url,
+                "key_prefix": settings.key_prefix,
+                "sandbox_host": host,
+                "sandbox_port": int(port),
+                "lookup_rate_limit": "off",
+                "worker_metrics_port": 0,
+                **changes,
+            },
+        )
+        apps.append(create_app(on_sandbox))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        close_app(app)
+
+
+@pytest.fixture
+def parts(app):
+    """The app's parts (Services), inside its app context: what the engine's functions are handed."""
+    from enrich.services import services
+
+    with app.app_context():
+        yield services()
+
+
 ADMIN_TOKEN = "admin-test-token"
 
 

@@ -39,27 +39,9 @@ TASK_NAMES = {
 
 
 @pytest.fixture
-def app(settings, redis_client, sandbox_url):
+def app(make_sandbox_app):
     """An in-process app on the test Redis whose sources are the sandbox's (no worker)."""
-    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
-    on_sandbox = Settings.from_env(
-        {},
-        redis_url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-        sandbox_host=host,
-        sandbox_port=int(port),
-        lookup_rate_limit="off",
-        worker_metrics_port=0,
-    )
-    app = create_app(on_sandbox)
-    yield app
-    close_app(app)
-
-
-@pytest.fixture
-def parts(app):
-    with app.app_context():
-        yield services()
+    return make_sandbox_app({})
 
 
 # -- the Celery app and its configuration ------------------------------------------------------

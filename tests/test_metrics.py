@@ -52,21 +52,9 @@ def scrape_url(url: str) -> list:
 
 
 @pytest.fixture
-def app(settings, redis_client, sandbox_url):
+def app(make_sandbox_app):
     """An in-process app on the test Redis whose sources are the sandbox's (no worker)."""
-    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
-    on_sandbox = Settings.from_env(
-        {},
-        redis_url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-        sandbox_host=host,
-        sandbox_port=int(port),
-        lookup_rate_limit="off",
-        defer_horizon=5.0,  # ReceitaWS's second token (21 s away) is past it
-    )
-    app = create_app(on_sandbox)
-    yield app
-    close_app(app)
+    return make_sandbox_app(defer_horizon=5.0)  # ReceitaWS's second token (21 s away) is past it
 
 
 # -- in process: the pipeline's paths -------------------------------------------------------

@@ -12,12 +12,10 @@ import time
 import orjson
 import pytest
 
-from app import close_app, create_app
 from enrich import pipeline, redis_broker
 from enrich.identifiers import parse
 from enrich.lookups import SourceResult, SourceState
-from enrich.services import Services, services
-from enrich.settings import Settings
+from enrich.services import Services
 from enrich.task_messages import (
     FETCH_TASK,
     FINALIZE_TASK,
@@ -33,31 +31,12 @@ CEP_SOURCES = ("brasilapi", "viacep")
 
 
 @pytest.fixture
-def app(settings, redis_client, sandbox_url):
+def app(make_sandbox_app):
     """An in-process app on the test Redis whose sources are the sandbox's (no worker).
 
     ReceitaWS at one call a minute, so a test can fill its log of starts (2 a minute) and keep it full.
     """
-    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
-    on_sandbox = Settings.from_env(
-        {"RATE_LIMIT_RECEITAWS": "1"},
-        redis_url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-        sandbox_host=host,
-        sandbox_port=int(port),
-        source_timeout=2.0,
-        lookup_rate_limit="off",
-        worker_metrics_port=0,
-    )
-    app = create_app(on_sandbox)
-    yield app
-    close_app(app)
-
-
-@pytest.fixture
-def parts(app):
-    with app.app_context():
-        yield services()
+    return make_sandbox_app({"RATE_LIMIT_RECEITAWS": "1"}, source_timeout=2.0)
 
 
 def queued(parts: Services) -> list[tuple[int, str, list]]:

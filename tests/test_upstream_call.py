@@ -9,11 +9,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import close_app, create_app
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
 from enrich.identifiers import Identifier, IdentifierType, parse
-from enrich.services import services
-from enrich.settings import Settings
 from enrich.sources import (
     BadResponse,
     NotFound,
@@ -28,32 +25,13 @@ SOURCE_TIMEOUT = 1.0
 
 
 @pytest.fixture
-def app(settings, redis_client, sandbox_url):
+def app(make_sandbox_app):
     """An in-process app on the test Redis whose sources are the sandbox's (no worker).
 
     ReceitaWS at one call a minute: its log of starts holds 2 starts a minute (rate + burst) and a
     batch call's 1 (the interactive reserve of 2 kept), so a test can fill it and stay full.
     """
-    host, port = sandbox_url.rsplit("//", 1)[1].split(":")
-    on_sandbox = Settings.from_env(
-        {"RATE_LIMIT_RECEITAWS": "1"},
-        redis_url=settings.redis_url,
-        key_prefix=settings.key_prefix,
-        sandbox_host=host,
-        sandbox_port=int(port),
-        source_timeout=SOURCE_TIMEOUT,
-        lookup_rate_limit="off",
-        worker_metrics_port=0,
-    )
-    app = create_app(on_sandbox)
-    yield app
-    close_app(app)
-
-
-@pytest.fixture
-def parts(app):
-    with app.app_context():
-        yield services()
+    return make_sandbox_app({"RATE_LIMIT_RECEITAWS": "1"}, source_timeout=SOURCE_TIMEOUT)
 
 
 def requests_made(app, source: str) -> dict[str, float]:

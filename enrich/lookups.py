@@ -163,6 +163,10 @@ class Lookup:
 _SET_SOURCE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, -1, -1} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local listed = ',' .. (redis.call('HGET', KEYS[1], 'sources') or '') .. ','
+if not string.find(listed, ',' .. ARGV[1] .. ',', 1, true) then
+  return {0, 0, tonumber(redis.call('HGET', KEYS[1], 'done')), total}  -- not one of its sources
+end
 local settled_field = 'settled:' .. ARGV[1]
 local was_settled = redis.call('HGET', KEYS[1], settled_field) == '1'
 if was_settled and ARGV[4] ~= '1' then
@@ -307,12 +311,18 @@ class LookupStore:
             if self.redis.set(key, lookup_id, nx=True, ex=ttl):
                 return None
             existing = self.redis.get(key)
-            status = self.redis.hget(self.record_key(existing.decode()), "status") if existing else None
+            if existing is None:
+                continue  # released meanwhile: try again
+            status = self.redis.hget(self.record_key(existing.decode()), "status")
             if status is not None and status != b"complete":
                 return existing.decode()
-            # Points at an expired record, or one that completed and is about to release it: take it over.
-            self.redis.delete(key)
-        return None
+            # Points at an expired record, or one that completed and is about to release it: take it
+            # over, deleting it only if it still names that lookup (compare-and-delete), so a claim
+            # another request has just taken over is never deleted and two lookups never run.
+            self._release(keys=[key], args=[existing])
+        # Still contended after three tries: join whoever holds it now rather than claim it blind.
+        holder = self.redis.get(key)
+        return holder.decode() if holder is not None else None
 
     def release_inflight(self, identifier_type: str, identifier: str, lookup_id: str) -> None:
         """Drop the single-flight entry if it still names this lookup (one atomic compare-and-delete)."""
@@ -581,7 +591,8 @@ class LookupStore:
         """Record a source's state; returns (applied, newly settled, settled count, source count).
 
         Idempotent: a source that already settled keeps its answer (a redelivered task may
-        report twice), unless `replace_settled`.
+        report twice), unless `replace_settled`.  A source the record does not list is not applied
+        (it would count towards `done` and finalize the lookup early).
         """
         applied, newly, done, total = self._set_source(
             keys=[self.record_key(lookup_id)],
@@ -599,8 +610,10 @@ class LookupStore:
 
         The lookup's first answer (from queued or running) is counted in the status history's
         current bucket with its latency since creation, by the same script (status_history's bins):
-        a partial lookup completing later is not counted again.
+        a partial lookup completing later is not counted again.  Any other status is a ValueError.
         """
+        if status not in (LookupStatus.PARTIAL, LookupStatus.COMPLETE):
+            raise ValueError(f"a lookup finishes partial or complete, not {status}")
         now = time.time()
         bucket = status_history.bucket_key(self.settings, status_history.bucket_start(now))
         args = [

@@ -389,6 +389,44 @@ def test_a_claim_naming_a_complete_or_expired_record_is_taken_over(store, redis_
     assert redis_client.get(store.inflight_key("cnpj", CNPJ)) == second.id.encode()
 
 
+def test_a_takeover_never_deletes_a_claim_another_request_took_meanwhile(store, redis_client, monkeypatch):
+    """Two requests both see a finished lookup's claim; the one that takes it over first must keep
+    it: the other's takeover deletes the claim only if it still names the finished lookup."""
+    finished, racing, late = _lookup(), _lookup(), _lookup()
+    store.create(finished, claim=True)
+    store.finish(finished.id, LookupStatus.COMPLETE, {"data": None, "checks": []})
+    store.create(racing)  # the other request's record, not yet its claim
+    key = store.inflight_key("cnpj", CNPJ)
+    real_hget = redis_client.hget
+
+    def hget_while_the_other_takes_over(name, field):
+        answer = real_hget(name, field)
+        if name == store.record_key(finished.id):  # between reading the claim and replacing it
+            redis_client.set(key, racing.id)
+        return answer
+
+    monkeypatch.setattr(store.redis, "hget", hget_while_the_other_takes_over)
+    assert store.create(late, claim=True) == racing.id  # it joins the lookup that won the takeover
+    assert redis_client.get(key) == racing.id.encode()
+
+
+def test_a_source_the_record_does_not_list_is_not_applied(store):
+    lookup = _lookup()
+    store.create(lookup)
+    applied, newly, done, total = store.set_source(lookup.id, SourceResult("viacep", SourceState.OK))
+    assert (applied, newly, done, total) == (False, False, 0, 2)
+    assert "viacep" not in store.get(lookup.id).sources
+
+
+@pytest.mark.parametrize("status", [LookupStatus.QUEUED, LookupStatus.RUNNING])
+def test_a_lookup_finishes_only_partial_or_complete(store, status):
+    lookup = _lookup()
+    store.create(lookup)
+    with pytest.raises(ValueError):
+        store.finish(lookup.id, status, {"data": None, "checks": []})
+    assert store.get(lookup.id).status == LookupStatus.QUEUED
+
+
 def test_a_partial_lookup_still_holds_its_claim(store):
     first = _lookup()
     store.create(first, claim=True)

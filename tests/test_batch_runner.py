@@ -179,6 +179,18 @@ def test_an_item_claimed_by_a_step_that_was_lost_is_started_by_the_next(app):
     assert store.in_flight(batch_id)[key].lookup_id and len(sent(app, pipeline.LOOKUP_TASK)) == 1
 
 
+def _overdue_item(store, runner, lookups, batch_id: str):
+    """The batch's first item started, its lookup's sources running since ten seconds ago (past
+    `item_limit`): (its key, its in-flight entry)."""
+    runner.step(batch_id)
+    ((key, item),) = store.in_flight(batch_id).items()
+    long_ago = time.time() - 10
+    store.mark_started(batch_id, key, item.lookup_id, long_ago, None)
+    for name in lookups.get(item.lookup_id).sources:
+        lookups.set_source(item.lookup_id, SourceResult(name, SourceState.RUNNING, updated_at=long_ago))
+    return key, item
+
+
 def test_an_item_whose_work_is_lost_for_good_settles_failed_saying_so(make_app):
     """Its lookup did nothing for `item_limit` and no task of it is left anywhere (the broker's
     lists and the deferred set emptied, as by a Redis that lost them): a step settles it."""
@@ -188,12 +200,7 @@ def test_an_item_whose_work_is_lost_for_good_settles_failed_saying_so(make_app):
     assert runner.item_limit == 3.0  # never less than VISIBILITY_TIMEOUT and two sweeps
     batch_id = store.create(parsed(CEPS[0]))["id"]
     with app.app_context():
-        runner.step(batch_id)
-        ((key, item),) = store.in_flight(batch_id).items()
-        long_ago = time.time() - 10
-        store.mark_started(batch_id, key, item.lookup_id, long_ago, None)
-        for name in lookups.get(item.lookup_id).sources:
-            lookups.set_source(item.lookup_id, SourceResult(name, SourceState.RUNNING, updated_at=long_ago))
+        key, item = _overdue_item(store, runner, lookups, batch_id)
         client.delete(*redis_broker.priority_lists(prefix), services(app).deferred.key)
 
         assert runner.step(batch_id) == "finished"
@@ -210,12 +217,7 @@ def test_an_overdue_item_waits_while_a_task_of_its_lookup_is_queued(make_app):
     store, runner, lookups = (services(app).batches, services(app).batch_runner, services(app).lookups)
     batch_id = store.create(parsed(CEPS[0]))["id"]
     with app.app_context():
-        runner.step(batch_id)
-        ((key, item),) = store.in_flight(batch_id).items()
-        long_ago = time.time() - 10
-        store.mark_started(batch_id, key, item.lookup_id, long_ago, None)
-        for name in lookups.get(item.lookup_id).sources:
-            lookups.set_source(item.lookup_id, SourceResult(name, SourceState.RUNNING, updated_at=long_ago))
+        key, item = _overdue_item(store, runner, lookups, batch_id)
         assert sent(app, pipeline.LOOKUP_TASK)  # its task, still queued: owed to it
 
         assert runner.step(batch_id) == "stepped"

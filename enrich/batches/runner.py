@@ -129,10 +129,21 @@ class BatchRunner:
         """Send the batch's step now (it runs at the lowest priority, like the items)."""
         send_task(self.parts, STEP_TASK, [batch_id], {"priority": celery_priority(pipeline.BATCH_PRIORITY)})
 
+    def shown_status(self, batch_id: str) -> dict | None:
+        """`status` for someone who asked (the API, the CLI): a batch whose steps stopped also gets
+        one, as the README says, from the same read."""
+        status, last = self.store.status_and_last_step(batch_id)
+        if status is None:
+            return None
+        self._kick_if_idle(batch_id, last)
+        return {**status, "links": self.links(batch_id)}
+
     def kick_if_stalled(self, batch_id: str) -> bool:
         """A batch not finished whose step chain broke (a worker lost with it: no step for
         STALL_SECONDS) gets a new step, once per STALL_SECONDS (`:kicked`); True when one was sent."""
-        last = self.store.last_step_at(batch_id)
+        return self._kick_if_idle(batch_id, self.store.last_step_at(batch_id))
+
+    def _kick_if_idle(self, batch_id: str, last: float | None) -> bool:
         if last is None:
             return False
         idle = time.time() - last

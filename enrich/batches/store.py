@@ -182,12 +182,23 @@ class BatchStore:
 
     def status(self, batch_id: str) -> dict | None:
         """The body of `GET /api/batches/<id>` but its links; None when unknown or expired."""
+        return self.status_and_last_step(batch_id)[0]
+
+    def status_and_last_step(self, batch_id: str) -> tuple[dict | None, float | None]:
+        """`status`, and `last_step_at` from the same read (a status shown to someone is also
+        checked for a stalled batch: one round trip for both)."""
         if len(batch_id) > 64:
-            return None
+            return None, None
         raw = self.redis.hgetall(self.key(batch_id))
         if not raw:
-            return None
+            return None, None
         values = {k.decode(): v.decode() for k, v in raw.items()}
+        last_step = (
+            None if values.get("finished_at") else float(values.get("stepped_at") or values["created_at"])
+        )
+        return self._status_body(batch_id, values), last_step
+
+    def _status_body(self, batch_id: str, values: dict[str, str]) -> dict:
         counts = {state: max(0, int(values.get(f"n:{state}", 0))) for state in ITEM_STATES}
         settled = sum(counts[state] for state in SETTLED_STATES)
         body: dict[str, Any] = {

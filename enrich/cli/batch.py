@@ -46,10 +46,7 @@ def _runner() -> BatchRunner:
 
 def _read_status(batch_id: str) -> dict | None:
     """The batch's status; as when the API reads it, a batch whose steps stopped gets one."""
-    status = _runner().status(batch_id)
-    if status is not None:
-        _runner().kick_if_stalled(batch_id)
-    return status
+    return _runner().shown_status(batch_id)
 
 
 def _stderr(line: str) -> None:

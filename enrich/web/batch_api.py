@@ -116,10 +116,9 @@ def create_batch():
 
 def _status(batch_id: str) -> dict:
     """The batch's status as read; a batch whose steps stopped gets one (README: when its status is read)."""
-    body = _runner().status(batch_id)
+    body = _runner().shown_status(batch_id)
     if body is None:
         raise ApiError(404, "not_found", "no batch with this id (unknown or expired)")
-    _runner().kick_if_stalled(batch_id)
     return body
 
 

@@ -33,7 +33,7 @@ from enrich.dead_letters import DeadLetters
 from enrich.deferred_calls import DeferredCalls
 from enrich.feature_flags import FeatureFlags
 from enrich.identifiers import InvalidIdentifier, parse
-from enrich.lookups import LookupStore
+from enrich.lookups import MAX_LOOKUP_ID_LENGTH, LookupStore
 from enrich.near_cache import NearCache
 from enrich.rate_limiter import RateLimiter
 from enrich.services import Services, services
@@ -209,7 +209,7 @@ def create_lookup():
 
 
 def _get_lookup(lookup_id: str) -> lookups.Lookup:
-    lookup = services().lookups.get(lookup_id) if len(lookup_id) <= 64 else None
+    lookup = services().lookups.get(lookup_id) if len(lookup_id) <= MAX_LOOKUP_ID_LENGTH else None
     if lookup is None:
         raise ApiError(404, "not_found", "no lookup with this id (unknown or expired)")
     return lookup

@@ -36,7 +36,7 @@ from flask_sse import Message, ServerSentEventsBlueprint
 
 from enrich import metrics, redis_store
 from enrich.api_errors import ApiError
-from enrich.lookups import Lookup, alias_head
+from enrich.lookups import MAX_LOOKUP_ID_LENGTH, Lookup, alias_head
 from enrich.services import services
 from enrich.settings import Settings
 
@@ -331,7 +331,7 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         A request that joined another's lookup (an alias) follows the shared lookup's log, with
         the lookup's own fields of its `partial` and `complete` events made its own.
         """
-        lookup = services().lookups.get(lookup_id) if len(lookup_id) <= 80 else None
+        lookup = services().lookups.get(lookup_id) if len(lookup_id) <= MAX_LOOKUP_ID_LENGTH else None
         rewrite = None
         if lookup is not None and lookup.shared_id is not None:
             rewrite = functools.partial(_as_seen_by, lookup)
@@ -356,7 +356,7 @@ class LookupEventsBlueprint(ServerSentEventsBlueprint):
         the missed events and a closing `complete` go out at once and the stream ends.  `rewrite`
         changes each logged event on its way out (an alias's view of a shared lookup)."""
         after = _last_event_id()
-        snapshot = snapshot_of() if len(channel) <= 80 else None
+        snapshot = snapshot_of() if len(channel) <= MAX_LOOKUP_ID_LENGTH else None
         if snapshot is None:
             raise ApiError(404, "not_found", not_found)
         hub, events = services().event_hub, services().events

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import redis
 
-from enrich import redis_store, status_history
+from enrich import answer_ids, redis_store, status_history
 from enrich.json_encoding import encode_json
 from enrich.settings import Settings
 
@@ -217,6 +217,10 @@ return 0
 """
 
 
+# The longest lookup id a route reads (a record's is 22 characters, a cached answer's answer_ids.ID_LENGTH).
+MAX_LOOKUP_ID_LENGTH = 96
+assert answer_ids.ID_LENGTH <= MAX_LOOKUP_ID_LENGTH
+
 # The fields of an answered lookup that come from the cache entries alone (see create_answered).
 ANSWER_BODY_FIELDS = ("sources", "progress", "cached", "result", "checks", "tasks")
 ANSWER_BODIES_MAX = 10_000
@@ -287,9 +291,12 @@ class LookupStore:
         self._set_source = client.register_script(_SET_SOURCE)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
-        self._bodies: dict[tuple, tuple[bytes, str]] = {}  # entry versions -> (body JSON, digest)
-        self._bodies_written: dict[str, float] = {}  # digest -> when this process last wrote it
-        self._bodies_checked: dict[str, float] = {}  # digest -> when this process last saw it there
+        self.answer_ids = answer_ids.AnswerIds(client, settings)
+        self.answered_counts = status_history.Tally(client, settings)
+        # entry versions -> (body members' JSON, stored body, digest)
+        self._bodies: dict[tuple, tuple[bytes, bytes, bytes]] = {}
+        self._bodies_written: dict[bytes, float] = {}  # digest -> when this process last wrote it
+        self._bodies_checked: dict[bytes, float] = {}  # digest -> when this process last saw it there
 
     def _key(self, *parts: object) -> str:
         return redis_store.key(self.settings, *parts)
@@ -389,67 +396,106 @@ class LookupStore:
         return int(self.settings.lookup_deadline + self.settings.defer_horizon + 60)
 
     def answered_key(self, lookup_id: str) -> str:
+        """A cached answer's head as the previous release stored it (read until those expire)."""
         return self._key("answered", lookup_id)
 
     def answer_body_key(self, digest: str) -> str:
+        """The previous release's shared body (read for its heads until they expire)."""
         return self._key("answer-body", digest)
 
-    def create_answered(self, lookup: Lookup, versions: tuple | None = None) -> bytes:
-        """Store a lookup answered whole from the cache; returns its API JSON, to send as it is.
+    def answer_key(self, digest: str) -> str:
+        """A shared answer body: `type\nidentifier\n` + the body's JSON members (create_answered)."""
+        return self._key("answer", digest)
 
-        It never changes again, so it needs no hash and no place in the cleanup index: it expires
-        after `lookup_retention`.  Its answer is two parts.  The body (sources, result, checks:
-        nearly all of it) is the same for every lookup answered from the same cache entries, so
-        it is stored once under its own digest; each lookup stores only its head (id, times) and
-        that digest.  `versions` names the entries the body came from, so a hot identifier's body
-        is encoded once per process, not on every request.
+    def create_answered(self, lookup: Lookup, versions: tuple | None = None) -> bytes:
+        """A lookup answered whole from the cache; returns its API JSON, to send as it is.
+
+        It never changes again, so nothing of its own is stored: its id (answer_ids) seals its
+        creation time, its priority and the digest of its body (sources, result, checks: nearly
+        all of it), which is the same for every lookup answered from the same cache entries and is
+        stored once under that digest.  `versions` names the entries the body came from, so a hot
+        identifier's body is encoded once per process, not on every request.  The body is written
+        (and its presence checked) at most once a BODY_CHECK_INTERVAL per process, so the
+        answer itself usually costs no Redis round trip; its count in the status history is
+        added up in memory (status_history.Tally).
         """
         retention = max(1, int(self.settings.lookup_retention))
         body = self._bodies.get(versions) if versions is not None else None
         if body is None:
             answer = lookup.to_dict()
             inner = encode_json({name: answer[name] for name in ANSWER_BODY_FIELDS})[1:-1]
-            body = (inner, hashlib.blake2b(inner, digest_size=16).hexdigest())
+            stored = f"{lookup.type}\n{lookup.identifier}\n".encode() + inner
+            body = (inner, stored, hashlib.blake2b(stored, digest_size=answer_ids.DIGEST_BYTES).digest())
             if versions is not None:
                 if len(self._bodies) >= ANSWER_BODIES_MAX:
                     self._bodies.clear()
                 self._bodies[versions] = body
-        inner, digest = body
+        inner, stored, digest = body
+        self._keep_body(digest, stored, retention)
+        # The id keeps the creation time to the millisecond: the answer says what GET will say.
+        lookup.created_at = round(lookup.created_at, 3)
+        lookup.deadline_at = lookup.created_at + self.settings.lookup_deadline
+        lookup.completed_at = lookup.created_at
+        lookup.id = self.answer_ids.issue(digest, lookup.created_at, lookup.priority)
+        self.answered_counts.add({"answered": 1})
         head = encode_json(lookup.head())
-        body_key = self.answer_body_key(digest)
-        with self.redis.pipeline(transaction=False) as pipe:
-            # The body outlives every head that names it: written for 1.2 x retention and written
-            # again once a tenth of the retention has passed, so it ends >= 1.1 x retention after
-            # any head this process wrote.  In between its presence is checked at most once a
-            # BODY_CHECK_INTERVAL (a command on every cached answer cost throughput), so a body
-            # lost with a restarted or flushed Redis is written again within that interval.
-            now = time.monotonic()
-            renew = now - self._bodies_written.get(digest, -retention) > retention / 10
-            check = (
-                not renew and now - self._bodies_checked.get(digest, -retention) >= self.BODY_CHECK_INTERVAL
-            )
-            if renew:
-                pipe.set(body_key, inner, ex=int(retention * 1.2) + 1)
-            elif check:
-                pipe.exists(body_key)
-            pipe.set(self.answered_key(lookup.id), digest.encode() + b"\n" + head, ex=retention)
-            status_history.add_counts(pipe, self.settings, {"answered": 1})
-            first = pipe.execute()[0]
-        if check:
-            if len(self._bodies_checked) >= ANSWER_BODIES_MAX:
-                self._bodies_checked.clear()
-            self._bodies_checked[digest] = now
-            if not first:
-                self.redis.set(body_key, inner, ex=int(retention * 1.2) + 1)
-                renew = True
-        if renew:  # only once it is surely written: a failed round trip leaves it due
-            if len(self._bodies_written) >= ANSWER_BODIES_MAX:
-                self._bodies_written.clear()
-            self._bodies_written[digest] = now
         lookup.encoded = head[:-1] + b"," + inner + b"}"
         return lookup.encoded
 
+    def _keep_body(self, digest: bytes, stored: bytes, retention: int) -> None:
+        """Make sure the body outlives every id naming it (raises RedisError when it cannot).
+
+        Written for 1.2 x retention and written again once a tenth of the retention has passed,
+        so it ends >= 1.1 x retention after any id this process issued.  In between its presence
+        is checked at most once a BODY_CHECK_INTERVAL (a command on every answer cost a fifth of
+        the cached path's throughput), so a body lost with a restarted or flushed Redis is written
+        again within that interval, and the key that seals ids is read again with it.
+        """
+        now = time.monotonic()
+        renew = now - self._bodies_written.get(digest, -retention) > retention / 10
+        if not renew and now - self._bodies_checked.get(digest, -retention) < self.BODY_CHECK_INTERVAL:
+            return
+        body_key = self.answer_key(digest.hex())
+        if not renew:
+            present = self.redis.exists(body_key)
+            if len(self._bodies_checked) >= ANSWER_BODIES_MAX:
+                self._bodies_checked.clear()
+            self._bodies_checked[digest] = now
+            if present:
+                return
+            self.answer_ids.reload()  # what lost the body may have lost the key too
+        self.redis.set(body_key, stored, ex=int(retention * 1.2) + 1)
+        # Only once it is surely written: a failed round trip leaves it due.
+        for seen in (self._bodies_written, self._bodies_checked):
+            if len(seen) >= ANSWER_BODIES_MAX:
+                seen.clear()
+            seen[digest] = now
+
+    def _answered(self, lookup_id: str) -> Lookup | None:
+        """A lookup answered from the cache, from its id and its shared body (None once past retention)."""
+        ref = self.answer_ids.open(lookup_id)
+        if ref is None or time.time() - ref.created_at > self.settings.lookup_retention:
+            return None
+        stored = self.redis.get(self.answer_key(ref.digest.hex()))
+        if not stored:
+            return None
+        kind, identifier, inner = stored.split(b"\n", 2)
+        created_at = ref.created_at
+        head = Lookup(
+            id=lookup_id,
+            type=kind.decode(),
+            identifier=identifier.decode(),
+            priority=ref.priority,
+            status=LookupStatus.COMPLETE,
+            created_at=created_at,
+            deadline_at=created_at + self.settings.lookup_deadline,
+            completed_at=created_at,
+            sources={},
+        ).head()
+        return _from_answer(encode_json(head)[:-1] + b"," + inner + b"}")
+
     def _answer(self, stored: bytes) -> Lookup | None:
+        """A head the previous release stored (`answered:{id}`) with its body."""
         digest, _, head = stored.partition(b"\n")
         inner = self.redis.get(self.answer_body_key(digest.decode()))
         return _from_answer(head[:-1] + b"," + inner + b"}") if inner else None
@@ -485,6 +531,8 @@ class LookupStore:
 
     def get(self, lookup_id: str) -> Lookup | None:
         """The lookup, or None if unknown or expired."""
+        if answer_ids.looks_like_answer_id(lookup_id):
+            return self._answered(lookup_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.record_key(lookup_id))
             pipe.get(self.answered_key(lookup_id))
@@ -513,17 +561,30 @@ class LookupStore:
         )
 
     def statuses(self, record_ids: list[str]) -> list[LookupStatus | None]:
-        """Each record's status, in one round trip: COMPLETE for one answered whole from the cache,
-        None for one unknown or expired.  Records only (a `work_id`): an alias is not followed."""
+        """Each record's status, in one round trip: COMPLETE for one answered whole from the cache
+        (its id says so), None for one unknown or expired.  Records only (a `work_id`): an alias
+        is not followed."""
         with self.redis.pipeline(transaction=False) as pipe:
             for record_id in record_ids:
                 pipe.hget(self.record_key(record_id), "status")
                 pipe.exists(self.answered_key(record_id))
             replies = pipe.execute()
         return [
-            LookupStatus.COMPLETE if answered else LookupStatus(status.decode()) if status else None
-            for status, answered in zip(replies[::2], replies[1::2], strict=True)
+            self._answered_status(record_id)
+            if answer_ids.looks_like_answer_id(record_id)
+            else LookupStatus.COMPLETE
+            if answered
+            else LookupStatus(status.decode())
+            if status
+            else None
+            for record_id, status, answered in zip(record_ids, replies[::2], replies[1::2], strict=True)
         ]
+
+    def _answered_status(self, lookup_id: str) -> LookupStatus | None:
+        ref = self.answer_ids.open(lookup_id)
+        if ref is None or time.time() - ref.created_at > self.settings.lookup_retention:
+            return None
+        return LookupStatus.COMPLETE
 
     def source_states(self, wanted: list[tuple[str, list[str]]]) -> list[list[SourceResult]]:
         """The named sources' states of each (record id, source names), in one round trip; a source
@@ -681,8 +742,19 @@ class LookupStore:
                 *map(self.task_key, task_ids),
             )
             self.redis.zrem(self._key("lookups"), lookup_id)
+        # A lookup answered from the cache stores nothing of its own: its shared body goes, and
+        # with it every id naming it reads as unknown.
+        bodies = [
+            self.answer_key(digest)
+            for digest, value in self._ids_where(
+                self._key("answer", "*"), lambda pipe, key: pipe.getrange(key, 0, 15)
+            )
+            if value and value.partition(b"\n")[0] == kind
+        ]
+        for start in range(0, len(bodies), 500):
+            self.redis.unlink(*bodies[start : start + 500])
         locks = list(self.redis.scan_iter(match=self._key("inflight", identifier_type, "*"), count=1000))
-        return len(doomed) + (self.redis.unlink(*locks) if locks else 0)
+        return len(doomed) + len(bodies) + (self.redis.unlink(*locks) if locks else 0)
 
     def _ids_where(self, pattern: str, read: Callable[[redis.client.Pipeline, bytes], object]) -> list[tuple]:
         """(lookup id, what `read` queued for its key) for every key matching `pattern`, 500 a round trip."""

@@ -160,4 +160,5 @@ def status_history_series(parts: Services, minutes: int, now: float | None = Non
     Raises redis.RedisError when Redis is away.
     """
     now = now if now is not None else time.time()
+    parts.lookups.answered_counts.flush()  # this process's own counts first, as the cache's stats do
     return status_history.history(parts.redis, parts.settings, status_gauges(parts), minutes, now)

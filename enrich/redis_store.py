@@ -56,6 +56,7 @@ WITHOUT_TTL: tuple[str, ...] = (
     "workers",  # heartbeats: cleanup drops the stale ones
     "health",  # the last health check's report
     "cleanup",  # the last cleanup's report
+    "secret:answer-ids",  # 32 bytes: the key that seals the ids of lookups answered from the cache
     "cpf-purged",  # when cleanup removed an earlier version's CPFs (once per deployment)
     "celery:*",  # kombu's broker keys (queues, bindings, unacknowledged): kombu's own
 )

@@ -4,7 +4,8 @@ Each bucket is one hash, `{prefix}:history:<bucket start>`, expiring an hour aft
 web process and every worker on any machine adds to the same buckets.  Two kinds of field:
 
 - counters, added where things happen (`add_counts`, usually riding along with a round trip the
-  caller makes anyway): lookups answered from the cache or started, lookups finished with a latency
+  caller makes anyway; `Tally` on a path that has none, written about once a second per process):
+  lookups answered from the cache or started, lookups finished with a latency
   histogram in fixed bins (a p95 per bucket is computed from its counts), rate-limit waits;
 - gauges, sampled once per bucket (maintenance.sample_status_history: every worker's dispatcher
   every 5 s, and every history read): queue depth, each breaker's state, the cache's cumulative hit/miss totals
@@ -20,6 +21,7 @@ This module stores and reads; what the gauges are is maintenance's, the route en
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -120,6 +122,57 @@ def count(
     except redis.RedisError as error:
         warn_skipped("status history counter", error)
         return False
+
+
+class Tally:
+    """Counters a process adds up in memory and writes about once a FLUSH_INTERVAL, for a path that
+    makes no round trip of its own (a lookup answered from the cache).
+
+    Each count is kept under the bucket it happened in, so a flush late by a second still adds
+    it to the right bucket.  The flush runs on a timer thread (a greenlet under gevent) started by
+    the first count after a flush, never on the request that counts; a failed flush is logged
+    (`warn_skipped`) and its counts dropped, best effort as every counter here.  What a process
+    still held when it exited (at most a second's worth) is lost.
+    """
+
+    FLUSH_INTERVAL = 1.0
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+        self._pending: dict[int, dict[str, int]] = {}  # bucket start -> field -> amount
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def add(self, counts: Mapping[str, int], now: float | None = None) -> None:
+        bucket = bucket_start(now if now is not None else time.time())
+        with self._lock:
+            fields = self._pending.setdefault(bucket, {})
+            for field, amount in counts.items():
+                fields[field] = fields.get(field, 0) + amount
+            if self._timer is None:
+                self._timer = threading.Timer(self.FLUSH_INTERVAL, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> bool:
+        """Write what is pending now (also called by the timer); False if Redis refused it."""
+        with self._lock:
+            pending, self._pending, self._timer = self._pending, {}, None
+        if not pending:
+            return True
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for bucket, counts in pending.items():
+                    key = bucket_key(self.settings, bucket)
+                    for field, amount in counts.items():
+                        pipe.hincrby(key, field, amount)
+                    pipe.expire(key, BUCKET_TTL_SECONDS)
+                pipe.execute()
+            return True
+        except redis.RedisError as error:
+            warn_skipped("status history counter", error)
+            return False
 
 
 # -- gauges --------------------------------------------------------------------------------

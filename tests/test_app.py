@@ -504,13 +504,13 @@ def test_cached_answers_share_one_stored_body_and_read_back_exactly(app, client,
     for created in (first, second):
         assert client.get(created["links"]["self"]).get_json() == created
     store = services(app).lookups
-    bodies = list(redis_client.scan_iter(match=store.answer_body_key("*")))
-    assert len(bodies) == 1  # the sources' part is stored once, each lookup keeps its own head
-    head = redis_client.get(store.answered_key(first["id"]))
-    assert len(head) < 600 and first["id"].encode() in head
-    ttl = redis_client.ttl(store.answered_key(first["id"]))
-    assert 0 < ttl <= services(app).settings.lookup_retention
-    assert redis_client.ttl(bodies[0]) > ttl  # the body outlives every head that names it
+    bodies = list(redis_client.scan_iter(match=store.answer_key("*")))
+    assert len(bodies) == 1  # the sources' part is stored once; each lookup's own part is its id
+    for created in (first, second):
+        assert not list(redis_client.scan_iter(match=f"*{created['id']}*"))
+        assert redis_client.get(bodies[0]).startswith(b"cnpj\n" + created["identifier"].encode() + b"\n")
+    # The body outlives every id naming it (ids read as unknown after LOOKUP_RETENTION).
+    assert redis_client.ttl(bodies[0]) > services(app).settings.lookup_retention
 
 
 @pytest.mark.parametrize(
@@ -856,3 +856,29 @@ def test_an_event_id_past_64_bits_is_a_400_not_a_redis_error(app, client, event_
         client.get(lookup["links"]["events"], headers={"Last-Event-ID": "18446744073709551615-0"}).status_code
         == 200
     )
+
+
+def test_a_cached_answer_makes_no_redis_round_trip_once_warm(app, client, redis_client):
+    """What a cached answer needs is in the process (near cache, merged body, sealed id): its
+    only Redis traffic is the body's presence check, at most once a second per process."""
+    cache_company(app)
+    first = post_lookup(client).get_json()
+    assert first["cached"] is True
+    near = services(app).cache.near
+    deadline = time.monotonic() + 10
+    while near is not None and not near.live and time.monotonic() < deadline:
+        time.sleep(0.02)  # the near cache's subscription comes up in the background
+    post_lookup(client)  # fills the near cache now that it is live
+
+    def commands() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_"))
+
+    before = commands()
+    answers = [post_lookup(client) for _ in range(50)]
+    made = commands() - before - 1  # the first INFO counts itself
+    assert all(answer.status_code == 200 and answer.get_json()["cached"] for answer in answers)
+    # At most: one presence check (a second may pass during the loop), one counter flush.
+    assert made <= 4, made
+    for answer in answers[:3]:
+        assert client.get(answer.get_json()["links"]["self"]).get_json() == answer.get_json()

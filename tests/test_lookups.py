@@ -506,8 +506,14 @@ def test_answered_lookups_from_the_same_entries_share_one_stored_body(store, red
     other = _answered(identifier="20040002")
     store.create_answered(other, None)
     prefix = settings.key_prefix
-    assert len(list(redis_client.scan_iter(match=f"{prefix}:answer-body:*"))) == 2
-    assert len(list(redis_client.scan_iter(match=f"{prefix}:answered:*"))) == 3
+    assert len(list(redis_client.scan_iter(match=f"{prefix}:answer:*"))) == 2
+    assert _own_keys(redis_client, settings) == {
+        *(
+            f"{prefix}:answer:{key.decode().rsplit(':', 1)[1]}"
+            for key in redis_client.keys(f"{prefix}:answer:*")
+        ),
+        f"{prefix}:secret:answer-ids",
+    }  # nothing of a lookup's own: its id carries it
     assert store.get(first.id).id == first.id and store.get(second.id).id == second.id
     assert store.get(other.id).identifier == "20040002"
     assert redis_client.zcard(f"{prefix}:lookups") == 0  # never changes again: no cleanup index
@@ -520,7 +526,7 @@ def test_an_answer_body_lost_with_redis_is_written_again_by_the_next_answer(stor
     versions = ("cep", "01310100", (("viacep", 1.0),))
     store.BODY_CHECK_INTERVAL = 0  # checked on every answer here (at most once a second by default)
     store.create_answered(_answered(), versions)
-    for key in redis_client.scan_iter(match=f"{settings.key_prefix}:answer-body:*"):
+    for key in redis_client.scan_iter(match=f"{settings.key_prefix}:answer:*"):
         redis_client.delete(key)
     later = _answered()
     store.create_answered(later, versions)
@@ -538,7 +544,7 @@ def test_an_answer_whose_round_trip_failed_writes_its_body_with_the_next_one(set
             store.create_answered(_answered(), versions)
     finally:
         down.close()
-    store.redis = redis_client  # Redis is back
+    store.redis = store.answer_ids.redis = store.answered_counts.redis = redis_client  # Redis is back
     after = _answered()
     store.create_answered(after, versions)
     assert store.get(after.id) is not None
@@ -566,15 +572,14 @@ def test_every_key_the_store_writes_expires_within_its_setting_but_the_index(set
         "task": settings.lookup_record_ttl,
         "inflight": int(settings.lookup_deadline + settings.defer_horizon + 60),
         "alias": settings.lookup_record_ttl - 1000,
-        "answered": int(settings.lookup_retention),
-        "answer-body": int(settings.lookup_retention * 1.2) + 1,
+        "answer": int(settings.lookup_retention * 1.2) + 1,
     }
     families = set()
     for key in _own_keys(redis_client, settings):
         family = key.split(":")[1]
         ttl = redis_client.ttl(key)
-        if family == "lookups":
-            assert ttl == -1 and "lookups" in redis_store.WITHOUT_TTL
+        if family in ("lookups", "secret"):
+            assert ttl == -1 and key.split(":", 1)[1] in redis_store.WITHOUT_TTL
             continue
         families.add(family)
         assert family in bounds, key

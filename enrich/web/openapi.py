@@ -12,6 +12,7 @@ from flask import Blueprint
 from enrich.api_errors import json_response
 from enrich.batches.record import ITEM_STATES
 from enrich.batches.rows import CSV_COLUMNS
+from enrich.lookups import MAX_LOOKUP_ID_LENGTH
 
 docs = Blueprint("openapi", __name__)
 
@@ -64,6 +65,11 @@ ADMIN_THROTTLED = {
     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
 }
 ID_PARAMETER = {"in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 64}}
+LOOKUP_ID_PARAMETER = {
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_LOOKUP_ID_LENGTH},
+}
 
 INTEGERS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 NUMBERS_OR_NULL = {"type": "array", "items": NUMBER_OR_NULL}
@@ -336,7 +342,7 @@ PATHS = {
     "/api/lookups/{lookup_id}": {
         "get": {
             "summary": "A lookup: status, sources, merged result, cross-checks",
-            "parameters": [{"name": "lookup_id", **ID_PARAMETER}],
+            "parameters": [{"name": "lookup_id", **LOOKUP_ID_PARAMETER}],
             "responses": {
                 "200": _json("the lookup", "Lookup"),
                 "404": _error("unknown or expired"),
@@ -347,7 +353,7 @@ PATHS = {
     "/api/lookups/{lookup_id}/events": {
         "get": {
             "summary": "Server-Sent Events: snapshot, the logged events after Last-Event-ID, then live ones",
-            "parameters": [{"name": "lookup_id", **ID_PARAMETER}, *LAST_EVENT_ID],
+            "parameters": [{"name": "lookup_id", **LOOKUP_ID_PARAMETER}, *LAST_EVENT_ID],
             "responses": {
                 "200": _event_stream("JSON: the lookup (snapshot, complete) or what changed"),
                 "400": _error("malformed Last-Event-ID"),

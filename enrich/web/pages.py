@@ -6,6 +6,7 @@ from flask import Blueprint, Flask, Response, has_request_context, render_templa
 from flask_babel import Babel, format_decimal, format_number, get_locale, pgettext
 from flask_babel import gettext as _
 
+from enrich.lookups import MAX_LOOKUP_ID_LENGTH
 from enrich.services import services
 
 pages = Blueprint("pages", __name__)
@@ -15,7 +16,6 @@ LANGUAGES = {"pt_BR": "pt-BR", "en": "en"}
 DEFAULT_LANGUAGE = "pt_BR"
 LANGUAGE_COOKIE = "lang"
 LANGUAGE_COOKIE_MAX_AGE = 365 * 86400
-MAX_LOOKUP_ID_LENGTH = 64
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

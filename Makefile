@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench screenshots browser promtool lint format messages clean
+.PHONY: run test bench screenshots browser promtool wrk lint format messages clean
 
 # The compiled catalog is built, never committed.
 CATALOG := translations/pt_BR/LC_MESSAGES/messages
@@ -34,7 +34,7 @@ run: $(VENV)/.runtime $(CATALOG).mo
 	$(BIN)/python -m devstack.launcher
 
 ## test: install into .venv and run the whole suite against private Redis servers
-test: $(VENV)/.dev $(CATALOG).mo browser promtool
+test: $(VENV)/.dev $(CATALOG).mo browser promtool wrk
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark (bench/NAME.py, run as `python -m bench.NAME`); `make bench QUICK=1` runs the short
@@ -42,7 +42,7 @@ test: $(VENV)/.dev $(CATALOG).mo browser promtool
 BENCHMARKS := cached_lookup uncached_latency celery_ceiling throughput streams backlog rate_fidelity batch_interference
 
 ## bench: run every benchmark and rewrite docs/benchmarks.md (QUICK=1: short runs that rewrite nothing)
-bench: $(VENV)/.dev $(CATALOG).mo
+bench: $(VENV)/.dev $(CATALOG).mo wrk
 	@for name in $(BENCHMARKS); do \
 	  if [ -f bench/$$name.py ]; then \
 	    echo "== python -m bench.$$name"; $(BIN)/python -m bench.$$name $(if $(QUICK),--quick) || exit 1; \
@@ -74,6 +74,18 @@ promtool:
 	      || echo "*** could not install prometheus: the alert-rule tests will be SKIPPED ***"; \
 	  else \
 	    echo "*** promtool not found (install Debian's prometheus package): the alert-rule tests will be SKIPPED ***"; \
+	  fi; }
+
+## wrk: Debian's wrk (a C load generator) for bench/cached_lookup.py's full-speed figures, installed with apt when missing (as root)
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 \
+	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk; } \
+	      || echo "*** could not install wrk: bench/cached_lookup.py cannot run and its test will be SKIPPED ***"; \
+	  else \
+	    echo "*** wrk not found (install Debian's wrk package): bench/cached_lookup.py cannot run and its test will be SKIPPED ***"; \
 	  fi; }
 
 lint: $(VENV)/.dev

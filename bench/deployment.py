@@ -4,8 +4,9 @@ Embedded Valkey on a free port; the sandbox, the web server and one Celery worke
 project's own command lines (launcher.commands: gunicorn gevent with WEB_WORKERS workers, the
 threads pool with WORKER_CONCURRENCY threads), each in its own session (harness.Processes) and
 stopped with the benchmark.  Quotas, rate limits and the per-client limit are off (the first
-two kept with `real_limits`).  Also the load generator (bench/http_load.py), always as a
-separate process.
+two kept with `real_limits`).  Also more web servers beside it with the same command line
+(`start_web`: another environment, or another app), and the load generator (bench/http_load.py),
+always as a separate process.
 """
 
 from __future__ import annotations
@@ -116,6 +117,33 @@ def _start(
         lambda: processes.log_tail("web"),
     )
     return Service(web_url, settings.sandbox_url, env, settings)
+
+
+def start_web(
+    processes: Processes, service: Service, name: str, *, env: dict | None = None, app: str | None = None
+) -> Service:
+    """One more web server beside the service's, on the same Redis: the launcher's web command.
+
+    Same gunicorn options and workers, on a free port; `env` is applied over the service's
+    environment (a value of None removes the variable, so that its default applies); `app`, a
+    gunicorn app spec (e.g. "bench.baselines.floor_app:create_app()"), is served instead of the
+    service.  It gets a METRICS_DIR of its own: gunicorn_config.py empties that directory when
+    gunicorn starts, which would drop the service's metrics files.  Ready when /healthz answers.
+    """
+    merged = {**service.env, "PORT": str(free_port()), "METRICS_DIR": str(processes.tmp / f"metrics-{name}")}
+    for key, value in (env or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    settings = Settings.from_env(merged)
+    command = launcher.commands(settings)["web"]
+    if app is not None:
+        command[command.index("app:create_app()")] = app
+    process = processes.spawn(name, command, merged)
+    url = f"http://{settings.host}:{settings.port}"
+    wait_for(lambda: answers(f"{url}/healthz"), 60, name, process, lambda: processes.log_tail(name))
+    return Service(url, service.sandbox_url, merged, settings)
 
 
 def start_serial_baseline(processes: Processes, service: Service) -> str:

@@ -127,10 +127,9 @@ def body(arguments: argparse.Namespace):
                 if recorder.returncode != 0 or not out.exists():
                     raise RuntimeError(f"py-spy on {name} failed: {error.decode()[-2000:]}")
                 profiles[name] = summarize(out)
-                shutil.copy(
-                    out,
-                    harness.RESULTS / f"{NAME}-{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.txt",
-                )
+                if not arguments.quick:  # a full run keeps the raw stacks (py-spy's collapsed format)
+                    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                    shutil.copy(out, harness.RESULTS / f"{NAME}-{name}-{stamp}.txt")
         for name, profile in profiles.items():
             log(f"{name}: {profile['samples']} samples holding the GIL")
             for area, share in profile["areas"].items():

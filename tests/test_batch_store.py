@@ -302,9 +302,9 @@ def test_lookup_statuses_and_source_states_read_records_in_one_round_trip(app):
         deadline_at=time.time(),
         sources={"viacep": SourceResult("viacep", SourceState.NOT_FOUND, cached=True)},
     )
-    lookups.create_answered(answered)
+    lookups.create_answered(answered)  # gives it its sealed id (answer_ids)
 
-    assert lookups.statuses([lookup.id, "answered-id", "gone"]) == [
+    assert lookups.statuses([lookup.id, answered.id, "gone"]) == [
         LookupStatus(lookup.status),
         LookupStatus.COMPLETE,
         None,

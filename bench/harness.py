@@ -118,15 +118,14 @@ def start_redis(tmp: Path) -> EmbeddedRedis:
 
 
 def start_sandbox(processes: Processes, env: dict) -> str:
-    """The sandbox upstream (one gevent worker, as `make run`, counting each request when the kernel
-    stamped its arrival: devstack.sandbox_worker); returns its URL."""
+    """The sandbox upstream (one gevent worker, as `make run`); returns its URL."""
     port = free_port()
     process = processes.spawn(
         "sandbox",
         [
             str(BIN / "gunicorn"),
             "-k",
-            "devstack.sandbox_worker.StampingGeventWorker",
+            "gevent",
             "-w",
             "1",
             "--no-control-socket",

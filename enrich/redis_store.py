@@ -4,7 +4,6 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`); n
 CPF (cpf_answers.py):
 
     {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
-    {p}:cache:kept:{type}:{source}:{identifier}:{digest}           replaced or removed entries lookup records may name (cache_manager)
     {p}:cache:generation, {p}:cache:stats                          cache generation and counters
     {p}:cache:invalidations (pub/sub channel)                      changed cache keys, for near caches (near_cache)
     {p}:breaker:{source}:state, {p}:breaker:{source}:probes        breaker state (circuit_breaker_manager)

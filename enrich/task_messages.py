@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from enrich.lookups import FETCH_TASK as FETCH_TASK  # the task registry (a layer below) names it
 from enrich.services import Services
 
+FETCH_TASK = "job_queue.fetch_source"
 LOOKUP_TASK = "job_queue.fetch_lookup"
 FINALIZE_TASK = "job_queue.finalize_lookup"
 

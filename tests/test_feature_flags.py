@@ -92,11 +92,11 @@ def test_rate_limiting_flag_off_lets_calls_past_an_empty_bucket(settings, redis_
     limiter = RateLimiter(redis_client, current, flags)
     # 2.85 a minute, burst 1 and the interactive reserve of 2: the fourth is a slot ahead.
     assert all(limiter.reserve("receitaws").wait == 0 for _ in range(limiter.capacity("receitaws")))
-    assert limiter.await_send("receitaws")[0] == 0
+    assert limiter.admit("receitaws") == 0
     assert limiter.reserve("receitaws").wait > 0
     flags.set("rate_limiting", False)
     assert [limiter.reserve("receitaws").wait for _ in range(5)] == [0.0] * 5
-    assert limiter.await_send("receitaws") == (0.0, None)  # no send slot either
+    assert limiter.admit("receitaws") == 0
     flags.set("rate_limiting", None)
     assert limiter.reserve("receitaws").wait > 0
 

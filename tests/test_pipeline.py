@@ -207,9 +207,7 @@ def test_a_call_without_a_token_waits_in_the_deferred_set_reserved_at_the_slot_p
     ((entry, due),) = deferred(parts, FETCH_TASK)
     assert entry["args"] == call(lookup, "viacep", reserved=True).args()
     assert entry["options"] == {"priority": 0, "task_id": call_id}  # ahead of new work
-    # Sent ahead of its slot by the limiter's lead, to wait at its send slot rather than run late.
-    assert limiter.send_lead("viacep") == 0.5
-    assert due == pytest.approx(waiting["scheduled_at"] - 0.5)
+    assert due == pytest.approx(waiting["scheduled_at"])
     source = parts.lookups.get(lookup.id).sources["viacep"]
     assert source.state == "rate_limited" and not source.settled
     assert sandbox.served("viacep") == 0
@@ -218,8 +216,7 @@ def test_a_call_without_a_token_waits_in_the_deferred_set_reserved_at_the_slot_p
 def test_a_reserved_call_that_finds_the_log_of_starts_full_waits_again_keeping_its_token(parts, sandbox):
     cnpj = sandbox.known("cnpj", seed=78)
     lookup, _ = pipeline.start_lookup(parts, parse(cnpj))
-    taken = [parts.rate_limiter.send_slot("receitaws").taken for _ in range(2)]
-    assert taken == [True, True]  # the minute is full
+    assert [parts.rate_limiter.admit("receitaws") for _ in range(2)] == [0.0, 0.0]  # the minute is full
     call_id = lookup.tasks["receitaws"]
 
     paced = pipeline.run_source_call(parts, call(lookup, "receitaws", reserved=True), call_id=call_id)

@@ -53,40 +53,31 @@ bench: $(VENV)/.dev $(CATALOG).mo wrk
 screenshots: $(VENV)/.dev $(CATALOG).mo browser
 	UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_page_browser.py tests/test_batch_page.py
 
+# $(call apt_tool,COMMAND,PACKAGE,WHAT IS SKIPPED[,APT OPTIONS]): install Debian's PACKAGE with apt when COMMAND is
+# missing (as root, as in CI); otherwise say loudly what will be skipped.
+define apt_tool
+@command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get install -y -qq $(4) $(2) >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq $(4) $(2); } \
+      || echo "*** could not install $(2): $(3) ***"; \
+  else \
+    echo "*** $(1) not found (install Debian's $(2) package): $(3) ***"; \
+  fi; }
+endef
+
 ## browser: Debian's Chromium for the page tests, installed with apt when missing (as root, as in CI)
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } \
-	      || echo "*** could not install chromium: the browser tests will be SKIPPED ***"; \
-	  else \
-	    echo "*** chromium not found (install Debian's chromium package): the browser tests will be SKIPPED ***"; \
-	  fi; }
+	$(call apt_tool,chromium,chromium,the browser tests will be SKIPPED)
 
 ## promtool: Debian's prometheus package, for checking docs/alerts.yml, installed with apt when missing (as root)
 promtool:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
-	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } \
-	      || echo "*** could not install prometheus: the alert-rule tests will be SKIPPED ***"; \
-	  else \
-	    echo "*** promtool not found (install Debian's prometheus package): the alert-rule tests will be SKIPPED ***"; \
-	  fi; }
+	$(call apt_tool,promtool,prometheus,the alert-rule tests will be SKIPPED,--no-install-recommends)
 
 ## wrk: Debian's wrk (a C load generator) for bench/cached_lookup.py's full-speed figures, installed with apt when missing (as root)
 wrk:
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 \
-	      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk; } \
-	      || echo "*** could not install wrk: bench/cached_lookup.py cannot run and its test will be SKIPPED ***"; \
-	  else \
-	    echo "*** wrk not found (install Debian's wrk package): bench/cached_lookup.py cannot run and its test will be SKIPPED ***"; \
-	  fi; }
+	$(call apt_tool,wrk,wrk,bench/cached_lookup.py cannot run and its test will be SKIPPED,--no-install-recommends)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import threading
 import time
@@ -167,23 +166,44 @@ class Tracker:
         return rows
 
 
-def memory_by_kind(client, prefix: str, samples: int = 3000) -> dict:
-    """Estimated bytes per kind of key: MEMORY USAGE of random keys, scaled to DBSIZE."""
+def _kind(rest: str) -> str:
+    """The kind of a key, from its name under the prefix: its family, a cache entry's type too."""
+    parts = rest.split(":")
+    if parts[0] == "celery":
+        return "celery:" + ("task-meta" if "celery-task-meta" in rest else parts[1])
+    if parts[0] == "cache" and len(parts) >= 6:
+        # cache:v{schema}:g{generation}:{type}:{source}:{identifier}, cache:kept:{type}:...
+        return "cache:kept" if parts[1] == "kept" else f"cache:{parts[3]}"
+    return parts[0]
+
+
+def memory_by_kind(client, prefix: str, samples: int = 3000, exact_up_to: int = 400_000) -> dict:
+    """Bytes per kind of key: MEMORY USAGE (SAMPLES 0, exact) of every key when there are at most
+    `exact_up_to`, else of random keys scaled to DBSIZE."""
     total_keys = client.dbsize()
     sizes: dict[str, list[int]] = {}
-    for _ in range(min(samples, total_keys)):
-        key = client.randomkey()
-        if key is None:
-            break
-        used = client.memory_usage(key) or 0
-        text = key.decode(errors="replace")
-        rest = text[len(prefix) + 1 :] if text.startswith(prefix + ":") else text
-        kind = rest.split(":", 1)[0]
-        if kind == "celery":
-            kind = "celery:" + ("task-meta" if "celery-task-meta" in rest else rest.split(":", 2)[1])
-        sizes.setdefault(kind, []).append(used)
+    if total_keys <= exact_up_to:
+        keys = list(client.scan_iter(count=2000))
+        for start in range(0, len(keys), 2000):
+            chunk = keys[start : start + 2000]
+            with client.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.memory_usage(key, samples=0)
+                used = pipe.execute()
+            for key, value in zip(chunk, used, strict=True):
+                text = key.decode(errors="replace")
+                rest = text[len(prefix) + 1 :] if text.startswith(prefix + ":") else text
+                sizes.setdefault(_kind(rest), []).append(value or 0)
+        total_keys = len(keys)
+    else:
+        for _ in range(min(samples, total_keys)):
+            key = client.randomkey()
+            if key is None:
+                break
+            text = key.decode(errors="replace")
+            rest = text[len(prefix) + 1 :] if text.startswith(prefix + ":") else text
+            sizes.setdefault(_kind(rest), []).append(client.memory_usage(key, samples=0) or 0)
     sampled = sum(len(v) for v in sizes.values()) or 1
-    random.seed(0)
     return {
         kind: {
             "keys_estimated": round(total_keys * len(values) / sampled),
@@ -191,6 +211,74 @@ def memory_by_kind(client, prefix: str, samples: int = 3000) -> dict:
             "mib_estimated": round(total_keys * len(values) / sampled * sum(values) / len(values) / 2**20, 1),
         }
         for kind, values in sorted(sizes.items(), key=lambda item: -sum(item[1]))
+    }
+
+
+def record_fields(client, keys: list[str]) -> dict:
+    """What a lookup record holds, field by field, over `keys` (record hashes): each field's mean
+    bytes (name and value), for a source's state how much of it is the answer's data it carries,
+    and how many states name a cache entry instead (`ref`)."""
+    fields: dict[str, list[int]] = {}
+    data: dict[str, list[int]] = {}
+    used: list[int] = []
+    named = carried = 0
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        with client.pipeline(transaction=False) as pipe:
+            for key in chunk:
+                pipe.hgetall(key)
+                pipe.memory_usage(key, samples=0)
+            replies = pipe.execute()
+        for record, memory_used in zip(replies[::2], replies[1::2], strict=True):
+            if not record:
+                continue
+            used.append(memory_used or 0)
+            for name, value in record.items():
+                field = name.decode()
+                group = "settled:*" if field.startswith("settled:") else field
+                fields.setdefault(group, []).append(len(name) + len(value))
+                if field.startswith("s:"):
+                    state = orjson.loads(value)
+                    copy = state.get("data", (state.get("entry") or {}).get("data"))
+                    data.setdefault(field, []).append(len(orjson.dumps(copy)) if copy is not None else 0)
+                    named += "ref" in state
+                    carried += copy is not None
+    return {
+        "records": len(used),
+        "memory_usage_per_record": round(sum(used) / len(used)) if used else None,
+        "field_bytes": {
+            name: {"present_in": len(values), "mean_bytes": round(sum(values) / len(values))}
+            for name, values in sorted(fields.items(), key=lambda item: -sum(item[1]))
+        },
+        "states_naming_an_entry": named,
+        "states_carrying_data": carried,
+        "source_data_bytes": {
+            name: round(sum(values) / len(values)) for name, values in sorted(data.items())
+        },
+    }
+
+
+# The kinds of key kept for a lookup's retention (the rest is work in flight: queues, event logs...).
+RETAINED = ("lookup", "lookups", "alias", "task", "answer", "cache:cnpj", "cache:cep", "cache:kept")
+
+
+def retained_per_lookup(breakdown: dict, stats: dict, lookups: int) -> dict:
+    """Bytes per lookup in the keys kept for its retention (MEMORY USAGE) plus their share of the
+    keyspace's own tables (MEMORY STATS: the main and expires hash tables, per key)."""
+    kinds = {kind: value for kind, value in breakdown.items() if kind in RETAINED}
+    values = sum(value["keys_estimated"] * value["bytes_per_key"] for value in kinds.values())
+    keys = sum(value["keys_estimated"] for value in kinds.values())
+    tables = sum(stats.get("db.0", {}).values()) + stats.get("overhead.db.hashtable.lut", 0)
+    per_key = tables / max(1, stats.get("keys.count", 0))
+    return {
+        "bytes_per_lookup": round((values + keys * per_key) / max(1, lookups)),
+        "values_bytes_per_lookup": round(values / max(1, lookups)),
+        "keys_per_lookup": round(keys / max(1, lookups), 2),
+        "keyspace_bytes_per_key": round(per_key),
+        "by_kind_bytes_per_lookup": {
+            kind: round(value["keys_estimated"] * value["bytes_per_key"] / max(1, lookups))
+            for kind, value in kinds.items()
+        },
     }
 
 
@@ -351,6 +439,8 @@ def measure(arguments: argparse.Namespace, deployed: Service, app: Flask) -> dic
                 source_states[state] = source_states.get(state, 0) + 1
     final_memory = memory(client)
     breakdown = memory_by_kind(client, prefix)
+    fields = record_fields(client, [tracker.store.record_key(i) for i in outcome["ids"][:2000]])
+    stats = client.memory_stats()
     if "cmdstat_hget" in commands:
         commands["cmdstat_hget"]["calls"] -= tracker.hget_calls
     top_commands = sorted(commands.items(), key=lambda item: -item[1]["usec"])[:10]
@@ -417,6 +507,13 @@ def measure(arguments: argparse.Namespace, deployed: Service, app: Flask) -> dic
                 for name, v in top_commands
             },
             "by_kind_at_end": breakdown,
+            "record_fields": fields,
+            "retained": retained_per_lookup(breakdown, stats, len(outcome["ids"])),
+            "memory_stats_at_end": {
+                name: value
+                for name, value in stats.items()
+                if not (name.startswith("db.") and name != "db.0")
+            },
         },
         "timeline": timeline,
     }
@@ -461,13 +558,36 @@ def markdown(report: dict) -> str:
     lines.append(
         f"\nAt the end Redis holds {redis_['keys_at_end']:,} keys, about {per_lookup:.1f} KiB per lookup above "
         f"the {redis_['used_memory_before_mib']} MiB it used before the first POST "
-        f"(× 100,000 ≈ {per_lookup * 100_000 / 2**20:.2f} GiB). Estimated by kind (MEMORY USAGE of random keys): "
+        f"(× 100,000 ≈ {per_lookup * 100_000 / 2**20:.2f} GiB). By kind (MEMORY USAGE): "
         + ", ".join(
             f"{kind} {value['mib_estimated']} MiB ({value['keys_estimated']:,} keys × {value['bytes_per_key']:,} B)"
             for kind, value in list(redis_["by_kind_at_end"].items())[:8]
         )
         + "."
     )
+    retained = redis_.get("retained")
+    if retained:
+        lines.append(
+            f"\nKept for each lookup's retention: {retained['bytes_per_lookup']:,} B in all "
+            f"({retained['keys_per_lookup']} keys, at {retained['keyspace_bytes_per_key']} B each of the "
+            "keyspace's tables): "
+            + ", ".join(f"{kind} {value:,} B" for kind, value in retained["by_kind_bytes_per_lookup"].items())
+            + "."
+        )
+    fields = redis_.get("record_fields")
+    if fields and fields["records"]:
+        data = fields["source_data_bytes"]
+        lines.append(
+            f"\nA lookup record takes {fields['memory_usage_per_record']:,} B (MEMORY USAGE, mean of "
+            f"{fields['records']:,}; {fields.get('states_naming_an_entry', 0):,} of its sources' states name "
+            f"a cache entry, {fields.get('states_carrying_data', 0):,} carry data); its fields, name and value: "
+            + ", ".join(
+                f"`{name}` {value['mean_bytes']:,} B"
+                + (f" (its data {data[name]:,} B)" if name in data else "")
+                for name, value in fields["field_bytes"].items()
+            )
+            + "."
+        )
     lines.append(
         f"\nValkey ran {redis_['commands_per_lookup']} commands and {redis_['server_cpu_ms_per_lookup']} ms of its "
         "own CPU per lookup (INFO commandstats / cpu, whole run; the benchmark's own progress reads, "
@@ -491,11 +611,10 @@ def markdown(report: dict) -> str:
         lines.append(
             "\nAt this size per lookup, 100,000 retained lookups would pass the 1 GiB goal. What stays is kept on "
             "purpose for the lookup retention (records and the task registry for `LOOKUP_RECORD_TTL`, two days; "
-            "cache entries for their TTLs): the record holds each source's answer and the merged result, and a "
-            "lookup that went `partial` at its deadline holds its result twice. Since 2026-12-01 fetch tasks "
-            "keep no Celery result and a complete lookup's event log expires after "
-            "`EVENT_LOG_TTL_AFTER_COMPLETE` (it was half of the memory per lookup). Candidates: records that "
-            "name their cache entries instead of copying the answers, and lean `complete` events."
+            "cache entries for their TTLs). A record names the cache entries holding its sources' answers and "
+            "keeps the merged result as a patch on one of them (since issue 17); the cache entries themselves, "
+            "the result's checks and the event logs of the last `EVENT_LOG_TTL_AFTER_COMPLETE` are most of the "
+            "rest. Candidates: lean `complete` events, fewer fields per record."
         )
     lines.append(
         "\nWhat limits the drain rate: CPU. Every lookup costs Valkey the commands counted above (the rate "

@@ -118,14 +118,15 @@ def start_redis(tmp: Path) -> EmbeddedRedis:
 
 
 def start_sandbox(processes: Processes, env: dict) -> str:
-    """The sandbox upstream (one gevent worker, as `make run`); returns its URL."""
+    """The sandbox upstream (one gevent worker, as `make run`, counting each request when the kernel
+    stamped its arrival: devstack.sandbox_worker); returns its URL."""
     port = free_port()
     process = processes.spawn(
         "sandbox",
         [
             str(BIN / "gunicorn"),
             "-k",
-            "gevent",
+            "devstack.sandbox_worker.StampingGeventWorker",
             "-w",
             "1",
             "--no-control-socket",

@@ -31,7 +31,7 @@ def commands(settings: Settings) -> dict[str, list[str]]:
         "sandbox": [
             gunicorn,
             "-k",
-            "gevent",
+            "devstack.sandbox_worker.StampingGeventWorker",  # gevent's, counting kernel arrival stamps
             "--no-control-socket",
             "-w",
             "1",

@@ -2,10 +2,16 @@
 
 Serve it with ONE worker so its counters and quota windows are a single truth:
     gunicorn -k gevent -w 1 -b 127.0.0.1:8090 'devstack.sandbox:create_app()'
+
+Under `-k devstack.sandbox_worker.StampingGeventWorker` every request is counted at the time the
+kernel stamped its bytes on arrival, which CPU starvation of this process cannot bunch; under any
+other worker (or a test client) at the time its handler ran.  `GET /_arrivals/<upstream>` gives both
+times of every request; `/_probe/<n>` is a path of no upstream, for an instrument's calibration.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
@@ -141,25 +147,60 @@ class Admission:
     body: str | None = None
 
 
+class Arrivals:
+    """When one upstream's requests arrived, and the most any sliding second and minute held.
+
+    Times are epoch seconds: the kernel's stamp of the request's bytes when the worker gives one,
+    else the handler's clock.  Requests handled concurrently may be recorded out of arrival order,
+    so the times are kept sorted and the busiest windows are recounted, when asked, from the oldest
+    time recorded since (a window can only have gained).  Only the last `keep` requests are kept.
+    """
+
+    SPANS = (1.0, 60.0)
+
+    def __init__(self, keep: int = 200_000) -> None:
+        self.keep = keep
+        self.times: list[float] = []  # sorted arrival times
+        # (arrived, handled, tag) in handling order: the tag is what the request asked for
+        self.records: deque[tuple[float, float, int | str | None]] = deque(maxlen=keep)
+        self.kernel_stamped = 0
+        self._busiest = dict.fromkeys(self.SPANS, 0)
+        self._changed_from: float | None = None
+
+    def add(self, arrived: float, handled: float, kernel: bool, tag: int | str | None = None) -> None:
+        bisect.insort(self.times, arrived)
+        self.records.append((arrived, handled, tag))
+        self.kernel_stamped += kernel
+        self._changed_from = arrived if self._changed_from is None else min(self._changed_from, arrived)
+        if len(self.times) > 2 * self.keep:
+            self.busiest()  # counted before the oldest half goes
+            del self.times[: self.keep]
+
+    def busiest(self) -> dict[float, int]:
+        """The most arrivals in any half-open window of each span, {1.0: n, 60.0: m}."""
+        if self._changed_from is not None:
+            times = self.times
+            for span in self.SPANS:
+                best = self._busiest[span]
+                first = bisect.bisect_left(times, self._changed_from - span)
+                end = first
+                for start in range(first, len(times)):
+                    limit = times[start] + span
+                    while end < len(times) and times[end] < limit:
+                        end += 1
+                    best = max(best, end - start)
+                self._busiest[span] = best
+            self._changed_from = None
+        return dict(self._busiest)
+
+
 class _Upstream:
     def __init__(self, fault: FaultConfig) -> None:
         self.fault = fault
         self.window: deque[float] = deque()  # monotonic times of admitted requests in the last minute
         self.by_status: Counter[int] = Counter()
-        # Arrivals in the last second and minute, and the most either ever held: what a real
-        # upstream's per-second and per-minute quota would judge, counted exactly.
-        self.last_second: deque[float] = deque()
-        self.last_minute: deque[float] = deque()
-        self.busiest_second = 0
-        self.busiest_minute = 0
-
-    def arrived(self, now: float) -> None:
-        for recent, span in ((self.last_second, 1.0), (self.last_minute, 60.0)):
-            recent.append(now)
-            while recent[0] <= now - span:
-                recent.popleft()
-        self.busiest_second = max(self.busiest_second, len(self.last_second))
-        self.busiest_minute = max(self.busiest_minute, len(self.last_minute))
+        # What a real upstream's per-second and per-minute quota would judge, counted exactly.
+        self.arrivals = Arrivals()
 
 
 class SandboxState:
@@ -170,13 +211,20 @@ class SandboxState:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self._upstreams = {name: _Upstream(fault) for name, fault in self._defaults.items()}
+        self._probe = Arrivals()
 
-    def admit(self, upstream: str) -> Admission:
-        """Decide outage, quota, latency and injected error for one request, counting it in the quota."""
+    def admit(self, upstream: str, arrived: float | None = None, tag: str | None = None) -> Admission:
+        """Decide outage, quota, latency and injected error for one request, counting it in the quota.
+
+        `arrived`: when the request's bytes arrived by the kernel's stamp (epoch seconds); without
+        it the request is counted as arriving now.  `tag`: what it asked for (the identifier), kept
+        with its times for `arrivals`.
+        """
         now = time.monotonic()
+        handled = time.time()
         with self._lock:
             state = self._upstreams[upstream]
-            state.arrived(now)
+            state.arrivals.add(handled if arrived is None else arrived, handled, arrived is not None, tag)
             fault = state.fault
             if fault.outage:
                 return Admission(outage=True)
@@ -199,6 +247,18 @@ class SandboxState:
             body=fault.body,
         )
 
+    def probe(self, tag: int, arrived: float | None = None) -> None:
+        """Count one request of the calibration path (no upstream's, no faults), tagged `tag`."""
+        handled = time.time()
+        with self._lock:
+            self._probe.add(handled if arrived is None else arrived, handled, arrived is not None, tag)
+
+    def arrivals(self, name: str) -> dict[str, Any]:
+        """Every request of upstream `name` (or `_probe`) kept: [arrived, handled, tag] in handling order."""
+        with self._lock:
+            log = self._probe if name == "_probe" else self._upstreams[name].arrivals
+            return {"kernel_stamped": log.kernel_stamped, "requests": [list(entry) for entry in log.records]}
+
     def record(self, upstream: str, status: int) -> None:
         """Count one answered request."""
         with self._lock:
@@ -211,13 +271,15 @@ class SandboxState:
                 "upstreams": {
                     name: {
                         "requests": sum(state.by_status.values()),
-                        "busiest_second": state.busiest_second,  # most arrivals in any sliding 1 s
-                        "busiest_minute": state.busiest_minute,  # ... and in any sliding 60 s
+                        "busiest_second": busiest[1.0],  # most arrivals in any sliding 1 s
+                        "busiest_minute": busiest[60.0],  # ... and in any sliding 60 s
+                        "kernel_stamped": state.arrivals.kernel_stamped,  # arrivals timed by the kernel
                         "by_status": {
                             str(status): count for status, count in sorted(state.by_status.items())
                         },
                     }
                     for name, state in self._upstreams.items()
+                    for busiest in (state.arrivals.busiest(),)
                 }
             }
 
@@ -246,6 +308,7 @@ class SandboxState:
         with self._lock:
             if reset:
                 self._upstreams = {name: _Upstream(fault) for name, fault in self._defaults.items()}
+                self._probe = Arrivals()
             if upstream is not None:
                 state = self._upstreams[upstream]
                 state.fault = replace(state.fault, **changes)
@@ -420,7 +483,7 @@ ROUTES: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
 
 def _with_faults(upstream: str, answer: Callable[[str], Any]) -> Callable[..., Any]:
     def view(value: str) -> Any:
-        admission = sandbox_state().admit(upstream)
+        admission = sandbox_state().admit(upstream, _arrived(), value)
         if admission.outage:
             return _html(503, "503 Service Temporarily Unavailable")
         if admission.retry_after is not None:
@@ -436,6 +499,11 @@ def _with_faults(upstream: str, answer: Callable[[str], Any]) -> Callable[..., A
         return answer(value)
 
     return view
+
+
+def _arrived() -> float | None:
+    """The kernel's stamp of this request's arrival, under devstack.sandbox_worker's worker."""
+    return getattr(request.environ.get("gunicorn.socket"), "arrived_at", None)
 
 
 def sandbox_state() -> SandboxState:
@@ -479,6 +547,17 @@ def create_app(environ: Mapping[str, str] | None = None) -> Flask:
     @app.get("/_stats")
     def stats() -> Any:
         return _json(sandbox_state().stats())
+
+    @app.get("/_probe/<int:tag>")
+    def probe(tag: int) -> Any:
+        sandbox_state().probe(tag, _arrived())
+        return _json({"tag": tag})
+
+    @app.get("/_arrivals/<name>")
+    def arrivals(name: str) -> Any:
+        if name != "_probe" and name not in SOURCE_NAMES:
+            return _json({"error": "not_found", "message": f"no upstream {name!r}"}, 404)
+        return _json(sandbox_state().arrivals(name))
 
     @app.get("/_control")
     def faults() -> Any:

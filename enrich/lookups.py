@@ -4,6 +4,11 @@ Single flight shares one lookup's work among everyone who asks for the same iden
 but not its identity: the request that starts a lookup gets the record's id, and every request
 that joins it gets an *alias* of its own (`{prefix}:alias:<id>`: the shared id, its own priority,
 times and call ids), so no client ever sees another's lookup id, priority, times or call ids.
+
+A record does not copy its sources' data: each source's state names the version of the cache
+entry that holds it (cache_manager.EntryVersion, checked and named by the `_NAMED` script), which
+the cache keeps for as long as a record may name it; it carries the data only where no cache entry
+would live as long as the record.  The merged result is kept as a patch on one named source's data.
 """
 
 from __future__ import annotations
@@ -11,18 +16,23 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import logging
 import secrets
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis
 
+from cache_manager import EntryVersion
 from enrich import answer_ids, redis_store, status_history
 from enrich.json_encoding import encode_json
 from enrich.settings import Settings
+
+log = logging.getLogger("lookups")
 
 
 class LookupStatus(enum.StrEnum):
@@ -63,6 +73,9 @@ class SourceResult:
     scheduled_at: float | None = None
     attempts: int = 0
     updated_at: float | None = None  # when a worker recorded this state (None: from the cache)
+    # The cache entry version that holds `data`: the record names it instead of copying the data
+    # (LookupStore).  Never part of the API body.
+    origin: EntryVersion | None = field(default=None, compare=False, repr=False)
 
     @property
     def settled(self) -> bool:
@@ -157,10 +170,27 @@ class Lookup:
         }
 
 
-# KEYS[1] lookup hash.  ARGV: field, result json, settled (1/0), replace_settled (1/0).
+# Whether a record may name a cache entry's version for a source's data (KEYS: the record, the
+# entry, the entry's kept copy; ARGV: the entry as stored): when the entry still holds that content,
+# or its kept copy exists, and lives at least as long as the record (cache_manager's doc).
+_NAMED = """
+local function can_name(record, entry, kept, raw)
+  local life = redis.call('PTTL', record)
+  return (redis.call('GET', entry) == raw and redis.call('PTTL', entry) >= life)
+    or redis.call('PTTL', kept) >= life
+end
+local function naming(head, ref) return head .. ',"ref":"' .. ref .. '"}' end
+"""
+
+# KEYS[1] lookup hash, and for a state naming a cache entry KEYS[2] the entry and KEYS[3] its kept
+# copy.  ARGV: field, state json, settled (1/0), replace_settled (1/0), and for one naming an entry
+# (its state json unused) the state's JSON without its data and closing brace, the entry as stored
+# and its ref: the state names the entry when it can (`can_name`), else carries it.
 # Returns {applied (1/0), newly settled (1/0), done, total}.  A settled source is never overwritten
 # (tasks may run twice after a redelivery) unless replace_settled (a dead letter requeued).
-_SET_SOURCE = """
+_SET_SOURCE = (
+    _NAMED
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, -1, -1} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 local listed = ',' .. (redis.call('HGET', KEYS[1], 'sources') or '') .. ','
@@ -172,7 +202,15 @@ local was_settled = redis.call('HGET', KEYS[1], settled_field) == '1'
 if was_settled and ARGV[4] ~= '1' then
   return {0, 0, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
 end
-redis.call('HSET', KEYS[1], 's:' .. ARGV[1], ARGV[2])
+local state = ARGV[2]
+if #KEYS == 3 then
+  if can_name(KEYS[1], KEYS[2], KEYS[3], ARGV[6]) then
+    state = naming(ARGV[5], ARGV[7])
+  else
+    state = ARGV[5] .. ',"entry":' .. ARGV[6] .. '}'
+  end
+end
+redis.call('HSET', KEYS[1], 's:' .. ARGV[1], state)
 local newly = 0
 if ARGV[3] == '1' and not was_settled then
   redis.call('HSET', KEYS[1], settled_field, '1')
@@ -184,6 +222,166 @@ if redis.call('HGET', KEYS[1], 'status') == 'queued' then
 end
 return {1, newly, tonumber(redis.call('HGET', KEYS[1], 'done')), total}
 """
+)
+
+# KEYS[1] a new lookup hash, then each source state's cache entry and kept copy (two keys each).
+# ARGV: each one's field, state head, entry as stored and ref (as `_SET_SOURCE`'s).  The record
+# was written with every state carrying its data: a state is replaced by the one naming its entry
+# only once that is known to hold (`can_name`), so a failure partway leaves the data in the record.
+_NAME_SOURCES = (
+    _NAMED
+    + """
+for i = 1, (#KEYS - 1) / 2 do
+  local at = (i - 1) * 4
+  if can_name(KEYS[1], KEYS[2 * i], KEYS[2 * i + 1], ARGV[at + 3]) then
+    redis.call('HSET', KEYS[1], ARGV[at + 1], naming(ARGV[at + 2], ARGV[at + 4]))
+  end
+end
+"""
+)
+
+# A source's state as a record keeps it: what differs from SourceResult's defaults, without its
+# source (the field's name says it) and without its data, which it names (`ref`: a cache entry's
+# version, cache_manager.EntryVersion) or, where no cache entry holds the data or none lives as
+# long as the record, carries (`data`, or `entry`: the cache entry as stored).  A record written
+# before names nothing: every field and `data` (read alike).
+_UNSTORED = {"source", "state", "data", "origin"}  # the field's name, always there, or not a field
+_STATE_DEFAULTS = tuple(
+    (f.name, f.default) for f in dataclasses.fields(SourceResult) if f.name not in _UNSTORED
+)
+
+
+def _state_head(result: SourceResult) -> bytes:
+    """The state's JSON without its data and its closing brace."""
+    values: dict[str, Any] = {"state": str(result.state)}
+    for name, default in _STATE_DEFAULTS:
+        value = getattr(result, name)
+        if value is not default and value != default:
+            values[name] = value
+    return orjson.dumps(values)[:-1]
+
+
+def _state_json(result: SourceResult) -> bytes:
+    """The state carrying its data (when it names no cache entry)."""
+    head = _state_head(result)
+    if result.data is None:
+        return head + b"}"
+    return head + b',"data":' + orjson.dumps(result.data) + b"}"
+
+
+def _names_entry(result: SourceResult) -> bool:
+    """Whether the state may name a cache entry for its data: one this process read or wrote."""
+    return result.data is not None and result.origin is not None and result.origin.raw is not None
+
+
+def _naming_args(result: SourceResult, settings: Settings) -> tuple[list[str], list[bytes | str]]:
+    """The entry's and its kept copy's keys, and the (state head, entry as stored, ref) arguments
+    of the scripts that name it (`_SET_SOURCE`, `_NAME_SOURCES`)."""
+    origin = result.origin
+    assert origin is not None and origin.raw is not None
+    # Hashed once: the kept copy's key and the ref both hold the digest.
+    version = origin._replace(known_digest=origin.digest)
+    return list(version.keys(settings)), [_state_head(result), origin.raw, version.ref]
+
+
+def _source_result(name: str, values: dict, data: dict | None, origin: EntryVersion | None) -> SourceResult:
+    """A source's state as a record keeps it (`_STATE_DEFAULTS`), with its data and origin."""
+    stored = {field: values.get(field, default) for field, default in _STATE_DEFAULTS}
+    return SourceResult(name, SourceState(values["state"]), data=data, origin=origin, **stored)
+
+
+def _diff(base: dict, target: dict) -> dict | None:
+    """What `_patch` turns `base` into `target` with: target's values that differ (a dict in both
+    as {"~": its own diff}), or None when target lacks a key of base's (a merge never drops one)."""
+    if not base.keys() <= target.keys():
+        return None
+    diff: dict[str, Any] = {}
+    for key, value in target.items():
+        if key in base and base[key] == value and type(base[key]) is type(value):
+            continue
+        inner = (
+            _diff(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else None
+        )
+        diff[key] = {"~": inner} if inner is not None else value
+    return diff
+
+
+def _patch(base: dict, diff: dict) -> dict:
+    merged = dict(base)
+    for key, value in diff.items():
+        if isinstance(value, dict) and value.keys() == {"~"} and isinstance(merged.get(key), dict):
+            merged[key] = _patch(merged[key], value["~"])
+        else:
+            merged[key] = value
+    return merged
+
+
+RESULT_DEFLATE_MIN = 128  # bytes of a stored result below which deflating it is not tried
+
+
+def _stored_result(result: dict, sources: Mapping[str, SourceResult] | None) -> bytes:
+    """The merged result as a record keeps it.  The merge fills the preferred answer's gaps from
+    the others, so its data is usually one source's data and a few values: stored as a patch on a
+    source's data that the record names (`base`: the source and its ref), when that is smaller and
+    gives back exactly the same JSON, else whole.  Then deflated (`z` and raw deflate) when that
+    is smaller: the checks' wordy JSON (about 1 kB for a company) takes a third of it."""
+    stored = _result_json(result, sources)
+    if len(stored) < RESULT_DEFLATE_MIN:
+        return stored
+    deflated = b"z" + zlib.compress(stored, 6, -10)  # a 1 KiB window: a fast start, as small
+    return deflated if len(deflated) < len(stored) else stored
+
+
+def _result_from(stored: bytes) -> dict:
+    return orjson.loads(zlib.decompress(stored[1:], -15) if stored[:1] == b"z" else stored)
+
+
+def _result_json(result: dict, sources: Mapping[str, SourceResult] | None) -> bytes:
+    whole = orjson.dumps(result)
+    data = result.get("data")
+    if not sources or not isinstance(data, dict) or not set(result) <= {"data", "checks"}:
+        return whole
+    best, exact = whole, None
+    for name, source in sources.items():
+        if source.origin is None or source.origin.raw is not None or not isinstance(source.data, dict):
+            continue  # only a version the record names (read back from it) outlives the record
+        diff = _diff(source.data, data)
+        if diff is None:
+            continue
+        stored = orjson.dumps(
+            {"checks": result.get("checks", []), "base": [name, source.origin.ref], "patch": diff}
+        )
+        if len(stored) < len(best):
+            exact = exact or orjson.dumps(data)
+            if orjson.dumps(_patch(source.data, diff)) == exact:
+                best = stored
+    return best
+
+
+# The task registry's entries (`task:{id}`), three per lookup: a source call's is short text, "f
+# <lookup id> <source>[ <task id>]" (under 45 bytes Redis keeps a string in one allocation), any
+# other JSON (the form all took before; both are read).
+# The source call task's name: task_messages (a layer above the stores) takes it from here.
+FETCH_TASK = "job_queue.fetch_source"
+
+
+def _registry_entry(
+    name: str, lookup_id: str | None, source: str | None, task_id: str | None = None
+) -> bytes:
+    parts = [lookup_id, source, *([task_id] if task_id is not None else [])]
+    if name == FETCH_TASK and all(isinstance(part, str) and part and " " not in part for part in parts):
+        return " ".join(["f", *parts]).encode()
+    entry = {"name": name, "lookup_id": lookup_id, "source": source}
+    return orjson.dumps(entry if task_id is None else {**entry, "task_id": task_id})
+
+
+def _registry_read(raw: bytes) -> dict:
+    if raw.startswith(b"{"):
+        return orjson.loads(raw)
+    _, lookup_id, source, *task_id = raw.decode().split(" ")
+    entry = {"name": FETCH_TASK, "lookup_id": lookup_id, "source": source}
+    return {**entry, "task_id": task_id[0]} if task_id else entry
+
 
 # KEYS[1] lookup hash, KEYS[2] the status history's current bucket.  ARGV: new status, result
 # json, now, the bucket's TTL, the outcome's field, then the latency bins' upper bounds (ms).
@@ -289,6 +487,7 @@ class LookupStore:
         self.redis = client
         self.settings = settings
         self._set_source = client.register_script(_SET_SOURCE)
+        self._name_sources = client.register_script(_NAME_SOURCES)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
         self.answer_ids = answer_ids.AnswerIds(client, settings)
@@ -340,9 +539,11 @@ class LookupStore:
     ) -> str | None:
         """Write a new record, its settled sources and its task registry entries in one round trip.
 
-        With `claim`, the same round trip then takes the single flight for its identifier (after the
-        record, so a claim always has its record); returns the id of the lookup already running
-        for it, if one is.  `also(pipe)` adds the caller's own commands to that round trip.
+        A source answered from a cache entry names that entry's version instead of copying its data
+        (`_NAMED`).  With `claim`, the same round trip then takes the single flight for its
+        identifier (after the record, so a claim always has its record); returns the id of the
+        lookup already running for it, if one is.  `also(pipe)` adds the caller's own commands to
+        that round trip.
         """
         ttl = self.settings.lookup_record_ttl
         key = self.record_key(lookup.id)
@@ -362,17 +563,28 @@ class LookupStore:
             fields["result"] = orjson.dumps(lookup.result)
         if lookup.completed_at is not None:
             fields["completed_at"] = lookup.completed_at
+        naming_keys, naming_args = [key], []
         for name, result in lookup.sources.items():
-            fields[f"s:{name}"] = orjson.dumps(result.to_dict())
+            # Every state carries its data until the script (after the TTL) names its entry in its
+            # place: whatever fails on the way, the record keeps the data (`_NAME_SOURCES`).
+            fields[f"s:{name}"] = _state_json(result)
+            if _names_entry(result):
+                keys, args = _naming_args(result, self.settings)
+                naming_keys += keys
+                naming_args += [f"s:{name}", *args]
             if result.settled:
                 fields[f"settled:{name}"] = "1"
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=fields)
             pipe.expire(key, ttl)
+            # By its SHA, not as a Script: redis-py precedes a pipeline holding a Script with a
+            # SCRIPT EXISTS round trip.  On NOSCRIPT (a restarted or flushed Redis) it runs again.
+            naming_at = len(pipe) if naming_args else None
+            if naming_args:
+                pipe.evalsha(self._name_sources.sha, len(naming_keys), *naming_keys, *naming_args)
             pipe.zadd(self._key("lookups"), {lookup.id: lookup.created_at})
             for source, task_id in lookup.tasks.items():
-                registry = {"name": "job_queue.fetch_source", "lookup_id": lookup.id, "source": source}
-                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+                pipe.set(self.task_key(task_id), _registry_entry(FETCH_TASK, lookup.id, source), ex=ttl)
             status_history.add_counts(pipe, self.settings, {"started": 1})
             if also is not None:
                 also(pipe)
@@ -383,7 +595,13 @@ class LookupStore:
                     nx=True,
                     ex=self._claim_ttl(),
                 )
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=naming_at is None)
+        if naming_at is not None:
+            if isinstance(replies[naming_at], redis.exceptions.NoScriptError):
+                replies[naming_at] = self._name_sources(keys=naming_keys, args=naming_args)
+            errors = [reply for reply in replies if isinstance(reply, Exception)]
+            if errors:
+                raise errors[0]
         claimed = replies[-1] if claim else True
         if claimed:
             return None
@@ -512,8 +730,8 @@ class LookupStore:
         self, task_id: str, name: str, lookup_id: str | None, source: str | None = None
     ) -> None:
         """Remember a task id the service issued (so /api/tasks can tell it from a made-up one)."""
-        entry = {"name": name, "lookup_id": lookup_id, "source": source}
-        self.redis.set(self.task_key(task_id), orjson.dumps(entry), ex=self.settings.lookup_record_ttl)
+        entry = _registry_entry(name, lookup_id, source)
+        self.redis.set(self.task_key(task_id), entry, ex=self.settings.lookup_record_ttl)
 
     def unsettled(self, lookup_id: str, sources: list[str]) -> list[str]:
         """Those of `sources` not settled yet in the lookup (none when the record is gone)."""
@@ -527,7 +745,7 @@ class LookupStore:
 
     def task(self, task_id: str) -> dict | None:
         raw = self.redis.get(self.task_key(task_id))
-        return orjson.loads(raw) if raw else None
+        return _registry_read(raw) if raw else None
 
     def get(self, lookup_id: str) -> Lookup | None:
         """The lookup, or None if unknown or expired."""
@@ -544,21 +762,61 @@ class LookupStore:
             return self._through_alias(lookup_id, alias)
         if not raw:
             return None
-        values = {k.decode(): v for k, v in raw.items()}
+        return self._record(lookup_id, {k.decode(): v for k, v in raw.items()})
+
+    def _record(self, lookup_id: str, values: dict[str, bytes]) -> Lookup:
+        """A lookup record read back, with the data it names read in one more round trip (MGET)."""
+        kind, identifier = values["type"].decode(), values["identifier"].decode()
         names = values["sources"].decode().split(",") if values.get("sources") else []
+        states = {name: orjson.loads(values[f"s:{name}"]) for name in names}
+        result = _result_from(values["result"]) if values.get("result") else None
+        wanted = [(name, state["ref"]) for name, state in states.items() if "ref" in state]
+        if result is not None and "base" in result:
+            wanted.append(tuple(result["base"]))
+        named = self._named_data(lookup_id, kind, identifier, wanted)
+        sources = {}
+        for name, state in states.items():
+            if "ref" in state:
+                data, origin = named[(name, state["ref"])]
+            else:
+                data, origin = state["entry"]["data"] if "entry" in state else state.get("data"), None
+            sources[name] = _source_result(name, state, data, origin)
+        if result is not None and "base" in result:
+            base = named[tuple(result["base"])][0]
+            data = _patch(base, result["patch"]) if isinstance(base, dict) else None
+            result = {"data": data, "checks": result["checks"]}
         return Lookup(
             id=lookup_id,
-            type=values["type"].decode(),
-            identifier=values["identifier"].decode(),
+            type=kind,
+            identifier=identifier,
             priority=int(values["priority"]),
             status=LookupStatus(values["status"].decode()),
             created_at=float(values["created_at"]),
             deadline_at=float(values["deadline_at"]),
-            sources={name: SourceResult.from_dict(orjson.loads(values[f"s:{name}"])) for name in names},
+            sources=sources,
             tasks=orjson.loads(values.get("tasks", b"{}")),
-            result=orjson.loads(values["result"]) if values.get("result") else None,
+            result=result,
             completed_at=float(values["completed_at"]) if values.get("completed_at") else None,
         )
+
+    def _named_data(
+        self, lookup_id: str, kind: str, identifier: str, wanted: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[dict | None, EntryVersion]]:
+        """The data of each (source, ref) a record names, and its version, in one MGET: the cache
+        entry while it holds that version, else its kept copy (cache_manager)."""
+        versions = {
+            (source, ref): EntryVersion.from_ref(ref, kind, source, identifier) for source, ref in wanted
+        }
+        if not versions:
+            return {}
+        raw = self.redis.mget([key for version in versions.values() for key in version.keys(self.settings)])
+        named = {}
+        for index, (wanted_ref, version) in enumerate(versions.items()):
+            found, data = version.data_from(raw[2 * index], raw[2 * index + 1])
+            if not found:  # outlived by its record: never, unless someone deleted it by hand
+                log.warning("lookup %s: the data of %s (%s) is gone", lookup_id, *wanted_ref)
+            named[wanted_ref] = (data, version)
+        return named
 
     def statuses(self, record_ids: list[str]) -> list[LookupStatus | None]:
         """Each record's status, in one round trip: COMPLETE for one answered whole from the cache
@@ -588,12 +846,17 @@ class LookupStore:
 
     def source_states(self, wanted: list[tuple[str, list[str]]]) -> list[list[SourceResult]]:
         """The named sources' states of each (record id, source names), in one round trip; a source
-        the record does not hold (or a record gone) is left out.  Records only, as `statuses`."""
+        the record does not hold (or a record gone) is left out.  Records only, as `statuses`.
+        States only: the data a record names in a cache entry is not read (data is None)."""
         with self.redis.pipeline(transaction=False) as pipe:
             for record_id, names in wanted:
                 pipe.hmget(self.record_key(record_id), [f"s:{name}" for name in names])
             replies = pipe.execute()
-        return [[SourceResult.from_dict(orjson.loads(raw)) for raw in states if raw] for states in replies]
+        found = []
+        for (_, names), states in zip(wanted, replies, strict=True):
+            values = [(name, orjson.loads(raw)) for name, raw in zip(names, states, strict=True) if raw]
+            found.append([_source_result(name, value, value.get("data"), None) for name, value in values])
+        return found
 
     def alias_key(self, alias_id: str) -> str:
         return self._key("alias", alias_id)
@@ -622,13 +885,8 @@ class LookupStore:
             pipe.expire(self.alias_key(alias_id), ttl)
             pipe.zadd(self._key("lookups"), {alias_id: shared.created_at})
             for source, task_id in tasks.items():
-                registry = {
-                    "name": "job_queue.fetch_source",
-                    "lookup_id": alias_id,
-                    "source": source,
-                    "task_id": shared.tasks[source],
-                }
-                pipe.set(self.task_key(task_id), orjson.dumps(registry), ex=ttl)
+                registry = _registry_entry(FETCH_TASK, alias_id, source, shared.tasks[source])
+                pipe.set(self.task_key(task_id), registry, ex=ttl)
             pipe.execute()
         return _as_alias(shared, alias_id, priority, created_at, deadline_at, tasks)
 
@@ -655,19 +913,33 @@ class LookupStore:
         report twice), unless `replace_settled`.  A source the record does not list is not applied
         (it would count towards `done` and finalize the lookup early).
         """
-        applied, newly, done, total = self._set_source(
-            keys=[self.record_key(lookup_id)],
-            args=[
-                result.source,
-                orjson.dumps(result.to_dict()),
-                "1" if result.settled else "0",
-                "1" if replace_settled else "0",
-            ],
-        )
+        keys: list[str] = [self.record_key(lookup_id)]
+        args: list[bytes | str] = [
+            result.source,
+            b"",
+            "1" if result.settled else "0",
+            "1" if replace_settled else "0",
+        ]
+        if _names_entry(result):  # it names the cache entry that holds its data (`_NAMED`)
+            naming_keys, naming_args = _naming_args(result, self.settings)
+            keys += naming_keys
+            args += naming_args
+        else:
+            args[1] = _state_json(result)
+        applied, newly, done, total = self._set_source(keys=keys, args=args)
         return bool(applied), bool(newly), int(done), int(total)
 
-    def finish(self, lookup_id: str, status: LookupStatus, result: dict) -> bool:
+    def finish(
+        self,
+        lookup_id: str,
+        status: LookupStatus,
+        result: dict,
+        sources: Mapping[str, SourceResult] | None = None,
+    ) -> bool:
         """Move to `partial` or `complete` with the merged result; True if this call did it.
+
+        `sources`: the lookup's sources as read back from its record; the result's data is then
+        kept as a patch on the data of one the record names, when that is smaller (`_stored_result`).
 
         The lookup's first answer (from queued or running) is counted in the status history's
         current bucket with its latency since creation, by the same script (status_history's bins):
@@ -679,7 +951,7 @@ class LookupStore:
         bucket = status_history.bucket_key(self.settings, status_history.bucket_start(now))
         args = [
             str(status),
-            orjson.dumps(result),
+            _stored_result(result, sources),
             now,
             status_history.BUCKET_TTL_SECONDS,
             f"finished:{status}",
@@ -722,7 +994,8 @@ class LookupStore:
 
     def purge_type(self, identifier_type: str, event_key: Callable[[str], str]) -> int:
         """Beat cleanup: delete every lookup of this type (a CPF, which this version never records,
-        left by an earlier one), with its event log, task ids, stored answer and single-flight lock."""
+        left by an earlier one), with its event log, task ids, stored answer and single-flight lock.
+        The cache entries its records name, kept copies included, go with Cache.purge_type."""
         recorded = self._ids_where(self._key("lookup", "*"), lambda pipe, key: pipe.hget(key, "type"))
         answered = self._ids_where(self._key("answered", "*"), lambda pipe, key: pipe.get(key))
         kind = identifier_type.encode()

@@ -20,12 +20,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("metrics")
-T = TypeVar("T")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -61,8 +60,8 @@ BREAKER_TRANSITIONS = Counter(
 )
 RATE_LIMIT_DELAYS = Counter(
     "enrich_rate_limit_delays",
-    "Source calls put off by the rate limit: reserved (waits for its token), paced (start log "
-    "full), exhausted (past the horizon, not made)",
+    "Source calls put off by the rate limit: reserved (waits for its token), paced (its send "
+    "slot too far away), exhausted (past the horizon, not made)",
     ["source", "reason"],
 )
 RATE_LIMIT_DELAY_SECONDS = Counter(
@@ -133,18 +132,6 @@ def source_request(source: str, outcome: str, seconds: float | None = None) -> N
     SOURCE_REQUESTS.labels(source, outcome).inc()
     if seconds is not None:
         SOURCE_LATENCY.labels(source).observe(seconds)
-
-
-def timed_fetch(source: str, fetch: Callable[..., T], *args: Any) -> T:
-    """Call `fetch(*args)` (one upstream request), counting its outcome and latency."""
-    started = time.perf_counter()
-    try:
-        result = fetch(*args)
-    except Exception as error:
-        source_request(source, source_outcome(error), time.perf_counter() - started)
-        raise
-    source_request(source, "ok", time.perf_counter() - started)
-    return result
 
 
 @_never_raises

@@ -52,7 +52,15 @@ BATCH_PRIORITY = 0
 
 def result_from_cache(entry: CacheEntry) -> SourceResult:
     state = SourceState.OK if entry.found else SourceState.NOT_FOUND
-    return SourceResult(entry.source, state, data=entry.data, cached=True, stale=entry.stale, elapsed_ms=0.0)
+    return SourceResult(
+        entry.source,
+        state,
+        data=entry.data,
+        cached=True,
+        stale=entry.stale,
+        elapsed_ms=0.0,
+        origin=entry.origin,  # its record names the entry instead of copying the data
+    )
 
 
 def start_lookup(
@@ -279,7 +287,10 @@ class _SourceCall:
         return {k: v for k, v in result.to_dict().items() if k != "data"}
 
     def result(self, state: SourceState, attempts: int | None = None, **fields) -> dict:
-        """Record the call's outcome after it went out (its elapsed time, this attempt counted)."""
+        """Record the call's outcome after it went out (its elapsed time, this attempt counted).
+
+        Data with an `origin` (the cache entry the call wrote) is named there by the record
+        rather than copied."""
         attempts = self.attempt + 1 if attempts is None else attempts
         elapsed = round((time.perf_counter() - self.started) * 1000, 1)
         return self.record(
@@ -317,8 +328,11 @@ class _SourceCall:
         return due, skipped
 
     def wait_for_slot(self, due: float) -> dict:
-        # A batch call's hold goes on counting from when it began (`held_since`).
-        self.defer(due, self.slot_options, rate_limit_wait=True, reserved=True)
+        # A batch call's hold goes on counting from when it began (`held_since`).  A person's call
+        # is sent a little ahead of its time (the limiter's `send_lead`) to wait at its send slot,
+        # which holds it to its time on the wire, rather than reach the upstream late.
+        lead = 0.0 if self.batch else self.limiter.send_lead(self.source_name)
+        self.defer(due - lead, self.slot_options, rate_limit_wait=True, reserved=True, token_at=due)
         return self.rate_limited("waiting for the source's rate limit", due)
 
     def reserve(self) -> dict | None:
@@ -354,11 +368,13 @@ class _SourceCall:
             )
         self.started = time.perf_counter()
         identifier = Identifier(type=IdentifierType(self.kind), value=self.value)
-        call = guarded_call(self.parts, self.source_name, identifier, batch=self.batch)
+        call = guarded_call(
+            self.parts, self.source_name, identifier, batch=self.batch, not_before=self.task.token_at
+        )
         if call.outcome is Outcome.OK:
             if self.kind == "cnpj":
                 _start_cep_fetch(self.parts, ((call.data or {}).get("endereco") or {}).get("cep"), self.batch)
-            return self.result(SourceState.OK, data=call.data)
+            return self.result(SourceState.OK, data=call.data, origin=call.origin)
         if call.outcome is Outcome.NOT_FOUND:
             return self.result(SourceState.NOT_FOUND, error=call.message)
         if call.outcome is Outcome.REJECTED:
@@ -394,6 +410,7 @@ class _SourceCall:
                 cached=True,
                 stale=True,
                 error="circuit open; serving a stale copy",
+                origin=stale.origin,
             )
         until = (
             f" until {time.strftime('%H:%M:%S', time.gmtime(error.retry_at))} UTC" if error.retry_at else ""
@@ -419,7 +436,9 @@ class _SourceCall:
         self.parts.deferred.add(
             due,
             FETCH_TASK,
-            dataclasses.replace(self.task, attempt=attempts, reserved=False, held_since=0.0).args(),
+            dataclasses.replace(
+                self.task, attempt=attempts, reserved=False, held_since=0.0, token_at=0.0
+            ).args(),
             self.options,
         )
         return self.result(SourceState.RETRYING, scheduled_at=due, error=message)
@@ -572,7 +591,8 @@ def finalize(parts: Services, lookup_id: str, at_deadline: bool = False) -> str 
         return None
     status = LookupStatus.COMPLETE if all_settled else LookupStatus.PARTIAL
     lookup.result = _merged_result(parts, lookup)
-    if not store.finish(lookup_id, status, lookup.result):
+    # The sources as read back: the result's data is kept as a patch on one they name (lookups.py).
+    if not store.finish(lookup_id, status, lookup.result, lookup.sources):
         return None
     if lookup.status != LookupStatus.PARTIAL:  # counted once: the first answer the person gets
         metrics.lookup_finished(lookup.type, _outcome(lookup, status), lookup.created_at)

@@ -4,10 +4,11 @@ Every key of the service lives under `settings.key_prefix` (default `enrich`); n
 CPF (cpf_answers.py):
 
     {p}:cache:v{schema}:g{generation}:{type}:{source}:{identifier}  cache entries (cache_manager)
+    {p}:cache:kept:{type}:{source}:{identifier}:{digest}           replaced or removed entries lookup records may name (cache_manager)
     {p}:cache:generation, {p}:cache:stats                          cache generation and counters
     {p}:cache:invalidations (pub/sub channel)                      changed cache keys, for near caches (near_cache)
     {p}:breaker:{source}:state, {p}:breaker:{source}:probes        breaker state (circuit_breaker_manager)
-    {p}:ratelimit:{source}, {p}:ratelimit:{source}:starts         token buckets, logs of call starts (rate_limiter)
+    {p}:ratelimit:{source}, ...:starts, ...:pace                 token buckets, send slots and their pace (rate_limiter)
     {p}:lookup:{id}, {p}:lookups, {p}:inflight:{type}:{identifier} lookup records, index, single flight (lookups)
     {p}:answered:{id}, {p}:answer-body:{digest}                     lookups answered from the cache, their shared bodies (lookups)
     {p}:alias:{id}                                                 a request that joined another's lookup: its own id (lookups)

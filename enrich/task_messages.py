@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from enrich.lookups import FETCH_TASK as FETCH_TASK  # the task registry (a layer below) names it
 from enrich.services import Services
 
-FETCH_TASK = "job_queue.fetch_source"
 LOOKUP_TASK = "job_queue.fetch_lookup"
 FINALIZE_TASK = "job_queue.finalize_lookup"
 
@@ -31,7 +31,10 @@ class SourceCallTask:
 
     `attempt`: failed attempts so far; `reserved`: its token is taken (it waited for its slot);
     `requeue`: a dead letter sent again, whose answer replaces the settled one; `held_since`: when
-    a batch item's call was first held back for its source's rate limit (0: never).
+    a batch item's call was first held back for its source's rate limit (0: never); `token_at`:
+    when its reserved token is due (time.time(); 0: none), before which it takes no send slot (it
+    is sent a little ahead of it).  Fields are only ever added last, with a default, so a message
+    of the previous release still reads.
     """
 
     lookup_id: str
@@ -43,6 +46,7 @@ class SourceCallTask:
     reserved: bool = False
     requeue: bool = False
     held_since: float = 0.0
+    token_at: float = 0.0
 
     def args(self) -> list:
         """The task's positional arguments."""

@@ -36,7 +36,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
         try:
             if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer in time
             pass
         time.sleep(0.05)
     raise RuntimeError(
@@ -53,7 +53,8 @@ def sandbox_url(tmp_path_factory) -> Iterator[str]:
     # Faults start from the code's defaults, whatever the developer's shell exports.
     environ = {key: value for key, value in os.environ.items() if not key.startswith("SANDBOX_")}
     command = [
-        sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
+        sys.executable, "-m", "gunicorn", "-k", "devstack.sandbox_worker.StampingGeventWorker", "-w", "1",
+        "-b", f"127.0.0.1:{port}",
         "--graceful-timeout", "2", "--no-control-socket", "devstack.sandbox:create_app()",
     ]  # fmt: skip
     with log.open("wb") as output:
@@ -127,6 +128,14 @@ class SandboxClient:
         response = self.session.get(f"{self.url}/_stats", timeout=5)
         assert response.status_code == 200, response.text
         return response.json()
+
+    def arrivals(self, upstream: str) -> list[float]:
+        """When each request of `upstream` (or `_probe`) reached the sandbox since the last reset,
+        by the kernel's stamps, oldest first."""
+        response = self.session.get(f"{self.url}/_arrivals/{upstream}", timeout=5)
+        assert response.status_code == 200, response.text
+        assert response.json()["kernel_stamped"] == len(response.json()["requests"])
+        return sorted(arrived for arrived, _, _ in response.json()["requests"])
 
     def served(self, upstream: str) -> int:
         """How many requests this upstream has served since the last reset."""

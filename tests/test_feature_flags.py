@@ -92,11 +92,11 @@ def test_rate_limiting_flag_off_lets_calls_past_an_empty_bucket(settings, redis_
     limiter = RateLimiter(redis_client, current, flags)
     # 2.85 a minute, burst 1 and the interactive reserve of 2: the fourth is a slot ahead.
     assert all(limiter.reserve("receitaws").wait == 0 for _ in range(limiter.capacity("receitaws")))
-    assert limiter.admit("receitaws") == 0
+    assert limiter.await_send("receitaws")[0] == 0
     assert limiter.reserve("receitaws").wait > 0
     flags.set("rate_limiting", False)
     assert [limiter.reserve("receitaws").wait for _ in range(5)] == [0.0] * 5
-    assert limiter.admit("receitaws") == 0
+    assert limiter.await_send("receitaws") == (0.0, None)  # no send slot either
     flags.set("rate_limiting", None)
     assert limiter.reserve("receitaws").wait > 0
 
@@ -183,7 +183,7 @@ def test_cache_flag_sends_a_cached_identifier_upstream_without_a_restart(flag_st
         stats = sandbox.stats()["upstreams"]
         # One CNPJ call and one CEP call for the cross-check: with nothing cached, a CEP fetched
         # early could not hand its answer on, so none is.
-        assert stats["brasilapi"]["requests"] + stats["viacep"]["requests"] == 2
+        assert stats["brasilapi"]["requests"] + stats["viacep"]["requests"] == 2, (company, sandbox.get("/_arrivals/brasilapi").text)
     finally:
         _set_flag(flag_stack, "cache", None)
     wait_for(lambda: flag_stack.post_lookup(cep).status_code == 200, timeout=10, message="the cache back")

@@ -205,9 +205,12 @@ def test_a_call_without_a_token_waits_in_the_deferred_set_reserved_at_the_slot_p
 
     assert waiting["state"] == "rate_limited" and waiting["scheduled_at"] > time.time()
     ((entry, due),) = deferred(parts, FETCH_TASK)
-    assert entry["args"] == call(lookup, "viacep", reserved=True).args()
+    token_at = waiting["scheduled_at"]  # its send slot comes no earlier than its token
+    assert entry["args"] == call(lookup, "viacep", reserved=True, token_at=token_at).args()
     assert entry["options"] == {"priority": 0, "task_id": call_id}  # ahead of new work
-    assert due == pytest.approx(waiting["scheduled_at"])
+    # Sent ahead of its slot by the limiter's lead, to wait at its send slot rather than run late.
+    assert limiter.send_lead("viacep") == 0.5
+    assert due == pytest.approx(waiting["scheduled_at"] - 0.5)
     source = parts.lookups.get(lookup.id).sources["viacep"]
     assert source.state == "rate_limited" and not source.settled
     assert sandbox.served("viacep") == 0
@@ -216,14 +219,16 @@ def test_a_call_without_a_token_waits_in_the_deferred_set_reserved_at_the_slot_p
 def test_a_reserved_call_that_finds_the_log_of_starts_full_waits_again_keeping_its_token(parts, sandbox):
     cnpj = sandbox.known("cnpj", seed=78)
     lookup, _ = pipeline.start_lookup(parts, parse(cnpj))
-    assert [parts.rate_limiter.admit("receitaws") for _ in range(2)] == [0.0, 0.0]  # the minute is full
+    taken = [parts.rate_limiter.send_slot("receitaws").taken for _ in range(2)]
+    assert taken == [True, True]  # the minute is full
     call_id = lookup.tasks["receitaws"]
 
     paced = pipeline.run_source_call(parts, call(lookup, "receitaws", reserved=True), call_id=call_id)
 
     assert paced["state"] == "rate_limited" and paced["scheduled_at"] > time.time() + 50
     ((entry, _),) = deferred(parts, FETCH_TASK)
-    assert entry["args"] == call(lookup, "receitaws", reserved=True).args()
+    token_at = paced["scheduled_at"]  # keeping its token, for the next free slot
+    assert entry["args"] == call(lookup, "receitaws", reserved=True, token_at=token_at).args()
     assert entry["options"] == {"priority": 0, "task_id": call_id}
     assert sandbox.served("receitaws") == 0
 
@@ -448,7 +453,7 @@ def test_the_company_cep_is_rate_limited_when_no_source_has_a_token_now(parts, s
         assert all(limiter.reserve(source).granted for _ in range(limiter.capacity(source) + 50))
 
     assert pipeline._company_cep(parts, sandbox.known("cep", seed=94)) == (None, "viacep is rate limited")
-    assert sandbox.served("brasilapi") + sandbox.served("viacep") == 0
+    assert sandbox.served("brasilapi") + sandbox.served("viacep") == 0, sandbox.get("/_arrivals/brasilapi").text
 
 
 def test_the_backoff_is_half_fixed_half_random_and_capped(parts):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 
 import pytest
 
 from enrich import redis_store
-from enrich.rate_limiter import RateLimiter
+from enrich.feature_flags import FeatureFlags
+from enrich.rate_limiter import PACE_HEADROOM, RateLimiter, RedisClock
 from enrich.settings import Settings
 
 
@@ -105,30 +107,63 @@ def test_processes_sharing_a_bucket_never_exceed_it(settings, redis_client):
     assert times[-1] - times[0] >= (90 - burst) / rate - 0.2
 
 
-def test_calls_that_turn_up_together_are_paced_by_the_log_of_starts(limiter):
-    """Calls that all turn up at once (late reserved ones) may not start together: 60/min with
-    burst 1 allows ceil(1/s) + 1 = 2 starts in any second; the third waits for the oldest to age out."""
-    assert limiter.admit("receitaws") == 0
-    assert limiter.admit("receitaws") == 0
-    wait = limiter.admit("receitaws")
-    assert 0 < wait <= 1.0
+def _redis_now(limiter: RateLimiter) -> float:
+    seconds, micros = limiter.redis.time()
+    return seconds + micros / 1e6
 
 
-def test_per_minute_window_caps_starts_beyond_the_per_second_one(settings, redis_client):
+def _slots(limiter: RateLimiter, source: str = "receitaws") -> list[float]:
+    """The send slots in `source`'s log, oldest first (Redis time)."""
+    key = redis_store.key(limiter.settings, "ratelimit", source, "starts")
+    return [score for _, score in limiter.redis.zrange(key, 0, -1, withscores=True)]
+
+
+def _fill(limiter: RateLimiter, *ago: float, source: str = "receitaws") -> None:
+    """Send slots taken `ago` seconds before now, as calls gone out earlier left them."""
+    key = redis_store.key(limiter.settings, "ratelimit", source, "starts")
+    now = _redis_now(limiter)
+    limiter.redis.zadd(key, {f"earlier {n}": now - seconds for n, seconds in enumerate(ago)})
+
+
+def test_send_slots_after_the_burst_follow_one_another_a_gap_apart(settings, redis_client):
+    """10 a second with burst 1: rate + burst = 11 sends in any second.  Slots come on an even pace
+    a little faster than that (PACE_HEADROOM), the burst at once; the widened second (1 s + 0.09 s)
+    holds 11, so the twelfth's slot is past it, further than a call sleeps, and it is not taken."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix, rate=600)
+    pacing = limiter.pacing("receitaws")
+    assert (pacing.per_second, pacing.widen) == (11, pytest.approx(0.09))
+    assert pacing.gap == pytest.approx(1 / (11 * PACE_HEADROOM))
+    slots = [limiter.send_slot("receitaws") for _ in range(12)]
+    assert all(slot.taken for slot in slots[:11]) and not slots[11].taken
+    assert slots[0].wait == slots[1].wait == 0  # the burst goes at once
+    for number, slot in enumerate(slots[2:11], start=1):  # then one a gap after another
+        assert slot.at - slots[0].at == pytest.approx(number * pacing.gap, abs=1e-5)
+    assert slots[11].wait == pytest.approx(1.09 - (slots[11].now - slots[0].now), abs=1e-3)
+    assert len(_slots(limiter)) == 11  # the refused call took nothing
+
+
+def test_a_call_sent_ahead_of_its_token_takes_no_send_slot_before_the_tokens_time(settings, redis_client):
+    """A call waiting for its token is sent SEND_LEAD ahead of it (pipeline); its send slot is no
+    earlier than the token's time, so the wire never runs ahead of the bucket, and the next call's
+    slot comes after it."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix, rate=600)
+    token_at = time.time() + 0.3
+    ahead = limiter.send_slot("receitaws", not_before=token_at)
+    assert ahead.taken and ahead.wait == pytest.approx(0.3, abs=0.02)
+    assert limiter.clock.local(ahead.at) >= token_at
+    assert limiter.send_slot("receitaws").at >= ahead.at  # slots stay in order
+    too_far = limiter.send_slot("receitaws", not_before=time.time() + 5)
+    assert not too_far.taken and too_far.wait > 4  # deferred (keeping its token), not slept through
+
+
+def test_the_widened_minute_caps_sends_beyond_the_second(settings, redis_client):
     limiter = _limiter(settings.redis_url, settings.key_prefix + ":minute", rate=3, burst=1)
-    # 3/min with burst 1: at most 1 + 1 = 2 a second and 3 + 1 = 4 a minute.
-    started = 0
-    deadline = time.monotonic() + 10
-    while started < 4 and time.monotonic() < deadline:
-        wait = limiter.admit("receitaws")
-        if wait == 0:
-            started += 1
-        else:
-            assert wait <= 1.0
-            time.sleep(wait)  # the limiter's own answer says when to come back
-    assert started == 4
-    wait = limiter.admit("receitaws")
-    assert wait > 50  # the minute is full: the oldest start ages out about 60 s after it
+    # 3/min with burst 1: at most 3 + 1 = 4 a minute, widened by half a second (the gap).
+    assert limiter.pacing("receitaws").widen == pytest.approx(0.5)
+    _fill(limiter, 50, 40, 30)
+    assert limiter.send_slot("receitaws").wait == 0  # the fourth of the minute
+    refused = limiter.send_slot("receitaws")
+    assert not refused.taken and refused.wait == pytest.approx(10.5, abs=0.05)  # 50 s ago + 60.5 s
 
 
 def test_a_full_bucket_holds_the_burst_and_the_interactive_reserve(reserving):
@@ -165,22 +200,14 @@ def test_with_no_reserve_a_batch_call_takes_the_last_token_but_never_one_ahead(s
     assert held.held and 0.9 < held.wait <= 1.0
 
 
-def test_the_log_of_starts_ignores_the_reserve(settings, redis_client):
+def test_the_send_slots_ignore_the_reserve(settings, redis_client):
     """The reserve makes the bucket bigger, not the upstream's share: 3 a minute with burst 1 still
-    starts at most 3 + 1 calls in a minute, and a fractional 2.85 at most 2 + 1."""
+    sends at most 3 + 1 calls in a minute, and a fractional 2.85 at most 2 + 1."""
     for rate, allowed in ((3, 4), (2.85, 3)):
         limiter = _limiter(settings.redis_url, f"{settings.key_prefix}:{rate}", rate=rate, reserve=4)
-        started = 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            wait = limiter.admit("receitaws")
-            if wait > 1.0:
-                break  # the minute is full
-            if wait == 0:
-                started += 1
-            else:
-                time.sleep(wait)  # the limiter's own answer says when to come back
-        assert started == allowed, rate
+        _fill(limiter, *range(50, 50 - 5 * (allowed - 1), -5))
+        assert limiter.send_slot("receitaws").taken, rate
+        assert not limiter.send_slot("receitaws").taken, rate
 
 
 def test_the_bucket_has_room_for_a_dispatcher_rounds_refill_above_the_reserve(settings, redis_client):
@@ -192,11 +219,117 @@ def test_the_bucket_has_room_for_a_dispatcher_rounds_refill_above_the_reserve(se
     assert [r.granted for r in taken] == [True, True, True, False] and taken[3].held
 
 
-def test_batch_calls_leave_the_reserve_in_the_log_of_starts_too(settings, redis_client):
-    """10 a second with burst 1: 11 starts fit in any second, 9 of them for batch calls; the other
+def test_batch_calls_leave_the_reserve_in_the_send_slots_too(settings, redis_client):
+    """10 a second with burst 1: 11 sends fit in any second, 9 of them for batch calls; the other
     two are a person's even while a batch uses the source's whole rate."""
     limiter = _limiter(settings.redis_url, settings.key_prefix + ":starts", rate=600, reserve=2)
-    assert [limiter.admit("receitaws", batch=True) for _ in range(9)] == [0.0] * 9
-    assert limiter.admit("receitaws", batch=True) > 0  # the batch's share of this second is used
-    assert [limiter.admit("receitaws") for _ in range(2)] == [0.0, 0.0]  # a person's are not
-    assert limiter.admit("receitaws") > 0
+    _fill(limiter, *(0.9 - 0.1 * n for n in range(9)))  # 9 sends in the last 0.9 s
+    held = limiter.send_slot("receitaws", batch=True)
+    assert not held.taken and held.wait > 0  # the batch's share of this second is used
+    assert [limiter.send_slot("receitaws").wait for _ in range(2)] == [0.0, 0.0]  # a person's are not
+
+
+def test_a_batch_call_never_takes_a_slot_ahead_that_a_persons_call_would_queue_behind(settings, redis_client):
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":ahead", rate=600, reserve=2)
+    taken = [limiter.send_slot("receitaws", batch=True) for _ in range(4)]
+    # The burst at once, then the next slot a gap ahead: more than half a gap, so not taken.
+    assert [slot.taken for slot in taken] == [True, True, False, False]
+    person = limiter.send_slot("receitaws")
+    assert person.taken and person.wait <= limiter.pacing("receitaws").gap
+
+
+def test_calls_holding_consecutive_tokens_but_released_late_together_leave_one_by_one(settings, redis_client):
+    """Eight calls reserve consecutive tokens (10 a second), turn up together once all their slots
+    have passed (a late broker), and each takes a send slot right before sending: none sends
+    before its slot, and the slots are a gap apart after the burst, however the calls bunched."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":late", rate=600)
+    assert [limiter.reserve("receitaws").granted for _ in range(8)] == [True] * 8
+    _wait_until(lambda: limiter.tokens("receitaws") >= 0, 5)  # every token's time has passed: all late
+    barrier = threading.Barrier(8)
+    sent: list[float] = []
+
+    def call() -> None:
+        barrier.wait(10)
+        wait, permit = limiter.await_send("receitaws")
+        assert wait == 0 and permit.confirm() == 0
+        sent.append(_redis_now_local(limiter))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    slots = _slots(limiter)
+    assert len(sent) == len(slots) == 8
+    assert slots[1] - slots[0] < 0.05  # the burst, at once
+    # Then one a gap after another from the first (or later: a slot a starved thread missed and gave
+    # back leaves a hole, and its call takes the next free one).
+    gap = limiter.pacing("receitaws").gap
+    for number, slot in enumerate(slots[2:], start=1):
+        assert slot - slots[0] >= number * gap - 1e-5
+    for earlier, later in zip(slots[2:], slots[3:], strict=False):
+        assert later - earlier >= gap - 1e-5
+    for slot, moment in zip(slots, sorted(sent), strict=True):
+        assert moment >= slot - 0.002  # no send before its slot (the clock's bounds: a round trip)
+
+
+def test_a_call_whose_thread_wakes_past_its_slot_gives_it_back_and_takes_the_next(settings, redis_client):
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":wakes", rate=600, burst=0)
+    first = limiter.send_slot("receitaws")  # someone else's: ours is a gap later
+    assert first.taken
+    overslept = []
+
+    def starved(seconds: float) -> None:  # the first sleep ends 0.3 s late, as a starved thread's
+        extra = 0.3 if not overslept else 0.0
+        overslept.append(seconds + extra)
+        deadline = time.monotonic() + seconds + extra
+        while (left := deadline - time.monotonic()) > 0:
+            threading.Event().wait(left)
+
+    limiter.sleep = starved
+    wait, permit = limiter.await_send("receitaws")
+    missed = permit.slot
+    assert wait == 0 and permit.confirm() == 0
+    assert permit.missed == 1 and permit.slot.at - missed.at >= 0.3  # the next free one, after the wake
+    assert _slots(limiter) == [
+        pytest.approx(first.at),
+        pytest.approx(permit.slot.at),
+    ]  # the missed one given back
+
+
+def test_the_redis_clock_narrows_to_the_fastest_round_trip_and_starts_over_when_stepped():
+    clock = RedisClock()
+    clock.observe(1000.0, sent=899.9, received=900.1)  # Redis 100 s ahead, give or take 0.1 s
+    clock.observe(1001.0, sent=900.98, received=901.0)
+    assert (clock.low, clock.high) == (pytest.approx(100.0), pytest.approx(100.02, abs=1e-3))
+    assert clock.local(1002.0) == pytest.approx(902.0)  # no earlier than Redis's 1002.0
+    clock.observe(1500.0, sent=902.0, received=902.01)  # a clock was stepped: the old bounds are wrong
+    assert (clock.low, clock.high) == (pytest.approx(597.99), pytest.approx(598.0))
+
+
+def test_with_rate_limiting_off_a_call_sends_at_once_and_takes_no_slot(settings, redis_client):
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":off", rate=1)
+    limiter.flags = FeatureFlags(redis_client, limiter.settings)
+    limiter.flags.set("rate_limiting", False)
+    assert [limiter.await_send("receitaws") for _ in range(5)] == [(0.0, None)] * 5
+    assert _slots(limiter) == []
+
+
+def test_a_source_limited_past_pace_max_rate_sends_at_once_and_takes_no_slot(settings, redis_client):
+    """The benchmarks' "unlimited" sources (100,000 a second): the bucket alone limits them."""
+    limiter = _limiter(settings.redis_url, settings.key_prefix + ":fast", rate=6_000_000)
+    assert not limiter.paces("receitaws") and limiter.send_lead("receitaws") == 0
+    assert [limiter.await_send("receitaws") for _ in range(3)] == [(0.0, None)] * 3
+    assert _slots(limiter) == []
+
+
+def _redis_now_local(limiter: RateLimiter) -> float:
+    """Now on Redis's clock as this process knows it (its earliest possible reading)."""
+    return time.time() + limiter.clock.low
+
+
+def _wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        threading.Event().wait(0.02)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +20,7 @@ import requests
 
 from devstack import sandbox as sandbox_module
 from devstack import sandbox_bodies
+from devstack.embedded_redis import free_port
 from devstack.sandbox import FIELD_CHECKS, FaultConfig, SandboxState, create_app, is_known
 from enrich.identifiers import Identifier, IdentifierType
 from enrich.settings import SOURCE_NAMES, UPSTREAM_QUOTA_PER_MINUTE, Settings
@@ -281,16 +288,36 @@ def test_quota_can_be_changed_and_removed_at_run_time(sandbox):
     assert sandbox.get(path).status_code == 200
 
 
-def test_busiest_second_and_minute_count_arrivals_in_sliding_windows(monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(sandbox_module.time, "monotonic", lambda: clock[0])
+def test_busiest_second_and_minute_count_arrivals_in_sliding_windows():
     state = SandboxState({"opencnpj": FaultConfig()})
-    for moment in (0.0, 0.3, 0.9, 1.2, 1.25, 1.28, 30.0, 61.5):
-        clock[0] = 1000.0 + moment
-        state.admit("opencnpj")
+    # Recorded out of order (requests handled concurrently): each counts at its arrival time.
+    for moment in (0.0, 0.3, 1.2, 0.9, 1.28, 1.25, 30.0, 61.5):
+        state.admit("opencnpj", arrived=1000.0 + moment)
     counted = state.stats()["upstreams"]["opencnpj"]
     # 0.3, 0.9, 1.2, 1.25, 1.28 lie within one second; the first seven within one minute.
     assert (counted["busiest_second"], counted["busiest_minute"]) == (5, 7)
+    assert counted["kernel_stamped"] == 8
+
+
+def test_the_busiest_windows_are_recounted_when_a_late_recorded_arrival_fills_an_old_one():
+    state = SandboxState({"opencnpj": FaultConfig()})
+    for moment in (0.0, 0.5, 5.0):
+        state.admit("opencnpj", arrived=2000.0 + moment)
+    assert state.stats()["upstreams"]["opencnpj"]["busiest_second"] == 2
+    state.admit("opencnpj", arrived=2000.7)  # recorded after 5.0, arrived before it
+    assert state.stats()["upstreams"]["opencnpj"]["busiest_second"] == 3
+
+
+def test_arrivals_list_both_times_of_each_request_and_the_probe_keeps_its_tags():
+    state = SandboxState({"opencnpj": FaultConfig()})
+    state.admit("opencnpj", arrived=3000.0)
+    state.admit("opencnpj")  # no kernel stamp: counted when handled
+    state.probe(7, arrived=3001.0)
+    requests = state.arrivals("opencnpj")["requests"]
+    assert requests[0][0] == 3000.0 and requests[0][1] > 3000.0 and requests[0][2] is None
+    assert requests[1][0] == requests[1][1]
+    assert state.arrivals("opencnpj")["kernel_stamped"] == 1
+    assert [(arrived, tag) for arrived, _, tag in state.arrivals("_probe")["requests"]] == [(3001.0, 7)]
 
 
 def test_quota_window_slides_and_retry_after_counts_down_to_the_oldest_request(monkeypatch):
@@ -311,8 +338,85 @@ def test_quota_window_slides_and_retry_after_counts_down_to_the_oldest_request(m
 # Stats and control
 
 
+@pytest.fixture
+def own_sandbox(tmp_path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A sandbox of this test's own under the stamping worker: (its URL, its process, in a process
+    group of its own with its gunicorn worker, to stop at will)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "gunicorn", "-k", "devstack.sandbox_worker.StampingGeventWorker", "-w", "1",
+        "-b", f"127.0.0.1:{port}", "--no-control-socket", "devstack.sandbox:create_app()",
+    ]  # fmt: skip
+    with (tmp_path / "sandbox.log").open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(f"{url}/healthz"):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "sandbox.log"
+            ).read_text()
+            time.sleep(0.05)
+        yield url, process
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
+        process.terminate()
+        process.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _read_answer(connection: socket.socket) -> bytes:
+    """One HTTP answer off a keep-alive connection (headers, then Content-Length bytes)."""
+    reader = connection.makefile("rb")
+    status = reader.readline()
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    reader.read(length)
+    return status
+
+
+def test_a_stalled_sandbox_counts_each_request_when_it_arrived_not_when_it_got_round_to_it(own_sandbox):
+    """The instrument: requests sent evenly 50 ms apart while the sandbox cannot run (SIGSTOP, as
+    a starved process) are handled in a bunch once it runs again, but counted at their arrival."""
+    url, process = own_sandbox
+    host, port = url.rsplit("//", 1)[1].split(":")
+    connections = [socket.create_connection((host, int(port)), timeout=10) for _ in range(10)]
+    sent: list[tuple[float, float]] = []
+    os.killpg(process.pid, signal.SIGSTOP)  # gunicorn's master and its worker
+    try:
+        start = time.time() + 0.05
+        for number, connection in enumerate(connections):
+            while (late := start + number * 0.05 - time.time()) > 0:
+                time.sleep(late)  # the schedule's own pace, not a wait for the sandbox
+            before = time.time()
+            connection.sendall(f"GET /_probe/{number} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            sent.append((before, time.time()))
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
+    assert all(_read_answer(connection).startswith(b"HTTP/1.1 200") for connection in connections)
+    for connection in connections:
+        connection.close()
+    probe = sorted(requests.get(f"{url}/_arrivals/_probe", timeout=5).json()["requests"], key=lambda r: r[2])
+    assert [tag for _, _, tag in probe] == list(range(10))
+    arrived, handled = [r[0] for r in probe], [r[1] for r in probe]
+    # Each kernel stamp lies within its own send call; the handler's times all come after the stall.
+    for (before, after), stamp in zip(sent, arrived, strict=True):
+        assert before - 0.001 <= stamp <= after + 0.001
+    assert min(handled) > sent[-1][1]
+    assert max(handled) - min(handled) < 0.2 < 0.4 < arrived[-1] - arrived[0]
+
+
 def test_stats_count_every_request_by_upstream_and_status(sandbox):
-    idle = {"requests": 0, "by_status": {}, "busiest_second": 0, "busiest_minute": 0}
+    idle = {"requests": 0, "by_status": {}, "busiest_second": 0, "busiest_minute": 0, "kernel_stamped": 0}
     assert sandbox.stats() == {"upstreams": {name: idle for name in SOURCE_NAMES}}
     sandbox.get("/brasilapi/api/cnpj/v1/11222333000181")
     sandbox.get("/brasilapi/api/cnpj/v1/11222333000180")

@@ -600,3 +600,50 @@ def test_fetch_bounds_the_whole_answer_by_the_timeout(misbehaving_url, kind, mes
     with pytest.raises(TransientError, match=message):
         misbehaving_source(misbehaving_url, kind, timeout=0.5).fetch(cep("01310100"))
     assert time.monotonic() - started < 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The send gate: when a fetch's request goes out (the rate limiter's send slot)
+
+
+class _RecordingGate:
+    """A gate that notes each step, whether the sandbox had seen the request yet, and when."""
+
+    def __init__(self, sandbox, refuse_at_wire: bool = False) -> None:
+        self.sandbox, self.refuse_at_wire = sandbox, refuse_at_wire
+        self.steps: list[tuple[str, int]] = []
+        self.at_wire_time = 0.0
+
+    def before_send(self) -> None:
+        self.steps.append(("before_send", self.sandbox.served("viacep")))
+
+    def at_wire(self) -> None:
+        self.steps.append(("at_wire", self.sandbox.served("viacep")))
+        if self.refuse_at_wire:
+            raise LookupError("not now")
+        self.at_wire_time = time.time()
+
+
+def _sandbox_viacep(sandbox) -> sources.Source:
+    port = int(sandbox.url.rsplit(":", 1)[1])
+    return build_sources(Settings.from_env({}, sandbox_port=port))["viacep"]
+
+
+def test_a_gate_runs_once_the_request_is_built_and_last_right_before_its_first_byte(sandbox):
+    viacep = _sandbox_viacep(sandbox)
+    for number in range(2):  # a new connection, then the same one kept alive
+        gate = _RecordingGate(sandbox)
+        assert viacep.fetch(cep("01310100"), gate=gate)["cep"] == "01310100"
+        assert gate.steps == [("before_send", number), ("at_wire", number)]  # nothing sent before either
+        arrived = sandbox.arrivals("viacep")[-1]  # the kernel's stamp of the request's arrival
+        assert gate.at_wire_time <= arrived < gate.at_wire_time + 1.0
+
+
+def test_a_gate_that_refuses_at_the_wire_sends_nothing_and_leaves_the_connection_pool_sound(sandbox):
+    viacep = _sandbox_viacep(sandbox)
+    viacep.fetch(cep("01310100"))  # a kept-alive connection to reuse
+    with pytest.raises(LookupError, match="not now"):
+        viacep.fetch(cep("22460901"), gate=_RecordingGate(sandbox, refuse_at_wire=True))
+    assert sandbox.served("viacep") == 1
+    assert viacep.fetch(cep("22460901"))["cep"] == "22460901"  # the next fetch goes out as ever
+    assert sandbox.served("viacep") == 2

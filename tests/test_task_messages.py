@@ -20,12 +20,21 @@ def app(make_sandbox_app):
 
 def test_a_source_call_task_is_its_fields_in_order_and_survives_the_broker_json():
     task = SourceCallTask(
-        "L1", "viacep", "cep", "01310100", 7, attempt=2, reserved=True, requeue=True, held_since=12.5
+        "L1",
+        "viacep",
+        "cep",
+        "01310100",
+        7,
+        attempt=2,
+        reserved=True,
+        requeue=True,
+        held_since=12.5,
+        token_at=99.5,
     )
 
     args = task.args()
 
-    assert args == ["L1", "viacep", "cep", "01310100", 7, 2, True, True, 12.5]
+    assert args == ["L1", "viacep", "cep", "01310100", 7, 2, True, True, 12.5, 99.5]
     assert SourceCallTask(*orjson.loads(orjson.dumps(args))) == task
     # A payload sent before the optional fields existed still reads, with their defaults.
     assert SourceCallTask(*args[:5]) == SourceCallTask("L1", "viacep", "cep", "01310100", 7)

@@ -6,11 +6,16 @@ cache) and the sandbox upstream over HTTP, whose request counts show whether a r
 
 from __future__ import annotations
 
+import math
+import threading
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from circuit_breaker_manager import BreakerOpen, BreakerUnavailable
+from devstack import sandbox as sandbox_module
 from enrich.identifiers import Identifier, IdentifierType, parse
+from enrich.services import services
 from enrich.sources import (
     BadResponse,
     NotFound,
@@ -138,15 +143,15 @@ def test_an_open_breaker_refuses_the_call_without_a_request_and_counts_breaker_o
     assert parts.cache.get("cep", "viacep", cep) is None
 
 
-def test_a_full_log_of_starts_paces_the_call_and_no_request_goes_out(parts, sandbox):
+def test_a_send_slot_too_far_away_paces_the_call_and_no_request_goes_out(parts, sandbox):
     cnpj = sandbox.known("cnpj", seed=67)
     limiter = parts.rate_limiter
-    assert [limiter.admit("receitaws") for _ in range(2)] == [0.0, 0.0]  # rate + burst for the minute
+    assert [limiter.send_slot("receitaws").taken for _ in range(2)] == [True, True]  # the minute's 1 + 1
 
     call = guarded_call(parts, "receitaws", parse(cnpj), batch=False)
 
     assert call.outcome is Outcome.PACED and isinstance(call.error, Paced)
-    assert 50 < call.error.wait <= 60  # the oldest start leaves the minute's window
+    assert 50 < call.error.wait <= 61  # the oldest slot leaves the minute, widened by half a second
     assert sandbox.served("receitaws") == 0
     status = parts.breakers.status("receitaws")  # withdrawn: neither a success nor a failure
     assert status.state == "closed" and status.failures == 0
@@ -155,7 +160,7 @@ def test_a_full_log_of_starts_paces_the_call_and_no_request_goes_out(parts, sand
 
 def test_a_batch_call_is_paced_where_an_interactive_call_still_goes_out(parts, sandbox):
     cnpj = sandbox.known("cnpj", seed=68)
-    assert parts.rate_limiter.admit("receitaws") == 0.0  # one start: the reserve of starts begins here
+    assert parts.rate_limiter.send_slot("receitaws").taken  # one send: the reserve of sends begins here
 
     held = guarded_call(parts, "receitaws", parse(cnpj), batch=True)
     assert held.outcome is Outcome.PACED and sandbox.served("receitaws") == 0
@@ -164,12 +169,45 @@ def test_a_batch_call_is_paced_where_an_interactive_call_still_goes_out(parts, s
     assert person.outcome is Outcome.OK and sandbox.served("receitaws") == 1
 
 
+def test_calls_released_late_together_reach_the_upstream_one_by_one_not_in_a_bunch(make_sandbox_app, sandbox):
+    """Twelve OpenCNPJ calls (20 a second, burst 1), each holding its token, start at the same
+    moment, as deferred calls whose slots passed while the broker was busy.  The log of starts let
+    rate + burst of them out at once, and the upstream saw them within a few milliseconds; each now
+    waits for its send slot, so the sandbox (counting arrivals by the kernel's stamps) sees the
+    burst, then one a gap (a little under 1/21 s) after another."""
+    app = make_sandbox_app({"RATE_LIMIT_OPENCNPJ": "1200"}, source_timeout=SOURCE_TIMEOUT)
+    parts = services(app)
+    cnpjs = [cnpj for cnpj in sandbox.identifiers("cnpj", 100, seed=70) if sandbox_module.is_known(cnpj)][:12]
+    barrier = threading.Barrier(len(cnpjs))
+    outcomes: list[Outcome] = []
+
+    def call(cnpj: str) -> None:
+        barrier.wait(10)
+        outcomes.append(guarded_call(parts, "opencnpj", parse(cnpj), batch=False).outcome)
+
+    threads = [threading.Thread(target=call, args=(cnpj,)) for cnpj in cnpjs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert outcomes == [Outcome.OK] * 12
+    arrived = sandbox.arrivals("opencnpj")
+    assert len(arrived) == 12
+    gap = parts.rate_limiter.pacing("opencnpj").gap  # 40 ms
+    # Slots: two at once, then ten a gap apart (0.4 s); each send within a little of its slot.
+    assert arrived[-1] - arrived[0] >= 10 * gap - 0.05
+    busiest = max(sum(1 for later in arrived if first <= later < first + 0.2) for first in arrived)
+    assert (
+        busiest <= 2 + math.ceil(0.2 / gap) + 1
+    )  # the burst and the slots of 0.2 s, one more for a late send
+
+
 def test_an_exception_outside_the_outcomes_propagates_and_nothing_is_cached(parts, sandbox, monkeypatch):
     """A bug inside a fetch is not an outcome.  The sandbox answers over HTTP and cannot make a
     fetch raise something other than a SourceError, so the adapter's fetch is replaced to raise one."""
     cep = sandbox.known("cep", seed=69)
 
-    def broken_fetch(self, identifier, session=None):
+    def broken_fetch(self, identifier, session=None, gate=None):
         raise LookupError("a bug in the adapter")
 
     monkeypatch.setattr(type(parts.sources["viacep"]), "fetch", broken_fetch)

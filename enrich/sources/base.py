@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 import requests
+import urllib3
+import urllib3.connection
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import DecodeError, HTTPError, ProtocolError, ReadTimeoutError
 
@@ -28,7 +32,7 @@ from enrich.sources.upstream_json import JsonReader, error_detail, json_object, 
 
 __all__ = [
     "ADDRESS_KEYS", "CEP_KEYS", "CNAE_KEYS", "CNPJ_KEYS", "MAX_BODY_BYTES", "PARTNER_KEYS",
-    "Source", "default_session", "identifier_label",
+    "GatedAdapter", "SendGate", "Source", "default_session", "identifier_label",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,6 +61,78 @@ _session_pid: int | None = None
 _session_lock = threading.Lock()
 
 
+class SendGate(Protocol):
+    """What a fetch lets decide when its request goes out (the rate limiter's send slot); either
+    step may wait, or raise to end the fetch with no request made."""
+
+    def before_send(self) -> None:
+        """The request is built: the slow part (a round trip, a sleep), before any connection is used."""
+
+    def at_wire(self) -> None:
+        """The connection is open and the request's first byte is about to be written."""
+
+
+_wire = threading.local()  # the gate of the request this thread is sending, until its first write
+
+
+class _GatedSend:
+    """A connection that calls its thread's pending gate right before the first write of a request,
+    after connecting: nothing but the write itself comes after the gate's last look at the clock."""
+
+    def send(self, data: Any) -> None:
+        gate, _wire.gate = getattr(_wire, "gate", None), None
+        if gate is None or not isinstance(data, bytes):
+            super().send(data)  # type: ignore[misc]
+            return
+        if self.sock is None:  # type: ignore[attr-defined]  (the connection's own)
+            self.connect()  # type: ignore[attr-defined]
+        sys.audit("http.client.send", self, data)
+        gate.at_wire()
+        self.sock.sendall(data)  # type: ignore[attr-defined]  (http.client's send of bytes, nothing between)
+
+
+class _GatedHTTPConnection(_GatedSend, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _GatedHTTPSConnection(_GatedSend, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _GatedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _GatedHTTPConnection
+
+
+class _GatedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GatedHTTPSConnection
+
+
+class GatedAdapter(HTTPAdapter):
+    """requests' adapter whose connections call a fetch's `SendGate.at_wire` right before writing."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GatedHTTPPool, "https": _GatedHTTPSPool}
+
+
+@contextlib.contextmanager
+def _gated(gate: SendGate | None, http: requests.Session, url: str) -> Iterator[None]:
+    """While sending `url` on `http`: the gate's last step right before the first write when the
+    session's connections know how, else now."""
+    if gate is None:
+        yield
+        return
+    if not isinstance(http.get_adapter(url), GatedAdapter):
+        gate.at_wire()
+        yield
+        return
+    _wire.gate = gate
+    try:
+        yield
+    finally:
+        _wire.gate = None
+
+
 def default_session() -> requests.Session:
     """The process's shared HTTP session (keep-alive connection reuse), with the service's User-Agent."""
     global _session, _session_pid
@@ -65,7 +141,7 @@ def default_session() -> requests.Session:
         if _session is None or _session_pid != os.getpid():
             session = requests.Session()
             session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
-            adapter = HTTPAdapter(pool_connections=len(SOURCE_NAMES), pool_maxsize=32)
+            adapter = GatedAdapter(pool_connections=len(SOURCE_NAMES), pool_maxsize=32)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             _session, _session_pid = session, os.getpid()
@@ -128,16 +204,30 @@ class Source:
         """The absolute URL of this identifier at this upstream."""
         return self.settings.base_url.rstrip("/") + self._path(identifier)
 
-    def fetch(self, identifier: Identifier, session: requests.Session | None = None) -> dict[str, Any]:
-        """GET the identifier within the source's timeout; normalized data, or a SourceError saying why not."""
+    def fetch(
+        self, identifier: Identifier, session: requests.Session | None = None, gate: SendGate | None = None
+    ) -> dict[str, Any]:
+        """GET the identifier within the source's timeout; normalized data, or a SourceError saying why not.
+
+        `gate` decides when the request goes out (the rate limiter's send slot): its `before_send`
+        once the request is built, its `at_wire` right before the first byte is written; whatever
+        either raises ends the fetch with no request made.
+        """
         if not self.supports(identifier):
             raise UpstreamRejected(f"{self.name} cannot look up {identifier_label(identifier)}")
-        url = self.url(identifier)
         timeout = self.settings.timeout
         http = session if session is not None else default_session()
+        # Session.get's own steps, split so that only the send comes after the gate.
+        request = http.prepare_request(requests.Request("GET", self.url(identifier)))
+        options = http.merge_environment_settings(request.url, {}, True, None, None)
+        if gate is not None:
+            gate.before_send()
         deadline = time.monotonic() + timeout  # for the whole exchange, not each socket read
         try:
-            with http.get(url, timeout=timeout, stream=True) as response:
+            with (
+                _gated(gate, http, request.url),
+                http.send(request, timeout=timeout, allow_redirects=True, **options) as response,
+            ):
                 body = self._read_body(response, deadline)
                 status, headers = response.status_code, response.headers
         except requests.Timeout as error:
